@@ -1,0 +1,151 @@
+"""Loading a policy and its tokenizer from a directory, and building tiny ones.
+
+All loading goes through `AutoModelForCausalLM.from_pretrained` on a local
+directory, so the embedded default, a test model and a user's Qwen or Llama
+checkpoint take the same path. Weights load from safetensors only
+(`use_safetensors=True`: a pickle-only checkpoint is refused, never unpickled),
+and `trust_remote_code` stays off unless the user asks.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from grpoctl.errors import GrpoctlError
+
+DTYPES = ("float32", "bfloat16", "float16")
+DEFAULT_MODEL = "default"  # the name users type for the embedded tiny model
+
+
+def resolve_model_dir(name: str | os.PathLike) -> Path:
+    """`default` is the embedded model shipped in the package; anything else is a path."""
+    if str(name) == DEFAULT_MODEL:
+        return Path(__file__).parent / "default_model"
+    return Path(name)
+
+
+def check_model_dir(path: str | os.PathLike) -> Path:
+    """A directory with config.json and safetensors weights, or a one-line error."""
+    p = resolve_model_dir(path)
+    if not p.is_dir():
+        raise GrpoctlError(f"{p}: not a model directory (no such directory)")
+    if not (p / "config.json").is_file():
+        raise GrpoctlError(f"{p}: not a model directory (no config.json)")
+    if not any(p.glob("*.safetensors")):
+        pickles = [f.name for f in p.glob("*.bin")] + [f.name for f in p.glob("*.pt")]
+        hint = f" (found {pickles[0]}: pickle weights are not loaded)" if pickles else ""
+        raise GrpoctlError(f"{p}: no *.safetensors weights{hint}")
+    return p
+
+
+def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
+    """The tokenizer saved beside the weights, with a pad token and left padding.
+
+    Left padding keeps every prompt's last token at the same position, so a
+    batch generates in lock-step and log-probs match a later forward pass.
+    """
+    from transformers import AutoTokenizer
+
+    path = resolve_model_dir(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as e:  # transformers raises many types for a bad directory
+        raise GrpoctlError(f"{path}: cannot load tokenizer: {str(e).splitlines()[0]}") from None
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok
+
+
+def load_policy(path: str | os.PathLike, dtype: str = "float32", device: str = "cpu",
+                trust_remote_code: bool = False, attn_implementation: str | None = None):
+    """A causal LM from a local directory, in eval mode (no dropout), on `device`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    p = check_model_dir(path)
+    if dtype not in DTYPES:
+        raise GrpoctlError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    kwargs = {"dtype": getattr(torch, dtype), "use_safetensors": True,
+              "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(p), **kwargs)
+    except Exception as e:
+        raise GrpoctlError(f"{p}: cannot load model: {str(e).splitlines()[0]}") from None
+    model.to(device)
+    model.eval()  # RL updates run without dropout so log-probs match the sampler's
+    return model
+
+
+def check_vocab(tokenizer, model, source: str = "model") -> None:
+    """Refuse a tokenizer whose ids do not fit the model's embedding table."""
+    n_embed = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > n_embed:
+        raise GrpoctlError(f"{source}: tokenizer has {len(tokenizer)} tokens but the model "
+                           f"embeds only {n_embed}")
+
+
+# --- tiny models, for tests and the embedded default ------------------------
+
+
+def byte_level_tokenizer():
+    """A 258-token byte-level tokenizer (no merges): every UTF-8 string round-trips.
+
+    Ids: 0 = <|pad|>, 1 = <|endoftext|> (eos), then one token per byte.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    byte_chars = [chr(c) for c in _bytes_to_unicode()]
+    specials = ["<|pad|>", "<|endoftext|>"]
+    vocab = {s: i for i, s in enumerate(specials + byte_chars)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|pad|>",
+                                   eos_token="<|endoftext|>", padding_side="left")
+
+
+def _bytes_to_unicode() -> list[int]:
+    # GPT-2's printable stand-ins for bytes, in byte order (what ByteLevel expects).
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    out, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            out.append(b)
+        else:
+            out.append(256 + extra)
+            extra += 1
+    return out
+
+
+def tiny_config(arch: str = "llama", vocab_size: int = 258, hidden: int = 64, layers: int = 2,
+                heads: int = 4, kv_heads: int = 2, max_positions: int = 512):
+    """A small config of a standard architecture (llama, qwen2 or qwen3)."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config
+
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}[arch]
+    return cls(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=hidden * 4,
+               num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+               head_dim=hidden // heads, max_position_embeddings=max_positions,
+               pad_token_id=0, bos_token_id=1, eos_token_id=1, tie_word_embeddings=True)
+
+
+def make_tiny_model(path: str | os.PathLike, arch: str = "llama", seed: int = 0,
+                    chat_template: str | None = None, **config_kwargs) -> Path:
+    """Save a randomly initialised tiny causal LM and its byte tokenizer to `path`."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **config_kwargs))
+    tok = byte_level_tokenizer()
+    if chat_template:
+        tok.chat_template = chat_template
+    model.save_pretrained(str(path))
+    tok.save_pretrained(str(path))
+    return Path(path)

@@ -1,0 +1,52 @@
+"""Shared fixtures: real tiny models saved to disk, the reference data, the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA.is_dir():
+        pytest.skip(f"reference data not found at {DATA}")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A randomly initialised tiny Llama with a byte-level tokenizer (no chat template)."""
+    from grpoctl.models import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama"), arch="llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2(tmp_path_factory) -> Path:
+    """A randomly initialised tiny Qwen2 with a byte-level tokenizer and a chat template."""
+    from grpoctl.models import make_tiny_model
+
+    template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                "{% if add_generation_prompt %}<assistant>{% endif %}")
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-qwen2"), arch="qwen2", seed=1,
+                           chat_template=template)
+
+
+def run_cli(*args: str, input: str | bytes | None = None, check: bool = False,
+            cwd: str | os.PathLike | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `grpoctl ARGS` in a real subprocess (the installed entry point's module)."""
+    if isinstance(input, str):
+        input = input.encode()
+    proc = subprocess.run([sys.executable, "-m", "grpoctl", *args], input=input,
+                          capture_output=True, cwd=cwd, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"grpoctl {' '.join(args)} exited {proc.returncode}:\n"
+                             f"{proc.stderr.decode(errors='replace')}")
+    return proc

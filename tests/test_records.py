@@ -1,0 +1,88 @@
+"""The record format: reading, validation errors (file:line: field), atomic writing."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from grpoctl.records import (NEEDS_ADVANTAGE, NEEDS_UPDATE, RecordError, atomic_open,
+                             group_by_prompt, parse_records, read_records, write_records)
+
+GOOD = {"prompt_id": "p1", "sample": 0, "completion": "x", "completion_ids": [5, 6],
+        "logprobs": [-0.5, -1.25], "reward": 1.0, "advantage": 0.5, "prompt_ids": [3],
+        "my_field": {"nested": [1, 2]}}
+
+
+def lines(*records) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in records).encode()
+
+
+def test_round_trip_keeps_unknown_fields(tmp_path):
+    path = tmp_path / "r.jsonl"
+    second = dict(GOOD, sample=1, completion="é ∑ \\boxed{1}")
+    write_records([GOOD, second], str(path))
+    assert read_records(str(path), NEEDS_UPDATE) == [GOOD, second]
+    # one compact JSON object per line, UTF-8 kept as is (jq-friendly)
+    text = path.read_text(encoding="utf-8").splitlines()
+    assert len(text) == 2 and "é ∑" in text[1]
+
+
+def test_blank_lines_are_skipped():
+    assert len(parse_records(b"\n" + lines(GOOD) + b"\n\n", "f")) == 1
+
+
+@pytest.mark.parametrize("data, require, expected", [
+    (b"", (), "f: is empty: no records"),
+    (b"\n\n", (), "f: is empty: no records"),
+    (b'[{"a": 1}]\n', (), "f:1: looks like a JSON array"),
+    (lines(GOOD) + b'{"prompt_id": "p1", "sam', (), "f:2: invalid JSON"),
+    (lines(GOOD) + b'\xff{"a": 1}\n', (), "f:2: not valid UTF-8"),
+    (b'3\n', (), "f:1: expected a JSON object, got int"),
+    (lines({"sample": 0}), NEEDS_ADVANTAGE, "f:1: field 'prompt_id': missing"),
+    (lines(dict(GOOD, sample="0")), (), "f:1: field 'sample': expected an integer >= 0"),
+    (lines(dict(GOOD, sample=True)), (), "f:1: field 'sample': expected an integer >= 0"),
+    (b'{"reward": NaN}\n', (), "f:1: field 'reward': expected a finite number, got nan"),
+    (b'{"reward": Infinity}\n', (), "f:1: field 'reward': expected a finite number, got inf"),
+    (lines(dict(GOOD, logprobs=[-1.0])), (), "f:1: field 'logprobs': has 1 values but completion_ids has 2"),
+    (b'{"logprobs": [-1.0, NaN]}\n', (), "f:1: field 'logprobs': item 1 is nan"),
+    (lines(dict(GOOD, logprobs=[-1.0, 0.5])), (), "f:1: field 'logprobs': item 1 is 0.5, a log-probability"),
+    (lines(dict(GOOD, completion_ids=[1, -2])), (), "f:1: field 'completion_ids': item 1 is -2"),
+    (lines(dict(GOOD, rewards={"math": "1"})), (), "f:1: field 'rewards': component 'math' is '1'"),
+    (lines(dict(GOOD, finish_reason="eos")), (), "f:1: field 'finish_reason': expected 'stop' or 'length'"),
+    (lines(GOOD, GOOD), (), "f:2: field 'sample': duplicate (prompt_id, sample) = ('p1', 0), first on line 1"),
+])
+def test_bad_input_names_file_line_and_field(data, require, expected):
+    with pytest.raises(RecordError) as e:
+        parse_records(data, "f", require)
+    assert str(e.value).startswith(expected), str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_file_is_one_line(tmp_path):
+    with pytest.raises(Exception, match="no such file"):
+        read_records(str(tmp_path / "nope.jsonl"))
+
+
+def test_groups_found_wherever_lines_stand():
+    records = [{"prompt_id": p} for p in ["a", "b", "a", "c", "b"]]
+    assert group_by_prompt(records) == {"a": [0, 2], "b": [1, 4], "c": [3]}
+
+
+def test_write_refuses_nan_and_leaves_no_file(tmp_path):
+    path = tmp_path / "out.jsonl"
+    with pytest.raises(ValueError):
+        write_records([GOOD, {"reward": float("nan")}], str(path))
+    assert os.listdir(tmp_path) == []
+
+
+def test_atomic_open_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text("old\n")
+    with pytest.raises(RuntimeError):
+        with atomic_open(path) as f:
+            f.write("half of the new")
+            raise RuntimeError("crash mid-write")
+    assert path.read_text() == "old\n"
+    assert os.listdir(tmp_path) == ["a.jsonl"]  # no temporary file left behind
