@@ -1,0 +1,426 @@
+"""The score stage: reward functions, and scoring a list of records with them.
+
+A reward spec names one reward and, optionally, its weight: `NAME[=WEIGHT]` (weight 1).
+
+    math            1.0 if the completion's final answer equals the record's gold `answer`
+                    per math-verify, else 0.0 (the verifiable reward of the paper, DeepSeek-R1
+                    and TRL's accuracy_reward). The answer is found by answers.extract_answer.
+    format          1.0 if the completion has a non-empty \\boxed{...} answer, else 0.0.
+    format:REGEX    1.0 if re.search(REGEX, completion, re.DOTALL) matches, else 0.0
+                    (^ and $ anchor the whole completion; e.g. 'format:^<think>.*</think>').
+    path/to/f.py:fn a user function, loaded from a file (a name ending in .py or containing /)
+    module:fn       ... or from an importable module. Signature:
+                        fn(completion: str, answer: str | None, record: dict) -> float | dict
+                    A dict returns named components, each weighted by the spec's weight.
+A target that itself ends in `=<number>` (a regex) needs an explicit weight: `format:a=1=1`.
+
+Each record gets `rewards` = {component name: unweighted value} and `reward` =
+sum of weight x value (default specs: ["math"]). Other fields are kept unchanged.
+
+How `math` stays fast and safe (see docs/rewards.md):
+  1. extract the final answer first (never hand a whole completion to sympy);
+  2. answers.match_without_sympy decides identical/plain-number pairs at once;
+  3. the rest are deduplicated as (gold, answer) pairs, cached for the life of the process,
+     sorted by gold (each distinct gold is parsed once per worker) and verified by
+     math-verify in forked workers (scoring_pool), each pair with its own time limit.
+     math-verify's own signal.alarm timeouts are off (parsing_timeout=None,
+     timeout_seconds=None): they fail outside the main thread, and the pool's limits
+     replace them. A pair over the limit, or one that crashes, scores 0 and is reported.
+User rewards and `format` run in the calling process, without a time limit.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import re
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from grpoctl import scoring_pool
+from grpoctl.answers import extract_answer, last_boxed, match_without_sympy
+from grpoctl.errors import GrpoctlError
+from grpoctl.records import RecordError
+
+DEFAULT_SPECS = ("math",)
+DEFAULT_TIMEOUT_S = 2.0
+SPEC_HELP = "math, format, format:REGEX, path/to/file.py:fn or module:fn, each optionally =WEIGHT"
+MAX_WARNINGS = 20  # per-item warnings printed on stderr before summarising the rest
+
+
+# --- reward specs --------------------------------------------------------------
+
+
+@dataclass
+class RewardSpec:
+    """One weighted reward: `kind` is "math", "format" or "user"."""
+
+    text: str  # as the user wrote it, for messages
+    name: str  # the key in `rewards` (for a user function: the function's name)
+    weight: float
+    kind: str
+    pattern: re.Pattern | None = None  # format:REGEX
+    fn: Callable | None = field(default=None, repr=False)  # user function
+
+
+def parse_reward_spec(text: str) -> RewardSpec:
+    """Parse one `NAME[=WEIGHT]` spec (see the module docstring); user code is imported here."""
+    target, weight = text.strip(), 1.0
+    head, eq, tail = target.rpartition("=")
+    if eq:
+        try:
+            weight = float(tail)
+            target = head.strip()
+        except ValueError:
+            pass  # no weight: the "=" belongs to the target (a regex)
+    if not math.isfinite(weight):
+        raise GrpoctlError(f"reward '{text}': weight must be a finite number, got {tail!r}")
+    if target == "math":
+        return RewardSpec(text, "math", weight, "math")
+    if target == "format":
+        return RewardSpec(text, "format", weight, "format")
+    if target.startswith("format:"):
+        try:
+            pattern = re.compile(target[len("format:"):], re.DOTALL)
+        except re.error as e:
+            raise GrpoctlError(f"reward '{text}': invalid regular expression: {e}") from None
+        return RewardSpec(text, "format", weight, "format", pattern=pattern)
+    if ":" in target:
+        fn = load_user_reward(target)
+        return RewardSpec(text, fn.__name__, weight, "user", fn=fn)
+    raise GrpoctlError(f"unknown reward '{text}'; expected {SPEC_HELP}")
+
+
+def parse_reward_specs(texts: Iterable[str | RewardSpec] | None = None) -> list[RewardSpec]:
+    """Parse specs like ["math=1", "format=0.1", "my.py:fn=0.5"]; None or [] -> ["math"].
+
+    Items that are already RewardSpec objects pass through. Two specs writing the same
+    component name are an error.
+    """
+    specs = [t if isinstance(t, RewardSpec) else parse_reward_spec(t)
+             for t in (list(texts or []) or DEFAULT_SPECS)]
+    seen: dict[str, str] = {}
+    for spec in specs:
+        if spec.name in seen:
+            raise GrpoctlError(f"rewards '{seen[spec.name]}' and '{spec.text}' both write the "
+                               f"component '{spec.name}'; give one reward per name")
+        seen[spec.name] = spec.text
+    return specs
+
+
+def load_user_reward(target: str) -> Callable:
+    """Import `path/to/file.py:fn` or `module:fn`; check it takes (completion, answer, record)."""
+    import importlib
+    import importlib.util
+    import inspect
+    import os
+
+    where, _, fn_name = target.rpartition(":")
+    if not where or not fn_name:
+        raise GrpoctlError(f"reward '{target}': expected path/to/file.py:fn or module:fn")
+    try:
+        if where.endswith(".py") or "/" in where or os.sep in where:
+            if not os.path.isfile(where):
+                raise GrpoctlError(f"reward '{target}': no such file {where}")
+            module_name = f"grpoctl_user_reward_{abs(hash(os.path.abspath(where)))}"
+            spec = importlib.util.spec_from_file_location(module_name, where)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[module_name] = module  # so dataclasses/pickle inside it work
+            spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(where)
+    except GrpoctlError:
+        raise
+    except Exception as e:
+        raise GrpoctlError(f"reward '{target}': importing {where} failed: "
+                           f"{type(e).__name__}: {e}") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise GrpoctlError(f"reward '{target}': {where} has no function '{fn_name}'")
+    try:
+        inspect.signature(fn).bind("completion", "answer", {})
+    except TypeError:
+        raise GrpoctlError(f"reward '{target}': {fn_name} must accept "
+                           "(completion, answer, record)") from None
+    except ValueError:
+        pass  # a builtin without a signature: trust it
+    return fn
+
+
+# --- the built-in rewards, one completion at a time -----------------------------
+
+
+def format_reward(completion: str, pattern: re.Pattern | None = None) -> float:
+    """1.0 if the completion has a non-empty \\boxed{} answer (or matches `pattern`), else 0.0."""
+    if pattern is not None:
+        return 1.0 if pattern.search(completion) else 0.0
+    return 1.0 if last_boxed(completion) else 0.0
+
+
+def math_reward(completion: str, answer: str) -> float:
+    """1.0 if the completion's final answer equals the gold `answer`, else 0.0.
+
+    In-process and without a time limit: for one-off use. score_records scores many
+    records with caching, parallel workers and per-item limits.
+    """
+    pred = extract_answer(completion)
+    if pred is None:
+        return 0.0
+    fast = match_without_sympy(answer, pred)
+    if fast is not None:
+        return float(fast)
+    return float(verify_answer((answer, pred)))
+
+
+_math_verify = None
+_gold_cache: dict[str, list] = {}  # per process: a worker parses each distinct gold once
+_GOLD_CACHE_MAX = 4096
+
+
+def _load_math_verify():
+    """Import math-verify (about 0.7 s, so only when `math` is used) and warm it up, so
+    that forked workers inherit compiled regexes and a loaded sympy."""
+    global _math_verify
+    if _math_verify is None:
+        import logging
+
+        import math_verify
+
+        # Its per-call warnings ("timeout disabled", "timeout during parsing") are noise
+        # here: the pool enforces the limits and reports timeouts itself.
+        logging.getLogger("math_verify").setLevel(logging.CRITICAL)
+        _math_verify = math_verify
+        verify_answer(("1", "1"))
+    return _math_verify
+
+
+def _boxed(latex: str) -> str:
+    # Gold and prediction are both bare LaTeX; wrapping them the same way sends both
+    # through the same extraction path of math-verify.
+    return "\\boxed{" + latex + "}"
+
+
+def verify_answer(pair: tuple[str, str]) -> bool:
+    """math-verify's verdict on (gold, predicted answer), both bare LaTeX. No time limit."""
+    mv = _load_math_verify()
+    gold, pred = pair
+    parsed_gold = _gold_cache.get(gold)
+    if parsed_gold is None:
+        parsed_gold = mv.parse(_boxed(gold), parsing_timeout=None)
+        if len(_gold_cache) >= _GOLD_CACHE_MAX:
+            _gold_cache.clear()
+        _gold_cache[gold] = parsed_gold
+    parsed_pred = mv.parse(_boxed(pred), parsing_timeout=None)
+    return bool(mv.verify(parsed_gold, parsed_pred, timeout_seconds=None))
+
+
+# Verdicts of math-verify, kept for the life of the process (loop.py scores every step
+# in one process, and the same (gold, answer) pairs recur). Timeouts are not cached, nor
+# long pairs, so the cache stays under about 100 MB.
+_verdict_cache: dict[tuple[str, str], bool] = {}
+_VERDICT_CACHE_MAX = 100_000
+_VERDICT_CACHE_MAX_CHARS = 1_000  # per pair
+
+
+# --- scoring records ----------------------------------------------------------------
+
+
+def _user_value(spec: RewardSpec, record: dict, source: str, line: int) -> dict[str, float]:
+    """Call a user reward on one record; return its components, all finite floats."""
+    field_name = f"rewards.{spec.name}"
+    try:
+        out = spec.fn(record["completion"], record.get("answer"), record)
+    except Exception as e:
+        raise RecordError(source, line, field_name,
+                          f"reward '{spec.text}' raised {type(e).__name__}: {e}") from None
+    values = out if isinstance(out, dict) else {spec.name: out}
+    components = {}
+    for name, v in values.items():
+        if not isinstance(v, numbers.Real) or not math.isfinite(v):
+            shown = f"{{'{name}': {v!r}}}" if isinstance(out, dict) else repr(v)
+            raise RecordError(source, line, field_name,
+                              f"reward '{spec.text}' returned {shown}; "
+                              "a reward must be a finite number")
+        components[str(name)] = float(v)
+    return components
+
+
+def _check_gold_answers(records: Sequence[dict], source: str) -> None:
+    for i, r in enumerate(records):
+        answer = r.get("answer")
+        if answer is None:
+            raise RecordError(source, i + 1, "answer",
+                              "is missing or null; the 'math' reward needs a gold answer "
+                              "(score unlabeled prompts with a user reward instead)")
+        if not isinstance(answer, str) or not answer.strip():
+            raise RecordError(source, i + 1, "answer",
+                              f"expected a non-empty string, got {answer!r}")
+
+
+class _Reporter:
+    """stderr output: a progress bar while workers run, one line per problem item."""
+
+    def __init__(self, show_progress: bool):
+        self.show_progress = show_progress
+        self.warnings = 0
+        self._console = None
+
+    @property
+    def console(self):
+        if self._console is None:  # rich is imported only when there is something to show
+            from rich.console import Console
+
+            self._console = Console(stderr=True, highlight=False)
+        return self._console
+
+    def warn(self, text: str) -> None:
+        self.warnings += 1
+        if self.warnings <= MAX_WARNINGS:
+            self.console.print(f"warning: {text}", markup=False)
+
+    def finish(self) -> None:
+        if self.warnings > MAX_WARNINGS:
+            self.console.print(f"warning: ... and {self.warnings - MAX_WARNINGS} more "
+                               "(counted in the stats)", markup=False)
+
+
+def _judge_math(records: Sequence[dict], workers: int | None, timeout: float,
+                reporter: _Reporter, source: str, stats: dict) -> list[float]:
+    """The `math` component of every record (the slow part of scoring)."""
+    values = [0.0] * len(records)
+    waiting: dict[tuple[str, str], list[int]] = {}  # pairs math-verify must judge -> records
+    for i, r in enumerate(records):
+        pred = extract_answer(r["completion"])
+        if pred is None:
+            stats["no_answer"] += 1
+            continue
+        gold = r["answer"]
+        fast = match_without_sympy(gold, pred)
+        if fast is not None:
+            stats["fast_path"] += 1
+            values[i] = float(fast)
+        elif (gold, pred) in _verdict_cache:
+            stats["cached"] += 1
+            values[i] = float(_verdict_cache[(gold, pred)])
+        else:
+            waiting.setdefault((gold, pred), []).append(i)
+    if not waiting:
+        return values
+
+    pairs = sorted(waiting)  # by gold: each worker's chunk shares golds, parsed once
+    stats["verified"] = len(pairs)
+    _load_math_verify()  # import and warm up before forking
+
+    progress = task = None
+    if reporter.show_progress and len(pairs) >= 64:
+        from rich.progress import Progress
+
+        # auto_refresh=False: no display thread while workers are forked
+        progress = Progress(console=reporter.console, transient=True, auto_refresh=False)
+        task = progress.add_task("math-verify", total=len(pairs))
+        progress.start()
+    last_refresh = 0.0
+
+    def on_result(index: int, outcome: scoring_pool.Outcome) -> None:
+        nonlocal last_refresh
+        rows = waiting[pairs[index]]
+        if outcome.status == scoring_pool.OK:
+            gold, pred = pairs[index]
+            if len(gold) + len(pred) <= _VERDICT_CACHE_MAX_CHARS:
+                if len(_verdict_cache) >= _VERDICT_CACHE_MAX:
+                    _verdict_cache.clear()
+                _verdict_cache[gold, pred] = bool(outcome.value)
+            for i in rows:
+                values[i] = float(outcome.value)
+        else:
+            key = "timeouts" if outcome.status == scoring_pool.TIMEOUT else "errors"
+            stats[key] += len(rows)
+            what = "timed out" if key == "timeouts" else "failed"
+            more = (f" (and {len(rows) - 1} more records with the same answer)"
+                    if len(rows) > 1 else "")
+            reporter.warn(f"{source}:{rows[0] + 1}: math reward {what} ({outcome.message}); "
+                          f"reward 0{more}")
+        if progress is not None:
+            progress.advance(task)
+            now = time.monotonic()
+            if now - last_refresh > 0.1:
+                progress.refresh()
+                last_refresh = now
+
+    try:
+        scoring_pool.run_pool(verify_answer, pairs, workers=workers, timeout=timeout,
+                              on_result=on_result)
+    finally:
+        if progress is not None:
+            progress.stop()
+    return values
+
+
+def score_records(records: Sequence[dict], specs: Sequence[RewardSpec | str] | None = None,
+                  workers: int | None = None, timeout: float = DEFAULT_TIMEOUT_S,
+                  progress: bool = True, source: str = "<records>") -> tuple[list[dict], dict]:
+    """Score records; return (new records with `rewards` and `reward`, stats).
+
+    specs: RewardSpec objects or spec strings (default ["math"]).
+    workers: math-verify processes (default os.cpu_count(); 0 = in this process, no hard limit).
+    timeout: seconds allowed per distinct (gold, answer) pair (default 2.0); over it -> 0.
+    progress: show a progress bar on stderr when many pairs go to math-verify.
+    source: the file name used in error messages; records carry no line numbers, so
+        record i is reported as line i + 1 (exact for files without blank lines).
+    stats: n, reward_mean, component_means, and for `math`: fast_path (decided without
+        sympy), cached, verified (distinct pairs sent to math-verify), no_answer,
+        timeouts, errors (records), workers, seconds, records_per_s.
+    """
+    start = time.perf_counter()
+    specs = parse_reward_specs(specs)
+    if workers is not None and workers < 0:
+        raise GrpoctlError(f"--workers must be >= 0, got {workers}")
+    if not (timeout > 0 and math.isfinite(timeout)):
+        raise GrpoctlError(f"--timeout must be a positive number of seconds, got {timeout}")
+    for i, r in enumerate(records):
+        if not isinstance(r.get("completion"), str):
+            raise RecordError(source, i + 1, "completion", "missing or not a string")
+    if any(spec.kind == "math" for spec in specs):
+        _check_gold_answers(records, source)
+    stats = {"n": len(records), "fast_path": 0, "cached": 0, "verified": 0, "no_answer": 0,
+             "timeouts": 0, "errors": 0,
+             "workers": scoring_pool.default_workers() if workers is None else workers}
+    reporter = _Reporter(progress)
+
+    # The cheap rewards first, so a broken user reward fails before the slow math.
+    per_spec: dict[int, list[dict[str, float]]] = {}
+    for k, spec in enumerate(specs):
+        if spec.kind == "format":
+            per_spec[k] = [{spec.name: format_reward(r["completion"], spec.pattern)}
+                           for r in records]
+        elif spec.kind == "user":
+            per_spec[k] = [_user_value(spec, r, source, i + 1) for i, r in enumerate(records)]
+    for k, spec in enumerate(specs):
+        if spec.kind == "math":
+            math_values = _judge_math(records, workers, timeout, reporter, source, stats)
+            per_spec[k] = [{"math": v} for v in math_values]
+    reporter.finish()
+
+    out = []
+    for i, r in enumerate(records):
+        components: dict[str, float] = {}
+        total = 0.0  # sum of weight x component
+        for k, spec in enumerate(specs):
+            for name, v in per_spec[k][i].items():
+                if name in components:
+                    raise RecordError(source, i + 1, f"rewards.{name}",
+                                      f"reward '{spec.text}' writes component '{name}', "
+                                      "which another reward also writes")
+                components[name] = v
+                total += spec.weight * v
+        out.append({**r, "rewards": components, "reward": total})
+
+    n = max(len(out), 1)
+    names = list(dict.fromkeys(name for r in out for name in r["rewards"]))
+    stats["reward_mean"] = sum(r["reward"] for r in out) / n
+    stats["component_means"] = {k: sum(r["rewards"].get(k, 0.0) for r in out) / n for k in names}
+    stats["seconds"] = time.perf_counter() - start
+    stats["records_per_s"] = len(out) / stats["seconds"] if stats["seconds"] > 0 else 0.0
+    return out, stats
