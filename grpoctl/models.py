@@ -63,7 +63,9 @@ def load_policy(path: str | os.PathLike, dtype: str = "float32", device: str = "
     """A causal LM from a local directory, in eval mode (no dropout), on `device`."""
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own progress display owns stderr
     p = check_model_dir(path)
     if dtype not in DTYPES:
         raise GrpoctlError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")

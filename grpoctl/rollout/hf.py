@@ -1,0 +1,150 @@
+"""Sampling with transformers: a small decode loop over the model's KV cache.
+
+Why not `model.generate`? Three things the update stage depends on are easier
+to see (and to test) in twenty lines than through generate's options:
+
+1. Log-probs. Each sampled token's log-prob is log_softmax(logits / T) in fp32,
+   taken BEFORE top-p/top-k truncation: exactly what the update recomputes
+   (grpoctl/logprobs.py), so the first update's importance ratio is 1.
+2. Left padding. Prompts in a batch are left padded; the attention mask hides
+   the padding and explicit position ids count real tokens only, so a prompt
+   gets the same numbers alone or beside a longer one.
+3. Randomness per sequence. Every (prompt, sample) draws from its own random
+   stream, seeded by (seed, prompt_id, sample). Output is byte-identical for the
+   same seed, and does not depend on the batch size, the other prompts in the
+   batch, --limit or --shard (up to float rounding in the logits).
+
+Sampling uses the inverse CDF: one uniform number u per sequence and step, and
+the token is the first whose cumulative probability reaches u (an exact draw
+from the truncated distribution). It was also measured against `model.generate`
+on the tiny test model (see docs/rollout.md).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+
+import torch
+
+
+def sequence_seed(seed: int, prompt_id: str, sample: int) -> int:
+    """A 63-bit seed for one (prompt, sample), stable across runs and machines."""
+    digest = hashlib.sha256(f"{seed}\0{prompt_id}\0{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def uniforms(seeds: list[int], steps: int) -> torch.Tensor:
+    """[len(seeds), steps] numbers in (0, 1], row i drawn from its own generator (on CPU)."""
+    rows = [1.0 - torch.rand(steps, generator=torch.Generator().manual_seed(s)) for s in seeds]
+    return torch.stack(rows)
+
+
+def truncate(probs: torch.Tensor, top_p: float = 1.0, top_k: int = 0) -> torch.Tensor:
+    """Zero every token outside the top-k, then outside the nucleus of mass top_p.
+
+    top-k keeps the k most likely tokens (ties at the k-th value are kept too).
+    top-p keeps the most likely tokens until their mass reaches top_p: a token
+    stays when the mass of the tokens ranked above it is < top_p (so the most
+    likely token always stays). Order as in HF and vLLM: top-k, then top-p on
+    what top-k left. The result is not renormalised (sampling does not need it).
+    """
+    if 0 < top_k < probs.shape[-1]:
+        kth = probs.topk(top_k, dim=-1).values[:, -1:]
+        probs = probs.masked_fill(probs < kth, 0.0)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        mass_above = sorted_probs.cumsum(-1) - sorted_probs
+        drop = mass_above >= top_p * sorted_probs.sum(-1, keepdim=True)
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+    return probs
+
+
+def next_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p: float = 1.0,
+                top_k: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample one token per row; return (tokens [B], their log-probs [B]).
+
+    logits: [B, V] in fp32. u: [B] uniform numbers in (0, 1].
+    temperature 0 is greedy (argmax; log-probs then use temperature 1).
+    The log-prob is log_softmax(logits / T) at the token, before top-p/top-k.
+    """
+    if temperature == 0:
+        logprobs = logits.log_softmax(-1)
+        tokens = logits.argmax(-1)
+    else:
+        logprobs = (logits / temperature).log_softmax(-1)
+        probs = truncate(logprobs.exp(), top_p, top_k)
+        cdf = probs.cumsum(-1)
+        # First token whose cumulative mass reaches u * total. As u > 0, that
+        # token has a non-zero probability (a zero one never raises the cdf).
+        target = (u * cdf[:, -1]).unsqueeze(-1)
+        tokens = torch.searchsorted(cdf, target).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+    return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def left_pad(prompt_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """input_ids and attention_mask [B, L], each prompt right-aligned."""
+    length = max(len(p) for p in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), length), dtype=torch.long)
+    for row, ids in enumerate(prompt_ids):
+        input_ids[row, length - len(ids):] = torch.tensor(ids, dtype=torch.long)
+        mask[row, length - len(ids):] = 1
+    return input_ids, mask
+
+
+def _cache_argument(model) -> str:
+    # transformers 5.2x renamed the KV cache argument `past_key_values` to `cache`.
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+@torch.inference_mode()
+def sample_batch(model, prompt_ids: list[list[int]], seeds: list[int], max_new_tokens: int,
+                 temperature: float, top_p: float, top_k: int, stop_ids: set[int],
+                 pad_id: int) -> list[tuple[list[int], list[float], str]]:
+    """Generate one completion per prompt; return (completion_ids, logprobs, finish_reason) each.
+
+    A completion ends at its first stop token (included, finish "stop") or after
+    max_new_tokens tokens ("length"). Finished rows keep decoding padding until
+    the whole batch is done; their extra tokens are dropped.
+    """
+    device = model.get_input_embeddings().weight.device
+    u = uniforms(seeds, max_new_tokens).to(device)
+    input_ids, mask = left_pad(prompt_ids, pad_id)
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # 0, 1, 2, ... over real tokens only
+    stop = torch.tensor(sorted(stop_ids), device=device)
+
+    cache_arg = _cache_argument(model)
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                use_cache=True, logits_to_keep=1)
+    next_position = positions[:, -1:] + 1
+    done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=device)
+    tokens, logprobs = [], []
+    for t in range(max_new_tokens):
+        tok, lp = next_tokens(out.logits[:, -1].float(), u[:, t], temperature, top_p, top_k)
+        tok = tok.masked_fill(done, pad_id)
+        tokens.append(tok)
+        logprobs.append(lp)
+        done |= torch.isin(tok, stop)
+        if bool(done.all()) or t == max_new_tokens - 1:
+            break
+        mask = torch.cat([mask, mask.new_ones((len(prompt_ids), 1))], dim=-1)
+        out = model(input_ids=tok.unsqueeze(-1), attention_mask=mask,
+                    position_ids=next_position + t, use_cache=True, **{cache_arg: _cache(out)})
+
+    tokens = torch.stack(tokens, dim=1).tolist()
+    logprobs = torch.stack(logprobs, dim=1).float().tolist()
+    results = []
+    for ids, lps in zip(tokens, logprobs):
+        end = next((i + 1 for i, tok in enumerate(ids) if tok in stop_ids), None)
+        if end is None:
+            results.append((ids, lps, "length"))
+        else:
+            results.append((ids[:end], lps[:end], "stop"))
+    return results

@@ -1,0 +1,318 @@
+"""The rollout stage on real tiny models: records, log-probs, padding, seeds, stops."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from grpoctl.errors import GrpoctlError
+from grpoctl.records import check_record, read_records, write_records
+from grpoctl.rollout import SamplingParams, generate, policy_step, run_rollout
+from grpoctl.rollout.hf import next_tokens, truncate
+
+ROLLOUT_FIELDS = ("prompt_id", "sample", "prompt", "completion", "answer", "prompt_ids",
+                  "completion_ids", "logprobs", "finish_reason", "policy", "sampling", "meta")
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_model):
+    from grpoctl.models import load_policy, load_tokenizer
+
+    torch.manual_seed(0)
+    return load_policy(tiny_model), load_tokenizer(tiny_model)
+
+
+def prompts_of(texts, answers=None):
+    return [{"prompt_id": f"p{i}", "text": t, "answer": (answers or [None] * len(texts))[i],
+             "meta": {"i": i}} for i, t in enumerate(texts)]
+
+
+PROMPTS = prompts_of(["What is 2+2?", "Mia has 23 marbles and finds 45 more.", "x"],
+                     ["4", "68", None])
+
+
+def naive_logprobs(model, prompt_ids, completion_ids, temperature):
+    """log_softmax(logits / T) of one unpadded sequence, gathered at the completion tokens."""
+    ids = torch.tensor([prompt_ids + completion_ids])
+    with torch.no_grad():
+        logits = model(ids).logits[0].float()
+    logp = torch.log_softmax(logits / temperature, dim=-1)
+    rows = torch.arange(len(prompt_ids) - 1, len(prompt_ids) + len(completion_ids) - 1)
+    return logp[rows, torch.tensor(completion_ids)]
+
+
+# --- the sampler on hand-worked distributions -------------------------------------
+
+
+def test_truncate_hand_worked():
+    probs = torch.tensor([[0.05, 0.5, 0.15, 0.3]])
+
+    def kept(**kw):
+        out = truncate(probs, **kw)
+        assert torch.equal(out[out > 0], probs[out > 0])  # kept values are untouched
+        return (out > 0).int().tolist()[0]
+
+    # Ranked 0.5, 0.3, 0.15, 0.05; a token stays while the mass ranked above it < top_p.
+    assert kept(top_p=0.75) == [0, 1, 0, 1]  # above 0.3: 0.5 < 0.75; above 0.15: 0.8
+    assert kept(top_p=0.85) == [0, 1, 1, 1]  # above 0.15: 0.8 < 0.85
+    assert kept(top_p=0.1) == [0, 1, 0, 0]  # the most likely token always stays
+    assert kept(top_p=1.0) == [1, 1, 1, 1]
+    assert kept(top_k=2) == [0, 1, 0, 1]
+    # top-k first, then top-p on what is left: {0.5, 0.3, 0.15}, mass 0.95; with
+    # p = 0.6, 0.3 stays (0.5 < 0.6 * 0.95 = 0.57) and 0.15 goes (0.8 >= 0.57).
+    assert kept(top_k=3, top_p=0.6) == [0, 1, 0, 1]
+    assert kept(top_k=3, top_p=0.5) == [0, 1, 0, 0]  # 0.5 >= 0.475: 0.3 goes too
+
+
+def test_next_tokens_inverse_cdf_and_logprob_before_truncation():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).repeat(5, 1)
+    u = torch.tensor([0.5, 0.51, 0.8001, 1.0, 0.2])
+    tokens, logprobs = next_tokens(logits, u, temperature=1.0)
+    # cdf = [0.5, 0.8, 1.0]: the first token whose cdf reaches u.
+    assert tokens.tolist() == [0, 1, 2, 2, 0]
+    assert torch.allclose(logprobs, torch.log(torch.tensor([0.5, 0.3, 0.2, 0.2, 0.5])))
+    # top-k 2 leaves [0.5, 0.3] (mass 0.8): u = 0.9 -> 0.72 -> token 1; its log-prob is
+    # still log 0.3, the probability before truncation.
+    tokens, logprobs = next_tokens(logits[:1], torch.tensor([0.9]), 1.0, top_k=2)
+    assert tokens.tolist() == [1] and math.isclose(logprobs.item(), math.log(0.3), rel_tol=1e-6)
+    # Temperature 2: p ∝ sqrt([0.5, 0.3, 0.2]); greedy (T = 0) scores at T = 1.
+    _, logprobs = next_tokens(logits[:1], torch.tensor([1e-6]), 2.0)
+    q = torch.tensor([0.5, 0.3, 0.2]).sqrt()
+    assert math.isclose(logprobs.item(), math.log(q[0] / q.sum()), rel_tol=1e-6)
+    tokens, logprobs = next_tokens(logits[:1], torch.tensor([0.99]), 0.0)
+    assert tokens.tolist() == [0] and math.isclose(logprobs.item(), math.log(0.5), rel_tol=1e-6)
+
+
+def test_sampling_frequencies_match_the_distribution():
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
+    n = 40000
+    u = 1.0 - torch.rand(n, generator=torch.Generator().manual_seed(0))
+    tokens, _ = next_tokens(probs.log().repeat(n, 1), u, 1.0, top_p=0.9)
+    freq = torch.bincount(tokens, minlength=4).float() / n
+    expected = torch.tensor([0.0, 0.5, 0.15, 0.3]) / 0.95  # top-p 0.9 drops the 0.05 token
+    assert (freq - expected).abs().max() < 0.01
+    assert freq[0] == 0
+
+
+# --- records ----------------------------------------------------------------------
+
+
+def test_records_have_every_field(llama):
+    model, tok = llama
+    sampling = SamplingParams(max_new_tokens=12, seed=3)
+    records = generate(model, tok, PROMPTS, 3, sampling, batch_size=4,
+                       policy={"path": "m", "step": 5}, progress=False)
+    assert [(r["prompt_id"], r["sample"]) for r in records] == [
+        (f"p{i}", s) for i in range(3) for s in range(3)]
+    for r in records:
+        check_record(r, require=ROLLOUT_FIELDS)
+        assert set(r) == set(ROLLOUT_FIELDS)
+        p = PROMPTS[int(r["prompt_id"][1:])]
+        assert r["prompt"] == p["text"] and r["answer"] == p["answer"] and r["meta"] == p["meta"]
+        assert r["prompt_ids"] == tok(p["text"], add_special_tokens=False)["input_ids"]
+        assert 1 <= len(r["completion_ids"]) == len(r["logprobs"]) <= 12
+        assert all(isinstance(x, float) and x <= 0 for x in r["logprobs"])
+        assert r["completion"] == tok.decode(r["completion_ids"], skip_special_tokens=True)
+        assert r["policy"] == {"path": "m", "step": 5}
+        assert r["sampling"] == {"temperature": 1.0, "top_p": 1.0, "top_k": 0,
+                                 "max_new_tokens": 12, "seed": 3, "backend": "hf"}
+    # The G samples of a prompt are drawn independently.
+    assert len({tuple(r["completion_ids"]) for r in records[:3]}) == 3
+
+
+@pytest.mark.parametrize("temperature, top_p, top_k",
+                         [(1.0, 1.0, 0), (0.7, 0.8, 20), (0.0, 1.0, 0)])
+def test_logprobs_equal_a_naive_forward_pass(llama, temperature, top_p, top_k):
+    model, tok = llama
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=16)
+    records = generate(model, tok, PROMPTS, 2, sampling, batch_size=6, progress=False)
+    for r in records:
+        # Greedy sampling records log-probs at temperature 1.
+        expected = naive_logprobs(model, r["prompt_ids"], r["completion_ids"], temperature or 1.0)
+        assert torch.allclose(torch.tensor(r["logprobs"]), expected, atol=1e-5, rtol=0)
+
+
+def test_left_padding_does_not_change_the_numbers(llama):
+    model, tok = llama
+    short = "Hi"
+    batch = prompts_of(["a much longer prompt, " * 6, short, "another long one " * 4, "?"])
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=20)
+    alone = generate(model, tok, prompts_of([short]), 1, greedy, progress=False)[0]
+    together = generate(model, tok, batch, 1, greedy, batch_size=4, progress=False)[1]
+    assert together["prompt"] == short
+    assert together["completion_ids"] == alone["completion_ids"]
+    assert max(abs(a - b) for a, b in zip(alone["logprobs"], together["logprobs"])) < 1e-5
+
+
+def test_left_padding_with_absolute_positions():
+    # Rotary models (Llama, Qwen) hardly notice shifted positions; GPT-2 learns one
+    # embedding per absolute position, so it shows whether each row's positions
+    # start at 0 on its first real token, as they must.
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from grpoctl.models import byte_level_tokenizer
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=258, n_positions=256, n_embd=32, n_layer=2,
+                                       n_head=2, bos_token_id=1, eos_token_id=1))
+    tok = byte_level_tokenizer()
+    batch = prompts_of(["a much longer prompt, " * 5, "Hi", "?"])
+    sampling = SamplingParams(temperature=0.0, max_new_tokens=12)
+    # Left in train mode (GPT-2 has dropout 0.1), as a trainer may leave it: sampling
+    # runs in eval mode anyway, and the mode is given back.
+    model.train()
+    alone = generate(model, tok, batch[1:2], 1, sampling, progress=False)[0]
+    together = generate(model, tok, batch, 1, sampling, batch_size=3, progress=False)
+    assert model.training
+    model.eval()
+    assert together[1]["completion_ids"] == alone["completion_ids"]
+    for r in together:
+        expected = naive_logprobs(model, r["prompt_ids"], r["completion_ids"], 1.0)
+        assert torch.allclose(torch.tensor(r["logprobs"]), expected, atol=1e-5, rtol=0)
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(llama, tmp_path):
+    model, tok = llama
+
+    def run(seed, name):
+        records = generate(model, tok, PROMPTS, 2, SamplingParams(max_new_tokens=10, seed=seed),
+                           progress=False)
+        write_records(records, str(tmp_path / name))
+        return (tmp_path / name).read_bytes()
+
+    assert run(0, "a.jsonl") == run(0, "b.jsonl")
+    assert run(1, "c.jsonl") != run(0, "a.jsonl")
+
+
+def test_samples_do_not_depend_on_batch_size(llama):
+    # Each (prompt, sample) has its own random stream, so batching changes nothing but
+    # float rounding in the logits.
+    model, tok = llama
+    sampling = SamplingParams(temperature=0.9, top_p=0.95, max_new_tokens=12)
+    one = generate(model, tok, PROMPTS, 2, sampling, batch_size=1, progress=False)
+    six = generate(model, tok, PROMPTS, 2, sampling, batch_size=6, progress=False)
+    assert [r["completion_ids"] for r in one] == [r["completion_ids"] for r in six]
+    diffs = [abs(a - b) for x, y in zip(one, six) for a, b in zip(x["logprobs"], y["logprobs"])]
+    assert max(diffs) < 1e-5
+
+
+def test_stop_and_length(llama):
+    model, tok = llama
+    prompts = prompts_of([f"{a} + {a} = " for a in range(32)])
+    records = generate(model, tok, prompts, 2, SamplingParams(max_new_tokens=32), progress=False)
+    stopped = [r for r in records if r["finish_reason"] == "stop"]
+    capped = [r for r in records if r["finish_reason"] == "length"]
+    assert stopped and capped  # this seed gives both (a random model stops ~1 in 258 tokens)
+    for r in stopped:  # EOS included, nothing after it
+        assert r["completion_ids"][-1] == tok.eos_token_id
+        assert tok.eos_token_id not in r["completion_ids"][:-1]
+        assert len(r["logprobs"]) == len(r["completion_ids"]) <= 32
+    for r in capped:
+        assert len(r["completion_ids"]) == 32 and tok.eos_token_id not in r["completion_ids"]
+    short = generate(model, tok, prompts[:4], 2, SamplingParams(max_new_tokens=2), progress=False)
+    assert all(r["finish_reason"] == "length" and len(r["completion_ids"]) == 2 for r in short
+               if tok.eos_token_id not in r["completion_ids"])
+
+
+def test_bad_settings_are_refused(llama):
+    model, tok = llama
+    with pytest.raises(GrpoctlError, match="--backend: expected one of hf, vllm"):
+        generate(model, tok, PROMPTS, 2, SamplingParams(), backend="tgi")
+    with pytest.raises(GrpoctlError, match="--top-p"):
+        generate(model, tok, PROMPTS, 2, SamplingParams(top_p=0.0))
+    with pytest.raises(GrpoctlError, match="--group-size"):
+        generate(model, tok, PROMPTS, 0, SamplingParams())
+
+
+# --- the command's function ------------------------------------------------------
+
+
+def test_run_rollout_chat_template_and_files(tiny_qwen2, data_dir, tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    records = run_rollout(str(tiny_qwen2), str(data_dir / "gsm8k_test.jsonl"), str(out),
+                          group_size=2, sampling=SamplingParams(max_new_tokens=8), limit=3,
+                          answer_after="#### ", template="Q: {prompt}", progress=True)
+    assert capsys.readouterr().out == ""  # progress and logs go to stderr only
+    assert read_records(str(out), require=ROLLOUT_FIELDS) == records
+    assert len(records) == 6 and records[0]["answer"] == "18"
+    assert records[0]["prompt"].startswith("<user>Q: Janet")
+    assert records[0]["prompt"].endswith("<assistant>")
+    assert records[0]["policy"] == {"path": str(tiny_qwen2), "step": 0}
+
+    plain = run_rollout(str(tiny_qwen2), str(data_dir / "gsm8k_test.jsonl"), str(out),
+                        group_size=1, sampling=SamplingParams(max_new_tokens=4), limit=1,
+                        use_chat_template=False, progress=False)
+    assert plain[0]["prompt"].startswith("Janet") and "<user>" not in plain[0]["prompt"]
+
+
+def test_shards_concatenate_to_the_whole_run(tiny_model, data_dir, tmp_path):
+    source = str(data_dir / "math500.jsonl")
+    sampling = SamplingParams(max_new_tokens=6, seed=7)
+    whole = run_rollout(str(tiny_model), source, str(tmp_path / "all.jsonl"), sampling=sampling,
+                        limit=5, progress=False)
+    parts = [run_rollout(str(tiny_model), source, str(tmp_path / f"{i}.jsonl"), sampling=sampling,
+                         limit=5, shard=f"{i}/2", progress=False) for i in range(2)]
+    key = lambda r: (r["prompt_id"], r["sample"])  # noqa: E731
+    merged = sorted(parts[0] + parts[1], key=key)
+    assert [(key(r), r["completion_ids"]) for r in merged] == \
+        [(key(r), r["completion_ids"]) for r in sorted(whole, key=key)]
+    assert whole[0]["meta"]["subject"] == "Precalculus"
+
+
+def test_policy_step_from_trainer_state(tiny_model, tmp_path):
+    assert policy_step(tiny_model) == 0
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(tiny_model, ckpt)
+    (ckpt / "trainer_state.json").write_text(json.dumps({"step": 12}), encoding="utf-8")
+    assert policy_step(ckpt) == 12
+    records = run_rollout(str(ckpt), "arith:test", str(tmp_path / "r.jsonl"), group_size=1,
+                          sampling=SamplingParams(max_new_tokens=2), limit=1, progress=False)
+    assert records[0]["policy"] == {"path": str(ckpt), "step": 12}
+
+
+# --- vLLM --------------------------------------------------------------------------
+
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+
+
+@pytest.mark.skipif(HAS_VLLM, reason="vllm is installed: the missing-extra message cannot show")
+def test_vllm_backend_without_vllm_says_how_to_install(tiny_model, tmp_path):
+    with pytest.raises(GrpoctlError, match=r"needs the vllm extra: pip install 'grpoctl\[vllm\]'"):
+        run_rollout(str(tiny_model), "arith:test", str(tmp_path / "r.jsonl"), backend="vllm",
+                    limit=1, progress=False)
+    assert not (tmp_path / "r.jsonl").exists()  # and no silent fallback to hf
+
+
+def test_vllm_logprobs_mode_matches_our_definition():
+    from grpoctl.rollout.vllm import logprobs_mode
+
+    assert logprobs_mode(SamplingParams(temperature=1.0, top_p=0.8, top_k=20)) == "raw_logprobs"
+    assert logprobs_mode(SamplingParams(temperature=0.0, top_p=0.8)) == "raw_logprobs"
+    assert logprobs_mode(SamplingParams(temperature=0.7)) == "processed_logprobs"
+    with pytest.raises(GrpoctlError, match="--backend vllm cannot record log-probs"):
+        logprobs_mode(SamplingParams(temperature=0.7, top_p=0.8, top_k=20))
+
+
+@pytest.mark.skipif(not (HAS_VLLM and torch.cuda.is_available()),
+                    reason="needs vllm and a CUDA GPU (vllm is a CUDA-only optional extra)")
+def test_vllm_logprobs_equal_a_naive_forward_pass(tiny_model):  # pragma: no cover - GPU only
+    from grpoctl.models import load_policy, load_tokenizer
+    from grpoctl.rollout.vllm import load_llm
+
+    tok = load_tokenizer(tiny_model)
+    model = load_policy(tiny_model)
+    for sampling in (SamplingParams(max_new_tokens=16), SamplingParams(temperature=0.7,
+                                                                       max_new_tokens=16)):
+        llm = load_llm(tiny_model, sampling, dtype="float32", gpu_memory_utilization=0.2)
+        records = generate(llm, tok, PROMPTS, 2, sampling, backend="vllm", progress=False)
+        for r in records:
+            check_record(r, require=ROLLOUT_FIELDS)
+            expected = naive_logprobs(model, r["prompt_ids"], r["completion_ids"],
+                                      sampling.temperature)
+            assert torch.allclose(torch.tensor(r["logprobs"]), expected, atol=1e-4, rtol=0)
+        del llm
