@@ -1,0 +1,233 @@
+"""A checkpoint directory: policy, tokenizer, optimizer state and trainer state, all atomic.
+
+    out_dir/
+      config.json  generation_config.json  model.safetensors    (save_pretrained: loads with
+                                                                  AutoModelForCausalLM.from_pretrained)
+      tokenizer.json  tokenizer_config.json  ...                 (tokenizer.save_pretrained)
+      optimizer.safetensors    AdamW state per parameter NAME: "<name>.exp_avg",
+                               "<name>.exp_avg_sq", "<name>.step" (no pickle anywhere)
+      trainer_state.json       step, every hyperparameter, the last step's metrics
+
+Keying the optimizer state by parameter name (not by position, as
+`optimizer.state_dict()` does) makes the file readable and robust: a tied
+weight (lm_head = embed_tokens) is one parameter with one name, and a model
+whose parameter order differs still gets the right state.
+
+Writing is atomic: everything goes into a temporary sibling directory, every
+file is fsynced, then the directory is renamed into place. An existing out_dir
+is swapped with the new one in one step (Linux renameat2 RENAME_EXCHANGE), so a
+crash leaves either the old or the new complete checkpoint at out_dir.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from grpoctl.errors import GrpoctlError
+
+OPTIMIZER_FILE = "optimizer.safetensors"
+TRAINER_STATE_FILE = "trainer_state.json"
+
+
+# --- optimizer state <-> flat {name.key: tensor} ------------------------------
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer, model) -> dict[str, torch.Tensor]:
+    """The optimizer's per-parameter state as {"<param name>.<state key>": tensor}."""
+    name_of = {id(p): name for name, p in model.named_parameters()}  # tied weights: one name
+    tensors = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in name_of:
+                raise ValueError("the optimizer holds a parameter that is not in the model")
+            for key, value in optimizer.state.get(p, {}).items():
+                if not torch.is_tensor(value):
+                    value = torch.tensor(value)
+                # contiguous CPU copies: safetensors refuses shared or strided storage
+                tensors[f"{name_of[id(p)]}.{key}"] = value.detach().to("cpu").contiguous().clone()
+    return tensors
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, model, checkpoint_dir) -> bool:
+    """Restore the state saved by `save_checkpoint` into `optimizer`, matching by name.
+
+    Returns False when checkpoint_dir has no optimizer.safetensors or an empty one
+    (a fresh policy: the optimizer starts from zero). Otherwise every parameter
+    must have state (update_step gives every parameter a gradient, even a zero
+    one). Hyperparameters (lr, betas, ...) are NOT restored: the optimizer keeps
+    the ones it was built with (the CLI's flags; trainer_state.json records them).
+    Raises GrpoctlError naming the file if it is corrupt or does not fit the model.
+    """
+    from safetensors.torch import load_file
+
+    path = Path(checkpoint_dir) / OPTIMIZER_FILE
+    if not path.exists():
+        return False
+    try:
+        saved = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type for a corrupt header
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise GrpoctlError(f"{path}: cannot read optimizer state: {reason}") from None
+
+    if not saved:
+        return False  # saved before the first step
+    by_name: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in saved.items():
+        name, _, state_key = key.rpartition(".")
+        by_name.setdefault(name, {})[state_key] = tensor
+
+    # Rebuild the position-keyed dict torch expects; load_state_dict then moves
+    # each tensor to its parameter's device and dtype (and keeps `step` as saved).
+    name_of = {id(p): name for name, p in model.named_parameters()}
+    current = optimizer.state_dict()
+    state, index = {}, 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            name = name_of.get(id(p))
+            if name not in by_name:
+                raise GrpoctlError(f"{path}: no optimizer state for parameter '{name}' "
+                                   f"(saved for a different model?)")
+            for key, tensor in by_name[name].items():
+                if key != "step" and tensor.shape != p.shape:
+                    raise GrpoctlError(f"{path}: '{name}.{key}' has shape {tuple(tensor.shape)}, "
+                                       f"the parameter has {tuple(p.shape)}")
+            state[index] = by_name.pop(name)
+            index += 1
+    if by_name:
+        raise GrpoctlError(f"{path}: state for parameters the model does not have, "
+                           f"e.g. '{next(iter(by_name))}' (saved for a different model?)")
+    optimizer.load_state_dict({"state": state, "param_groups": current["param_groups"]})
+    return True
+
+
+def optimizer_hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
+    """Each param group's settings (lr, betas, ...), JSON-ready, without the parameters."""
+    groups = []
+    for group in optimizer.param_groups:
+        settings = {}
+        for key, value in group.items():
+            if key == "params":
+                continue
+            if torch.is_tensor(value):
+                value = value.item()
+            settings[key] = list(value) if isinstance(value, tuple) else value
+        groups.append(settings)
+    return groups
+
+
+def read_trainer_state(checkpoint_dir) -> dict:
+    """trainer_state.json of a checkpoint, or {"step": 0} when there is none."""
+    path = Path(checkpoint_dir) / TRAINER_STATE_FILE
+    if not path.exists():
+        return {"step": 0}
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise GrpoctlError(f"{path}: cannot read trainer state: {e}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+        raise GrpoctlError(f"{path}: expected an object with an integer 'step'")
+    return state
+
+
+# --- atomic directory writing ------------------------------------------------
+
+
+def save_checkpoint(out_dir, model, tokenizer, optimizer: torch.optim.Optimizer,
+                    trainer_state: dict) -> Path:
+    """Write a complete checkpoint to out_dir atomically (see the module docstring).
+
+    trainer_state must be JSON-serialisable and hold at least "step".
+    Any write failure (full disk, read-only directory) raises GrpoctlError and
+    leaves an existing out_dir untouched and no temporary directory behind.
+    """
+    from safetensors.torch import save_file
+
+    out = Path(out_dir).absolute()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise GrpoctlError(f"{out}: cannot write checkpoint: {e.strerror or e}") from None
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        save_file(optimizer_tensors(optimizer, model), str(tmp / OPTIMIZER_FILE),
+                  metadata={"format": "grpoctl-adamw", "keys": "<parameter name>.<state key>"})
+        (tmp / TRAINER_STATE_FILE).write_text(
+            json.dumps(trainer_state, indent=2, ensure_ascii=False, allow_nan=False) + "\n",
+            encoding="utf-8")
+        for f in tmp.rglob("*"):
+            if f.is_file():
+                _fsync(f)
+        _fsync(tmp)
+        _move_into_place(tmp, out)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(tmp)
+        if isinstance(e, GrpoctlError):
+            raise
+        if isinstance(e, Exception) and _is_write_error(e):
+            raise GrpoctlError(f"{out}: cannot write checkpoint: {_reason(e)}") from None
+        raise
+    return out
+
+
+def _move_into_place(tmp: Path, out: Path) -> None:
+    """Rename the finished tmp directory to out; an existing out is swapped out, then removed."""
+    if not out.exists():
+        os.rename(tmp, out)
+    elif _exchange(tmp, out):
+        shutil.rmtree(tmp)  # tmp now holds the old checkpoint
+    else:
+        # No atomic exchange on this system: two renames. A crash between them
+        # leaves the old checkpoint complete under the `.old` name.
+        old = out.parent / f".{out.name}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(out, old)
+        os.rename(tmp, out)
+        shutil.rmtree(old)
+    _fsync(out.parent)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths with renameat2(RENAME_EXCHANGE); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _is_write_error(e: Exception) -> bool:
+    # safetensors reports I/O failures as its own SafetensorError
+    return isinstance(e, OSError) or type(e).__name__ == "SafetensorError"
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    return str(e).splitlines()[0] if str(e) else type(e).__name__

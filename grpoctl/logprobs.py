@@ -1,0 +1,116 @@
+"""Log-probabilities of completion tokens under a policy, in one forward pass.
+
+The update recomputes log π_θ(o_t | q, o_<t) for every completion token and
+compares it with the sampler's log π_old (the records' `logprobs`). The two
+only agree (to ~1e-6 in fp32) when the forward pass sees the sequences exactly
+as the sampler did: LEFT padding and explicit position ids that count real
+tokens only, so padding shifts neither the attention nor the rotary positions.
+
+Layout of one batch (P = prompt, C = completion, . = pad), left padded:
+
+    . . P P P C C C        completion tokens end at the last column, so the
+    . P P P P P C C        last Tc columns of every row hold its completion
+    P P P P C C C C        (Tc = the longest completion), right-aligned.
+
+The logits at column j predict the token at column j + 1, so the completion
+tokens (the last Tc columns) are scored by the logits of the Tc columns before
+them. The model is asked for those logits only (`logits_to_keep`), which skips
+the vocabulary projection over the prompt.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+
+
+def _left_pad(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int):
+    """input_ids, attention_mask, position_ids [B, L] and the longest completion Tc."""
+    seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
+    length = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), length), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        if s:
+            input_ids[row, length - len(s):] = torch.tensor(s, dtype=torch.long)
+            attention_mask[row, length - len(s):] = 1
+    # Position of each real token among the real tokens of its row: 0, 1, 2, ...
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    longest_completion = max(len(c) for c in completion_ids)
+    return input_ids, attention_mask, position_ids, longest_completion
+
+
+def padded_completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]],
+                               temperature: float | None = 1.0, pad_id: int = 0,
+                               with_entropy: bool = False):
+    """Like `completion_logprobs`, but as right-aligned [B, Tc] tensors plus their mask.
+
+    Returns (logprobs, entropies or None, mask): row i holds completion i in its
+    last len(completion_ids[i]) columns; mask is True there. Masked entries are 0.
+    Gradients flow through `logprobs`; entropies are computed without them.
+    """
+    if any(len(p) == 0 for p in prompt_ids):
+        raise ValueError("every prompt needs at least one token (nothing predicts the first "
+                         "completion token otherwise)")
+    temperature = 1.0 if not temperature else float(temperature)  # 0 = greedy: scored at T = 1
+    device = model.get_input_embeddings().weight.device
+    input_ids, attention_mask, position_ids, tc = _left_pad(prompt_ids, completion_ids, pad_id)
+    lengths = torch.tensor([len(c) for c in completion_ids])
+    mask = torch.arange(tc).unsqueeze(0) >= (tc - lengths).unsqueeze(1)  # [B, Tc]
+    if tc == 0:
+        empty = torch.zeros((len(completion_ids), 0), device=device)
+        return empty, (empty.clone() if with_entropy else None), mask.to(device)
+
+    input_ids, attention_mask, position_ids, mask = (
+        t.to(device) for t in (input_ids, attention_mask, position_ids, mask))
+    kwargs = {}
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        kwargs["logits_to_keep"] = tc + 1  # standard transformers models; remote code may lack it
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                use_cache=False, **kwargs)
+    # Logits of the Tc columns before each completion token, in fp32 for the softmax.
+    logits = out.logits[:, -(tc + 1):-1, :].float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    targets = input_ids[:, -tc:]
+    # log softmax at the target = logit[target] - logsumexp(logits): no [B, Tc, V] log-prob tensor.
+    logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+    logprobs = torch.where(mask, logprobs, torch.zeros_like(logprobs))
+
+    entropies = None
+    if with_entropy:
+        with torch.no_grad():  # H = -Σ p log p over the vocabulary, a diagnostic only
+            logp_all = torch.log_softmax(logits.detach(), dim=-1)
+            entropies = -(logp_all.exp() * logp_all).sum(-1)
+            entropies = torch.where(mask, entropies, torch.zeros_like(entropies))
+    return logprobs, entropies, mask
+
+
+def completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]],
+                        temperature: float | None = 1.0, pad_id: int = 0,
+                        with_entropy: bool = False):
+    """Per-token log π(o_t | q, o_<t) of each completion, from one batched forward pass.
+
+    Args:
+        model: a causal LM (transformers); its mode (eval/train) is left as is.
+        prompt_ids, completion_ids: token ids per sequence; every prompt non-empty.
+        temperature: logits are divided by it before the softmax, as the sampler
+            did (default 1.0; 0 or None mean greedy sampling, scored at 1.0, like
+            the records' `logprobs`).
+        pad_id: id written into padding columns (masked out; any valid id works).
+        with_entropy: also return each token's entropy of the full distribution
+            (computed under no_grad).
+
+    Returns (logprobs, entropies): lists of 1-D fp32 tensors, one per sequence,
+    of length len(completion_ids[i]); entropies is None unless asked for.
+    """
+    logprobs, entropies, mask = padded_completion_logprobs(
+        model, prompt_ids, completion_ids, temperature, pad_id, with_entropy)
+    lengths = mask.sum(-1).tolist()
+    tc = mask.shape[1]
+    per_seq = [logprobs[i, tc - n:] for i, n in enumerate(lengths)]
+    per_seq_entropy = None
+    if entropies is not None:
+        per_seq_entropy = [entropies[i, tc - n:] for i, n in enumerate(lengths)]
+    return per_seq, per_seq_entropy

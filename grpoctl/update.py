@@ -1,0 +1,351 @@
+"""The `update` stage: one policy-gradient step from a file of records with advantages.
+
+    records (prompt_ids, completion_ids, logprobs = log π_old, advantage)
+      → recompute log π_θ of every completion token          (logprobs.py)
+      → clipped surrogate, optional k3 KL to a reference     (losses.py)
+      → aggregate with weights computed over the WHOLE file, backward per micro-batch
+      → clip the gradient norm, one AdamW step
+      → save policy + optimizer + trainer_state atomically   (checkpoint.py)
+
+Gradient accumulation is exact: each token's weight in the loss (1/total tokens,
+1/(sequences × length), ...) is computed once over the whole file, so the sum of
+the micro-batch losses IS the full-batch loss, whatever the micro-batch size.
+
+A step whose loss or gradient norm is not finite is refused with a GrpoctlError
+before `optimizer.step()`: the parameters and optimizer state are unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from grpoctl import checkpoint
+from grpoctl.errors import GrpoctlError
+from grpoctl.logprobs import padded_completion_logprobs
+from grpoctl.losses import LOSS_AGGREGATIONS, clipped_policy_loss, kl_k3, token_weights
+from grpoctl.records import NEEDS_UPDATE, RecordError, STDIO, dumps, read_records, source_name
+
+
+@dataclass
+class UpdateConfig:
+    """Every knob of one update step, with its default and where the default comes from."""
+
+    lr: float = 1e-6
+    """AdamW learning rate. 1e-6 is TRL's default and the paper's 16-GRPO setting (2-GRPO
+    used 8e-6, scaled with prompts per batch). Tiny models need about 1e-4 (environment.md)."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay; 0.0 as in TRL's default."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW (β1, β2); torch/TRL/verl defaults."""
+    adam_eps: float = 1e-8
+    """AdamW ε; torch default."""
+    clip_eps: float = 0.2
+    """ε_low of the clipped ratio, 1 - ε_low; 0.2 as in PPO and GRPO."""
+    clip_eps_high: float | None = None
+    """ε_high, 1 + ε_high; None = clip_eps. DAPO's clip-higher (and the paper) use 0.28."""
+    loss_agg: str = "token-mean"
+    """How per-token losses become one number: "token-mean" (DAPO, TRL), "seq-mean" (the
+    GRPO paper's 1/G Σ 1/|o_i| Σ_t, what the paper's verl runs used) or "constant"
+    (Dr. GRPO: sum / (sequences × max_tokens))."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient L2 norm to this; 1.0 as in TRL and verl. 0 = no clipping."""
+    kl_coef: float = 0.0
+    """β of the k3 KL penalty to a reference policy. 0.0 as in DAPO, Dr. GRPO and TRL's
+    current default (the GRPO paper used 0.04). Needs a reference model when > 0."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward pass; changes memory, not the result."""
+    temperature: float | None = None
+    """Temperature the log-probs are computed at; None = the records' sampling.temperature
+    (1.0 when absent). 0 (greedy) is scored at 1.0, like the records' logprobs."""
+    max_tokens: int | None = None
+    """The generation budget for loss_agg="constant"; None = the records'
+    sampling.max_new_tokens."""
+    skip_zero_advantage: bool = True
+    """Do not forward sequences whose advantage is exactly 0 when kl_coef is 0: their loss
+    and gradient are exactly 0 (they still count in the normalisers). Tied 2-GRPO pairs
+    are most pairs, so this saves most of the update's time."""
+
+
+def make_optimizer(model, cfg: UpdateConfig) -> torch.optim.AdamW:
+    """AdamW over the model's trainable parameters (each tied weight once).
+
+    foreach/fused are left to torch: on CPU that is the plain per-parameter loop,
+    deterministic run to run, so a resumed run reproduces an uninterrupted one.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps,
+                             weight_decay=cfg.weight_decay)
+
+
+# --- settings that come from the records --------------------------------------
+
+
+def _one_value(records: list[dict], key: str, source: str, lines: list[int] | None):
+    """records[*].sampling[key] when every record that has it agrees; None when none has it."""
+    found = None
+    for i, r in enumerate(records):
+        value = (r.get("sampling") or {}).get(key)
+        if value is None:
+            continue
+        if found is None:
+            found = (value, i)
+        elif value != found[0]:
+            first, here = (lines[found[1]], lines[i]) if lines else (found[1] + 1, i + 1)
+            raise RecordError(source, here, "sampling",
+                              f"{key} is {value!r} but {found[0]!r} on line {first}: "
+                              f"one update needs one {key}; pass it explicitly")
+    return None if found is None else found[0]
+
+
+def resolve_config(records: list[dict], cfg: UpdateConfig, source: str = "<records>",
+                   lines: list[int] | None = None) -> UpdateConfig:
+    """cfg with temperature (and max_tokens for "constant") filled in from the records."""
+    if cfg.loss_agg not in LOSS_AGGREGATIONS:
+        raise GrpoctlError(f"--loss-agg: expected one of {', '.join(LOSS_AGGREGATIONS)}, "
+                           f"got {cfg.loss_agg!r}")
+    if cfg.micro_batch_size < 1:
+        raise GrpoctlError(f"--micro-batch-size: must be >= 1, got {cfg.micro_batch_size}")
+    temperature = cfg.temperature
+    if temperature is None:
+        temperature = _one_value(records, "temperature", source, lines)
+    temperature = 1.0 if not temperature else float(temperature)  # 0 = greedy, scored at 1
+    max_tokens = cfg.max_tokens
+    if cfg.loss_agg == "constant" and max_tokens is None:
+        max_tokens = _one_value(records, "max_new_tokens", source, lines)
+        if not max_tokens:
+            raise GrpoctlError("--loss-agg constant needs the generation budget: pass "
+                               "--max-tokens or use records with sampling.max_new_tokens")
+    return dataclasses.replace(cfg, temperature=temperature, max_tokens=max_tokens)
+
+
+# --- one step -------------------------------------------------------------------
+
+
+def _right_aligned(rows: list[list[float]], width: int) -> torch.Tensor:
+    """Pack ragged rows into [B, width], each row in its last columns (the logprobs layout)."""
+    out = torch.zeros((len(rows), width), dtype=torch.float32)
+    for i, row in enumerate(rows):
+        if row:
+            out[i, width - len(row):] = torch.tensor(row, dtype=torch.float32)
+    return out
+
+
+def _describe(records: list[dict], indices: list[int]) -> str:
+    shown = ", ".join(f"{records[i]['prompt_id']!r}/{records[i]['sample']}" for i in indices[:3])
+    more = f" and {len(indices) - 3} more" if len(indices) > 3 else ""
+    return f"record(s) (prompt_id/sample) {shown}{more}"
+
+
+def _refuse(params, message: str):
+    for p in params:
+        p.grad = None  # leave no half-accumulated gradient behind
+    raise GrpoctlError(f"update refused: {message}; no optimizer step was taken, "
+                       f"parameters unchanged")
+
+
+def update_step(model, optimizer: torch.optim.Optimizer, records: list[dict],
+                cfg: UpdateConfig, ref_model=None) -> dict:
+    """One policy-gradient step on `records` (each with prompt_ids, completion_ids,
+    logprobs, advantage); returns the step's metrics.
+
+    ref_model: the reference policy for the KL penalty (needed when cfg.kl_coef > 0;
+    when given with kl_coef 0 the KL is only measured).
+    The model's mode is left as is (load_policy gives eval mode: no dropout, so the
+    log-probs match the sampler's).
+    """
+    start = time.perf_counter()
+    cfg = resolve_config(records, cfg)
+    if cfg.kl_coef > 0 and ref_model is None:
+        raise GrpoctlError("--kl-coef > 0 needs a reference policy (--ref)")
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    device = model.get_input_embeddings().weight.device
+
+    # Token weights over the whole file: the micro-batches add up to the full-batch loss.
+    lengths = [len(r["completion_ids"]) for r in records]
+    weights = token_weights(torch.tensor(lengths), cfg.loss_agg, cfg.max_tokens)
+    skip = cfg.skip_zero_advantage and cfg.kl_coef == 0
+    forward = [i for i, r in enumerate(records)
+               if lengths[i] > 0 and not (skip and r["advantage"] == 0)]
+    # Similar lengths together waste less padding; the result does not depend on the order.
+    forward.sort(key=lambda i: len(records[i]["prompt_ids"]) + lengths[i])
+
+    optimizer.zero_grad(set_to_none=True)
+    totals = {"policy_loss": 0.0, "kl": 0.0, "clipped": 0, "entropy": 0.0, "ratio": 0.0,
+              "tokens": 0}
+    ratio_min, ratio_max = math.inf, -math.inf
+    for first in range(0, len(forward), cfg.micro_batch_size):
+        batch = forward[first:first + cfg.micro_batch_size]
+        prompts = [records[i]["prompt_ids"] for i in batch]
+        completions = [records[i]["completion_ids"] for i in batch]
+        logp, entropy, mask = padded_completion_logprobs(
+            model, prompts, completions, cfg.temperature, pad_id=0, with_entropy=True)
+        width = mask.shape[1]
+        old_logp = _right_aligned([records[i]["logprobs"] for i in batch], width).to(device)
+        advantages = torch.tensor([float(records[i]["advantage"]) for i in batch], device=device)
+        w = weights[batch].to(device)
+
+        policy_tok, clipped = clipped_policy_loss(logp, old_logp, advantages, mask,
+                                                  cfg.clip_eps, cfg.clip_eps_high)
+        loss_tok = policy_tok
+        kl_tok = None
+        if ref_model is not None:
+            with torch.no_grad():
+                ref_logp, _, _ = padded_completion_logprobs(
+                    ref_model, prompts, completions, cfg.temperature, pad_id=0)
+            kl_tok = torch.where(mask, kl_k3(logp, ref_logp.to(device)), torch.zeros_like(logp))
+            if cfg.kl_coef:
+                loss_tok = loss_tok + cfg.kl_coef * kl_tok
+
+        per_sequence = loss_tok.sum(-1) * w  # this micro-batch's share of the full-batch loss
+        bad = [batch[j] for j in torch.nonzero(~torch.isfinite(per_sequence)).flatten().tolist()]
+        if bad:
+            ratio = torch.exp(logp - old_logp).detach()[mask]
+            _refuse(params, f"the loss is not finite ({per_sequence.sum().item()}) at "
+                            f"{_describe(records, bad)}: the ratio π_θ/π_old reaches "
+                            f"{ratio.max().item():.3g} (were the records' logprobs "
+                            f"sampled from this policy?)")
+        per_sequence.sum().backward()
+
+        with torch.no_grad():
+            ratio = torch.exp(logp - old_logp)[mask]
+            totals["policy_loss"] += (policy_tok.sum(-1) * w).sum().item()
+            if kl_tok is not None:
+                totals["kl"] += (kl_tok.sum(-1) * w).sum().item()
+            totals["clipped"] += int(clipped.sum().item())
+            totals["entropy"] += entropy[mask].sum().item()
+            totals["ratio"] += ratio.sum().item()
+            totals["tokens"] += int(mask.sum().item())
+            ratio_min = min(ratio_min, ratio.min().item())
+            ratio_max = max(ratio_max, ratio.max().item())
+
+    # No sequence forwarded (all advantages 0): zero gradients, so AdamW still
+    # applies its momentum and weight decay exactly as if they had been computed.
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm and cfg.max_grad_norm > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()  # the norm before clipping
+    if not math.isfinite(grad_norm):
+        _refuse(params, f"the gradient norm is {grad_norm} (the loss was finite: "
+                        f"{totals['policy_loss']:.6g}); check the scale of the advantages")
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+    n = totals["tokens"]
+    kl = totals["kl"] if ref_model is not None else None
+    metrics = {
+        "loss": totals["policy_loss"] + cfg.kl_coef * (kl or 0.0),
+        "policy_loss": totals["policy_loss"],
+        "kl": kl,
+        "clip_fraction": totals["clipped"] / n if n else 0.0,
+        "entropy": totals["entropy"] / n if n else None,
+        "ratio_mean": totals["ratio"] / n if n else None,
+        "ratio_min": ratio_min if n else None,
+        "ratio_max": ratio_max if n else None,
+        "grad_norm": grad_norm,
+        "lr": optimizer.param_groups[0]["lr"],
+        "tokens": sum(lengths),
+        "tokens_forwarded": n,
+        "sequences": sum(1 for x in lengths if x > 0),
+        "sequences_forwarded": len(forward),
+        "seconds": time.perf_counter() - start,
+    }
+    # JSON has no inf/nan: an overflowing diagnostic (e.g. ratio_max) is reported as null.
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v
+            for k, v in metrics.items()}
+
+
+# --- the stage, end to end ------------------------------------------------------
+
+
+def _record_lines(path: str, count: int) -> list[int]:
+    """The line number of each record: read_records skips blank lines, so count the rest."""
+    if path != STDIO and os.path.isfile(path):
+        with open(path, "rb") as f:
+            lines = [n for n, raw in enumerate(f.read().split(b"\n"), start=1) if raw.strip()]
+        if len(lines) == count:
+            return lines
+    return list(range(1, count + 1))  # stdin: exact unless it had blank lines
+
+
+def check_token_ids(records: list[dict], vocab_size: int, source: str, lines: list[int]) -> None:
+    """Every prompt non-empty and every token id < vocab_size, or a RecordError naming the line."""
+    for r, line in zip(records, lines):
+        if not r["prompt_ids"]:
+            raise RecordError(source, line, "prompt_ids", "is empty: the first completion token "
+                              "needs at least one prompt token before it")
+        for field in ("prompt_ids", "completion_ids"):
+            ids = r[field]
+            if ids and max(ids) >= vocab_size:
+                bad = next(t for t in ids if t >= vocab_size)
+                raise RecordError(source, line, field, f"token id {bad} is out of range for a "
+                                  f"model with {vocab_size} tokens (sampled with another "
+                                  f"tokenizer?)")
+
+
+def _vocab_size(model) -> int:
+    rows = model.get_input_embeddings().num_embeddings
+    head = model.get_output_embeddings()
+    return min(rows, head.out_features) if head is not None else rows
+
+
+def run_update(adv_path: str, policy_dir, out_dir, cfg: UpdateConfig, ref_dir=None,
+               dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,
+               metrics_path: str | None = None) -> dict:
+    """`grpoctl update`: read records, take one step from policy_dir, save to out_dir.
+
+    The optimizer state is resumed from policy_dir when it holds one (a checkpoint
+    this function wrote), and the step count continues from its trainer_state.json.
+    metrics_path, when given, gets the metrics appended as one JSON line.
+    Returns the metrics (with "step").
+    """
+    from grpoctl.models import check_vocab, load_policy, load_tokenizer, resolve_model_dir
+
+    policy_dir = resolve_model_dir(policy_dir)  # `default` = the embedded model
+    ref_dir = None if ref_dir is None else resolve_model_dir(ref_dir)
+    source = source_name(adv_path)
+    records = read_records(adv_path, NEEDS_UPDATE)
+    lines = _record_lines(adv_path, len(records))
+    cfg = resolve_config(records, cfg, source, lines)
+    if cfg.kl_coef > 0 and ref_dir is None:
+        raise GrpoctlError("--kl-coef > 0 needs a reference policy (--ref)")
+
+    tokenizer = load_tokenizer(policy_dir, trust_remote_code)
+    model = load_policy(policy_dir, dtype, device, trust_remote_code)
+    check_vocab(tokenizer, model, str(policy_dir))
+    check_token_ids(records, _vocab_size(model), source, lines)
+    ref_model = None
+    if ref_dir is not None:
+        ref_model = load_policy(ref_dir, dtype, device, trust_remote_code).requires_grad_(False)
+        check_token_ids(records, _vocab_size(ref_model), source, lines)
+
+    optimizer = make_optimizer(model, cfg)
+    resumed = checkpoint.load_optimizer_state(optimizer, model, policy_dir)
+    step = checkpoint.read_trainer_state(policy_dir)["step"] + 1
+
+    metrics = {"step": step, **update_step(model, optimizer, records, cfg, ref_model)}
+    trainer_state = {
+        "step": step,
+        "update": dataclasses.asdict(cfg),
+        "optimizer": {"name": "AdamW", "resumed": resumed,
+                      "param_groups": checkpoint.optimizer_hyperparameters(optimizer)},
+        "dtype": dtype,
+        "policy": str(policy_dir),
+        "reference": None if ref_dir is None else str(ref_dir),
+        "records": source,
+        "metrics": metrics,
+    }
+    checkpoint.save_checkpoint(out_dir, model, tokenizer, optimizer, trainer_state)
+    if metrics_path:
+        try:
+            with open(metrics_path, "a", encoding="utf-8") as f:
+                f.write(dumps(metrics) + "\n")
+        except OSError as e:
+            raise GrpoctlError(f"{metrics_path}: cannot write metrics: {e.strerror}") from None
+    return metrics

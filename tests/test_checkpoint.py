@@ -1,0 +1,161 @@
+"""Checkpoints: optimizer state by parameter name, exact round trips, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from grpoctl.checkpoint import (load_optimizer_state, optimizer_tensors, read_trainer_state,
+                                save_checkpoint)
+from grpoctl.errors import GrpoctlError
+from grpoctl.models import load_policy, load_tokenizer
+from grpoctl.update import UpdateConfig, make_optimizer
+
+
+def _stepped(model_dir, steps=2, seed=0):
+    """A policy and an AdamW that took `steps` steps on random gradients."""
+    model = load_policy(model_dir)
+    optimizer = make_optimizer(model, UpdateConfig(lr=1e-3, weight_decay=0.01))
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in model.parameters():
+            p.grad = torch.randn(p.shape, generator=gen)
+        optimizer.step()
+    return model, optimizer
+
+
+def _listing(directory: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(directory.iterdir())}
+
+
+def test_optimizer_state_is_keyed_by_parameter_name(tiny_model, tmp_path):
+    model, optimizer = _stepped(tiny_model)
+    save_checkpoint(tmp_path / "ck", model, load_tokenizer(tiny_model), optimizer, {"step": 2})
+
+    saved = load_file(str(tmp_path / "ck" / "optimizer.safetensors"))
+    names = [n for n, _ in model.named_parameters()]
+    assert set(saved) == {f"{n}.{k}" for n in names for k in ("exp_avg", "exp_avg_sq", "step")}
+    # the tied embedding / output matrix is one parameter, stored once under its first name
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert not any(k.startswith("lm_head.") for k in saved)
+    embed = model.get_input_embeddings().weight
+    assert torch.equal(saved["model.embed_tokens.weight.exp_avg"], optimizer.state[embed]["exp_avg"])
+    assert saved["model.embed_tokens.weight.step"].item() == 2.0
+
+
+def test_optimizer_state_round_trips_exactly_even_in_another_parameter_order(tiny_model, tmp_path):
+    model, optimizer = _stepped(tiny_model)
+    save_checkpoint(tmp_path / "ck", model, load_tokenizer(tiny_model), optimizer, {"step": 2})
+
+    fresh = load_policy(tmp_path / "ck")
+    reversed_params = list(fresh.parameters())[::-1]  # position-keyed state would misassign
+    restored = torch.optim.AdamW(reversed_params, lr=1e-3, weight_decay=0.01)
+    assert load_optimizer_state(restored, fresh, tmp_path / "ck") is True
+
+    originals = dict(model.named_parameters())
+    for name, p in fresh.named_parameters():
+        assert torch.equal(p, originals[name])
+        before, after = optimizer.state[originals[name]], restored.state[p]
+        assert set(before) == set(after)
+        for key in before:
+            assert torch.equal(before[key], after[key]), (name, key)
+            assert before[key].dtype == after[key].dtype
+
+
+def test_absent_state_and_trainer_state(tiny_model, tmp_path):
+    model = load_policy(tiny_model)
+    optimizer = make_optimizer(model, UpdateConfig())
+    assert load_optimizer_state(optimizer, model, tiny_model) is False  # a plain model dir
+    assert read_trainer_state(tiny_model) == {"step": 0}
+    # a checkpoint saved before any step holds an empty optimizer file: also "nothing to resume"
+    save_checkpoint(tmp_path / "ck", model, load_tokenizer(tiny_model), optimizer, {"step": 0})
+    assert load_optimizer_state(optimizer, model, tmp_path / "ck") is False
+
+
+def test_corrupt_files_are_named(tiny_model, tmp_path):
+    model, optimizer = _stepped(tiny_model, steps=1)
+    ck = save_checkpoint(tmp_path / "ck", model, load_tokenizer(tiny_model), optimizer,
+                         {"step": 1})
+    opt_file = ck / "optimizer.safetensors"
+    opt_file.write_bytes(opt_file.read_bytes()[:100])  # truncated, as by a crash mid-copy
+    with pytest.raises(GrpoctlError, match="optimizer.safetensors"):
+        load_optimizer_state(make_optimizer(model, UpdateConfig()), model, ck)
+
+    (ck / "trainer_state.json").write_text("{not json")
+    with pytest.raises(GrpoctlError, match="trainer_state.json"):
+        read_trainer_state(ck)
+
+
+def test_state_of_another_model_is_refused(tiny_model, tiny_qwen2, tmp_path):
+    model, optimizer = _stepped(tiny_model, steps=1)
+    save_checkpoint(tmp_path / "ck", model, load_tokenizer(tiny_model), optimizer, {"step": 1})
+    other = load_policy(tiny_qwen2)  # qwen2 has q/k/v biases the llama lacks
+    with pytest.raises(GrpoctlError, match="optimizer.safetensors"):
+        load_optimizer_state(make_optimizer(other, UpdateConfig()), other, tmp_path / "ck")
+
+
+def test_overwrite_replaces_the_whole_directory(tiny_model, tmp_path):
+    model, optimizer = _stepped(tiny_model, steps=1)
+    tok = load_tokenizer(tiny_model)
+    out = tmp_path / "ck"
+    save_checkpoint(out, model, tok, optimizer, {"step": 1})
+    (out / "stale-file").write_text("from an older checkpoint")
+    save_checkpoint(out, model, tok, optimizer, {"step": 2})
+    assert not (out / "stale-file").exists()
+    assert read_trainer_state(out)["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]  # no temporary leftovers
+
+
+def test_failed_write_leaves_the_previous_checkpoint_intact(tiny_model, tmp_path):
+    model, optimizer = _stepped(tiny_model, steps=1)
+    tok = load_tokenizer(tiny_model)
+    out = tmp_path / "ck"
+    save_checkpoint(out, model, tok, optimizer, {"step": 1})
+    before = _listing(out)
+
+    # A full disk, simulated: files may not grow past 20 kB (the weights are ~1 MB).
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG, not a kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, hard))
+    try:
+        with pytest.raises(GrpoctlError, match="cannot write checkpoint"):
+            save_checkpoint(out, model, tok, optimizer, {"step": 2})
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+
+    assert _listing(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
+
+
+def test_unwritable_destination_is_a_one_line_error(tiny_model, tmp_path):
+    model, optimizer = _stepped(tiny_model, steps=1)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(GrpoctlError, match="cannot write checkpoint"):
+        save_checkpoint(blocker / "ck", model, load_tokenizer(tiny_model), optimizer, {"step": 1})
+    if os.geteuid() != 0:  # root ignores directory permissions
+        ro = tmp_path / "read-only"
+        ro.mkdir()
+        ro.chmod(0o555)
+        try:
+            with pytest.raises(GrpoctlError, match="cannot write checkpoint"):
+                save_checkpoint(ro / "ck", model, load_tokenizer(tiny_model), optimizer, {"step": 1})
+        finally:
+            ro.chmod(0o755)
+
+
+def test_trainer_state_is_plain_json(tiny_model, tmp_path):
+    model, optimizer = _stepped(tiny_model, steps=1)
+    state = {"step": 1, "update": {"lr": 1e-3}, "metrics": {"loss": 0.5}}
+    save_checkpoint(tmp_path / "ck", model, load_tokenizer(tiny_model), optimizer, state)
+    assert json.loads((tmp_path / "ck" / "trainer_state.json").read_text()) == state
+    assert read_trainer_state(tmp_path / "ck") == state
+    assert optimizer_tensors(optimizer, model)  # non-empty after a step
