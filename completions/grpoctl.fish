@@ -1,0 +1,1 @@
+complete --command grpoctl --no-files --arguments "(env _GRPOCTL_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) grpoctl)" --condition "env _GRPOCTL_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) grpoctl"

@@ -1,0 +1,471 @@
+"""The grpoctl command line: flags, help texts and exit codes, nothing else.
+
+Each command parses its flags and calls one library function; the work lives in
+the stage modules (`rollout`, `rewards`, `advantages`, `update`, `loop`). Heavy
+imports (torch, transformers, math-verify) happen inside the commands that need
+them, so `grpoctl --help`, `score` and `advantage` start fast.
+
+Errors the user can fix (`GrpoctlError`) print one line, `error: ...`, and exit 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Annotated, Optional
+
+import typer
+
+from grpoctl.errors import GrpoctlError
+
+app = typer.Typer(
+    name="grpoctl",
+    help="GRPO post-training as composable stages: rollout | score | advantage | update, "
+    "and `loop` to run them all.\n\n"
+    "Every stage reads a JSONL file or `-` (stdin) and writes `-o FILE` or stdout; "
+    "progress and logs go to stderr. Records are documented in docs/records.md.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+
+# --- options shared by several commands ----------------------------------------
+# Each is an Annotated type so `rollout`, `loop` and `eval` spell a knob the same way.
+
+Output = Annotated[str, typer.Option("--output", "-o", help="Output file; `-` is stdout.")]
+Model = Annotated[str, typer.Option("--model", "-m",
+                                    help="Model directory (any transformers causal LM), or `default` "
+                                    "for the embedded tiny model.")]
+Prompts = Annotated[str, typer.Option(help="Prompt file (JSONL, JSON, CSV, parquet; `-` = JSONL on "
+                                      "stdin) or a built-in task split: `arith:train`, `arith:test`.")]
+PromptField = Annotated[Optional[str], typer.Option(help="Column holding the prompt [default: first of "
+                                                    "prompt, problem, question].")]
+AnswerField = Annotated[Optional[str], typer.Option(help="Column holding the gold answer [default: answer].")]
+AnswerAfter = Annotated[Optional[str], typer.Option(help="Keep only the text after the last occurrence of "
+                                                    "this marker in the answer, e.g. '#### ' for GSM8K.")]
+IdField = Annotated[Optional[str], typer.Option(help="Column holding a stable prompt id [default: a hash "
+                                                "of the prompt text].")]
+Limit = Annotated[Optional[int], typer.Option(help="Use only the first N prompts.")]
+Template = Annotated[str, typer.Option(help="Prompt template; `{prompt}` is replaced by the prompt text.")]
+NoChatTemplate = Annotated[bool, typer.Option("--no-chat-template",
+                                              help="Do not apply the tokenizer's chat template.")]
+System = Annotated[Optional[str], typer.Option(help="System message for the chat template.")]
+GroupSize = Annotated[int, typer.Option("--group-size", "-G", min=1,
+                                        help="Completions per prompt (G). 2 is 2-GRPO.")]
+Temperature = Annotated[float, typer.Option(min=0.0, help="Sampling temperature (0 = greedy).")]
+TopP = Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")]
+TopK = Annotated[int, typer.Option(min=0, help="Keep the K most likely tokens (0 = off).")]
+MaxNewTokens = Annotated[int, typer.Option(min=1, help="Generation budget per completion, in tokens.")]
+Seed = Annotated[int, typer.Option(help="Random seed: the same seed gives the same output, byte for byte.")]
+BatchSize = Annotated[int, typer.Option(min=1, help="Sequences generated together.")]
+Backend = Annotated[str, typer.Option(help="Generation engine: `hf` (transformers) or `vllm` "
+                                      "(GPU, needs the vllm extra).")]
+Dtype = Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16 or float16.")]
+Device = Annotated[str, typer.Option(help="Torch device, e.g. cpu or cuda.")]
+TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code",
+                                               help="Allow model code from the checkpoint directory "
+                                               "(off: only transformers' own architectures run).")]
+Reward = Annotated[Optional[list[str]], typer.Option(
+    "--reward", "-r",
+    help="Reward as NAME[=WEIGHT], repeatable: `math`, `format`, `path/file.py:fn`, `module:fn` "
+    "[default: math].")]
+Workers = Annotated[Optional[int], typer.Option(min=1, help="Scoring processes [default: all cores].")]
+ScoreTimeout = Annotated[float, typer.Option("--timeout", min=0.01,
+                                             help="Seconds allowed per completion; over it scores 0.")]
+Estimator = Annotated[str, typer.Option(help="`group` (GRPO), `pairwise` (2-GRPO) or `rloo`.")]
+Std = Annotated[str, typer.Option(help="`group` (GRPO), `batch`, or `none` (Dr. GRPO). "
+                                  "Used by --estimator group.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
+
+
+def _progress(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty()
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
+# --- rollout -------------------------------------------------------------------
+
+
+@app.command()
+def rollout(
+    model: Model = "default",
+    prompts: Prompts = "arith:train",
+    prompt_field: PromptField = None,
+    answer_field: AnswerField = None,
+    answer_after: AnswerAfter = None,
+    id_field: IdField = None,
+    limit: Limit = None,
+    shard: Annotated[Optional[str], typer.Option(help="Take shard I of N prompts, as `I/N` (0-based); "
+                                                 "`cat` of all shards equals the whole run.")] = None,
+    template: Template = "{prompt}",
+    no_chat_template: NoChatTemplate = False,
+    system: System = None,
+    group_size: GroupSize = 2,
+    temperature: Temperature = 1.0,
+    top_p: TopP = 1.0,
+    top_k: TopK = 0,
+    max_new_tokens: MaxNewTokens = 256,
+    seed: Seed = 0,
+    batch_size: BatchSize = 64,
+    backend: Backend = "hf",
+    dtype: Dtype = "float32",
+    device: Device = "cpu",
+    trust_remote_code: TrustRemoteCode = False,
+    output: Output = "-",
+    quiet: Quiet = False,
+):
+    """Sample G completions per prompt and write one record per completion.
+
+    Each record carries the token ids and the log-probability of every sampled token
+    under the sampling policy (log softmax of logits / temperature, before top-p/top-k).
+
+    Examples:
+
+        grpoctl rollout --prompts arith:test --group-size 2 --limit 4
+
+        grpoctl rollout -m ./Qwen2.5-Math-1.5B --prompts ../shared/data/math500.jsonl -G 16 -o r.jsonl
+
+        grpoctl rollout -m M --prompts gsm8k_test.jsonl --prompt-field question --answer-after '#### '
+    """
+    from grpoctl.rollout import SamplingParams, run_rollout
+
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
+                              max_new_tokens=max_new_tokens, seed=seed)
+    run_rollout(
+        model_dir=model, prompts_source=prompts, output=output, group_size=group_size,
+        sampling=sampling, batch_size=batch_size, backend=backend,
+        prompt_field=prompt_field, answer_field=answer_field, answer_after=answer_after,
+        id_field=id_field, limit=limit, shard=shard, template=template,
+        use_chat_template=not no_chat_template, system=system, dtype=dtype, device=device,
+        trust_remote_code=trust_remote_code, progress=_progress(quiet),
+    )
+
+
+# --- score ---------------------------------------------------------------------
+
+
+@app.command()
+def score(
+    records: Annotated[str, typer.Argument(help="Rollout file, or `-` for stdin.")] = "-",
+    reward: Reward = None,
+    workers: Workers = None,
+    timeout: ScoreTimeout = 2.0,
+    output: Output = "-",
+    quiet: Quiet = False,
+):
+    """Add `reward` (weighted sum) and `rewards` (each component) to every record.
+
+    `math` compares the last \\boxed{} answer (or a documented fallback) with the gold
+    `answer` using math-verify, in worker processes with a per-item time limit.
+
+    Examples:
+
+        grpoctl score rollouts.jsonl -o scored.jsonl
+
+        grpoctl rollout --limit 4 | grpoctl score --reward math=1 --reward format=0.1
+
+        grpoctl score r.jsonl --reward my_rewards.py:brevity=0.5
+    """
+    from grpoctl.records import NEEDS_SCORE, read_records, source_name, write_records
+    from grpoctl.rewards import parse_reward_specs, score_records
+
+    specs = parse_reward_specs(reward or ["math"])
+    rows = read_records(records, NEEDS_SCORE)
+    scored, stats = score_records(rows, specs, workers=workers, timeout=timeout,
+                                  progress=_progress(quiet), source=source_name(records))
+    write_records(scored, output)
+    _log(f"score: {json.dumps(stats)}")
+
+
+# --- advantage -----------------------------------------------------------------
+
+
+@app.command()
+def advantage(
+    records: Annotated[str, typer.Argument(help="Scored file, or `-` for stdin.")] = "-",
+    estimator: Estimator = "group",
+    std: Std = "group",
+    eps: Annotated[float, typer.Option(help="Added to the std before dividing.")] = 1e-6,
+    allow_uneven: Annotated[bool, typer.Option("--allow-uneven",
+                                               help="Accept groups of different sizes.")] = False,
+    drop_zero: Annotated[bool, typer.Option("--drop-zero",
+                                            help="Drop groups whose advantages are all zero "
+                                            "(DAPO's dynamic sampling).")] = False,
+    output: Output = "-",
+):
+    """Turn rewards into one advantage per completion, group by group (by prompt_id).
+
+    `group` is GRPO's (r - mean) / (std + eps); `pairwise` is 2-GRPO: exactly two samples
+    per prompt, winner +1, loser -1, tie 0; `rloo` subtracts the mean of the others.
+
+    Examples:
+
+        grpoctl advantage scored.jsonl --estimator pairwise -o adv.jsonl
+
+        grpoctl advantage scored.jsonl --estimator group --std none   # Dr. GRPO
+
+        grpoctl rollout -G 2 | grpoctl score | grpoctl advantage --estimator pairwise --drop-zero
+    """
+    from grpoctl.advantages import compute_advantages
+    from grpoctl.records import NEEDS_ADVANTAGE, read_records, source_name, write_records
+
+    rows = read_records(records, NEEDS_ADVANTAGE)
+    out, stats = compute_advantages(rows, estimator=estimator, std=std, eps=eps,
+                                    allow_uneven=allow_uneven, drop_zero=drop_zero,
+                                    source=source_name(records))
+    write_records(out, output)
+    _log(f"advantage: {json.dumps(stats)}")
+
+
+# --- update --------------------------------------------------------------------
+
+
+@app.command()
+def update(
+    records: Annotated[str, typer.Argument(help="File with advantages, or `-` for stdin.")],
+    policy: Annotated[str, typer.Option(help="Policy directory to update (`default` = the embedded "
+                                        "model). Optimizer state in it is resumed.")] = "default",
+    out: Annotated[str, typer.Option(help="Directory for the updated checkpoint.")] = ...,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-6,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
+    beta1: Annotated[float, typer.Option(help="AdamW beta1.")] = 0.9,
+    beta2: Annotated[float, typer.Option(help="AdamW beta2.")] = 0.999,
+    clip_eps: Annotated[float, typer.Option(help="PPO clip range below 1 (and above, unless "
+                                            "--clip-eps-high).")] = 0.2,
+    clip_eps_high: Annotated[Optional[float], typer.Option(help="Clip range above 1 (DAPO's "
+                                                           "clip-higher uses 0.28).")] = None,
+    loss_agg: Annotated[str, typer.Option(help="`token-mean` (DAPO), `seq-mean` (GRPO paper) or "
+                                          "`constant` (Dr. GRPO).")] = "token-mean",
+    max_grad_norm: Annotated[float, typer.Option(help="Clip the gradient norm to this (0 = off).")] = 1.0,
+    kl_coef: Annotated[float, typer.Option(help="Weight of the k3 KL penalty to --ref.")] = 0.0,
+    ref: Annotated[Optional[str], typer.Option(help="Reference model directory for the KL "
+                                               "penalty.")] = None,
+    micro_batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward/backward; "
+                                                  "gradients accumulate over the file.")] = 8,
+    temperature: Annotated[Optional[float], typer.Option(help="Divide logits by this [default: "
+                                                         "the records' sampling temperature].")] = None,
+    dtype: Dtype = "float32",
+    device: Device = "cpu",
+    trust_remote_code: TrustRemoteCode = False,
+    max_tokens: Annotated[Optional[int], typer.Option(help="Normaliser of --loss-agg constant "
+                                                      "(Dr. GRPO) [default: the records' "
+                                                      "sampling.max_new_tokens].")] = None,
+    metrics: Annotated[Optional[str], typer.Option(help="Also append the step's metrics (one "
+                                                   "JSON line) to this file.")] = None,
+):
+    """Take ONE clipped policy-gradient step over the whole file and save a checkpoint.
+
+    The checkpoint holds safetensors weights, the tokenizer, the optimizer state
+    (safetensors) and trainer_state.json; updating it again resumes the optimizer,
+    so steps chained in a shell loop equal steps in one process.
+
+    Examples:
+
+        grpoctl update adv.jsonl --policy default --out ckpt-1 --lr 1e-4
+
+        grpoctl update adv.jsonl --policy ckpt-1 --out ckpt-2 --clip-eps-high 0.28 --loss-agg seq-mean
+
+        grpoctl rollout -G 2 | grpoctl score | grpoctl advantage --estimator pairwise | \\
+            grpoctl update - --policy default --out ckpt-1
+    """
+    from grpoctl.update import UpdateConfig, run_update
+
+    cfg = UpdateConfig(lr=lr, weight_decay=weight_decay, betas=(beta1, beta2), clip_eps=clip_eps,
+                       clip_eps_high=clip_eps_high, loss_agg=loss_agg, max_grad_norm=max_grad_norm,
+                       kl_coef=kl_coef, micro_batch_size=micro_batch_size, temperature=temperature,
+                       max_tokens=max_tokens)
+    result = run_update(records, policy, out, cfg, ref_dir=ref, dtype=dtype, device=device,
+                        trust_remote_code=trust_remote_code, metrics_path=metrics)
+    _log(json.dumps(result))
+
+
+@app.command("eval")
+def eval_(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model directory, or `default`. "
+                                                 "Leave out when giving --scored.")] = None,
+    scored: Annotated[Optional[str], typer.Option(help="Evaluate an already-scored record file "
+                                                  "instead of sampling from a model.")] = None,
+    prompts: Prompts = "arith:test",
+    prompt_field: PromptField = None,
+    answer_field: AnswerField = None,
+    answer_after: AnswerAfter = None,
+    id_field: IdField = None,
+    limit: Limit = None,
+    template: Template = "{prompt}",
+    no_chat_template: NoChatTemplate = False,
+    system: System = None,
+    samples: Annotated[int, typer.Option("--samples", "-k", min=1, help="Samples per prompt: k of "
+                                         "Mean@k and Pass@k.")] = 4,
+    pass_k: Annotated[Optional[int], typer.Option(help="k of Pass@k when smaller than "
+                                                  "--samples (unbiased estimator).")] = None,
+    greedy: Annotated[bool, typer.Option("--greedy", help="Greedy decoding (one sample per "
+                                         "prompt is enough).")] = False,
+    temperature: Temperature = 0.7,
+    top_p: TopP = 0.8,
+    top_k: TopK = 20,
+    max_new_tokens: MaxNewTokens = 1024,
+    seed: Seed = 0,
+    batch_size: BatchSize = 64,
+    reward: Reward = None,
+    by: Annotated[Optional[list[str]], typer.Option(help="Break down by this prompt-file column, "
+                                                    "e.g. subject or level; repeatable.")] = None,
+    dtype: Dtype = "float32",
+    device: Device = "cpu",
+    trust_remote_code: TrustRemoteCode = False,
+    save: Annotated[Optional[str], typer.Option(help="Also write the scored samples here.")] = None,
+    quiet: Quiet = False,
+):
+    """Held-out accuracy: Mean@k and Pass@k, as a table on stderr and JSON on stdout.
+
+    Samples k completions per prompt (the paper's evaluation sampling by default:
+    temperature 0.7, top-p 0.8, top-k 20), scores them with `math`, and averages.
+
+    Examples:
+
+        grpoctl eval --model default --prompts arith:test --samples 4 --max-new-tokens 32
+
+        grpoctl eval -m ckpt --prompts ../shared/data/math500.jsonl -k 8 --by subject --by level
+
+        grpoctl eval --scored runs/r/step-000010/scored.jsonl
+    """
+    from grpoctl.evaluate import run_eval
+
+    summary = run_eval(
+        model=model, scored=scored, prompts_source=prompts, prompt_field=prompt_field,
+        answer_field=answer_field, answer_after=answer_after, id_field=id_field, limit=limit,
+        template=template, use_chat_template=not no_chat_template, system=system, samples=samples,
+        pass_k=pass_k, greedy=greedy, temperature=temperature, top_p=top_p, top_k=top_k,
+        max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, rewards=reward or ["math"],
+        by=by or [], dtype=dtype, device=device, trust_remote_code=trust_remote_code, save=save,
+        progress=_progress(quiet))
+    print(json.dumps(summary))
+
+
+@app.command()
+def loop(
+    model: Model = "default",
+    prompts: Prompts = "arith:train",
+    prompt_field: PromptField = None,
+    answer_field: AnswerField = None,
+    answer_after: AnswerAfter = None,
+    id_field: IdField = None,
+    template: Template = "{prompt}",
+    no_chat_template: NoChatTemplate = False,
+    system: System = None,
+    group_size: GroupSize = 2,
+    prompts_per_step: Annotated[Optional[int], typer.Option(min=1, help="Prompts per step; each gives "
+                                                            "G rollouts [default: 64 for the embedded "
+                                                            "model, else 32].")] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Optimizer steps [default: 150 for the "
+                                                 "embedded model, else 100].")] = None,
+    epochs: Annotated[Optional[float], typer.Option(help="Passes over the prompts (instead of "
+                                                    "--steps).")] = None,
+    temperature: Temperature = 1.0,
+    top_p: TopP = 1.0,
+    top_k: TopK = 0,
+    max_new_tokens: Annotated[Optional[int], typer.Option(min=1, help="Generation budget per "
+                                                          "completion [default: 32 for the embedded "
+                                                          "model, else 1024].")] = None,
+    batch_size: BatchSize = 64,
+    backend: Backend = "hf",
+    reward: Reward = None,
+    workers: Workers = None,
+    timeout: ScoreTimeout = 2.0,
+    score_cmd: Annotated[Optional[str], typer.Option(help="Shell command that replaces `score`: "
+                                                     "rollout records on stdin, scored on stdout.")] = None,
+    estimator: Estimator = "group",
+    std: Std = "group",
+    drop_zero: Annotated[bool, typer.Option("--drop-zero", help="Drop all-tied groups before the "
+                                            "update.")] = False,
+    advantage_cmd: Annotated[Optional[str], typer.Option(help="Shell command that replaces "
+                                                         "`advantage`.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate [default: 3e-4 for the "
+                                                "embedded model, else 1e-6 (the paper's 16-GRPO)].")] = None,
+    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
+    clip_eps: Annotated[float, typer.Option(help="PPO clip range.")] = 0.2,
+    clip_eps_high: Annotated[Optional[float], typer.Option(help="Upper clip range (DAPO: 0.28).")] = None,
+    loss_agg: Annotated[str, typer.Option(help="token-mean, seq-mean or constant.")] = "token-mean",
+    max_grad_norm: Annotated[float, typer.Option(help="Gradient-norm clip (0 = off).")] = 1.0,
+    kl_coef: Annotated[float, typer.Option(help="k3 KL penalty weight (needs --ref).")] = 0.0,
+    ref: Annotated[Optional[str], typer.Option(help="Reference model for the KL penalty.")] = None,
+    micro_batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward/backward.")] = 64,
+    dtype: Dtype = "float32",
+    device: Device = "cpu",
+    trust_remote_code: TrustRemoteCode = False,
+    eval_prompts: Annotated[Optional[str], typer.Option(help="Held-out prompts, or `none` "
+                                                        "[default: arith:test].")] = "arith:test",
+    eval_every: Annotated[int, typer.Option(min=1, help="Evaluate every N steps (and at the "
+                                            "start and end).")] = 50,
+    eval_samples: Annotated[int, typer.Option(min=1, help="Samples per held-out prompt: k of "
+                                              "Mean@k and Pass@k.")] = 4,
+    eval_limit: Annotated[Optional[int], typer.Option(help="Evaluate on the first N held-out "
+                                                      "prompts.")] = None,
+    run_dir: Annotated[Optional[str], typer.Option(help="Run directory [default: "
+                                                   "runs/DATE-TIME-gG-sSEED].")] = None,
+    seed: Seed = 0,
+    save_every: Annotated[int, typer.Option(min=1, help="Checkpoint every N steps (and at the end).")] = 25,
+    keep_last: Annotated[int, typer.Option(min=1, help="Checkpoints to keep.")] = 2,
+    rollouts_from: Annotated[Optional[str], typer.Option(help="Reuse the rollouts of another run "
+                                                         "directory instead of sampling.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --run-dir (or the "
+                                         "newest under runs/) where it stopped.")] = False,
+    quiet: Quiet = False,
+):
+    """Train: rollout, score, advantage and update, step after step, keeping every file.
+
+    With no flags it trains the embedded tiny model on the built-in arithmetic task
+    (a few minutes on a laptop CPU). The run directory holds config.json,
+    metrics.jsonl, eval.jsonl, each step's rollouts/scored/advantages files and
+    checkpoints; Ctrl-C or a crash loses nothing, and `--resume` continues.
+
+    Examples:
+
+        grpoctl loop --group-size 2
+
+        grpoctl loop -G 16 --prompts-per-step 8 --run-dir runs/g16
+
+        grpoctl loop --resume --run-dir runs/g16
+
+        grpoctl loop -G 2 --score-cmd 'python my_scorer.py' --run-dir runs/custom
+    """
+    from grpoctl.display import make_display
+    from grpoctl.loop import LoopConfig, run_loop
+
+    cfg = LoopConfig(
+        model=model, prompts=prompts, prompt_field=prompt_field, answer_field=answer_field,
+        answer_after=answer_after, id_field=id_field, template=template,
+        use_chat_template=not no_chat_template, system=system, group_size=group_size,
+        prompts_per_step=prompts_per_step, steps=steps, epochs=epochs, temperature=temperature,
+        top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, batch_size=batch_size,
+        backend=backend, rewards=reward or ["math"], score_workers=workers, score_timeout=timeout,
+        score_cmd=score_cmd, estimator=estimator, std=std, drop_zero=drop_zero,
+        advantage_cmd=advantage_cmd, lr=lr, weight_decay=weight_decay, clip_eps=clip_eps,
+        clip_eps_high=clip_eps_high, loss_agg=loss_agg, max_grad_norm=max_grad_norm,
+        kl_coef=kl_coef, ref=ref, micro_batch_size=micro_batch_size, dtype=dtype, device=device,
+        trust_remote_code=trust_remote_code,
+        eval_prompts=None if eval_prompts in (None, "none") else eval_prompts,
+        eval_every=eval_every, eval_samples=eval_samples, eval_limit=eval_limit, run_dir=run_dir,
+        seed=seed, save_every=save_every, keep_last=keep_last, rollouts_from=rollouts_from,
+    )
+    try:
+        run = run_loop(cfg, resume=resume, display=make_display(quiet))
+    except KeyboardInterrupt:
+        _log("interrupted: finished steps are saved; continue with the same command plus --resume")
+        sys.exit(130)
+    _log(f"done: {run}")
+
+
+def main() -> None:
+    """Entry point: run the app, turning user errors into one line and exit status 2."""
+    try:
+        app(prog_name="grpoctl")
+    except GrpoctlError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

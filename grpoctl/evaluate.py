@@ -1,0 +1,145 @@
+"""Held-out evaluation: Mean@k and Pass@k over scored records.
+
+Mean@k is the average correctness over the k samples of each prompt, averaged
+over prompts (the paper's Mean@32). Pass@k is the chance that at least one of k
+samples is correct, estimated without bias from n >= k samples per prompt
+(Chen et al. 2021, "Evaluating Large Language Models Trained on Code"):
+
+    pass@k = 1 - C(n - c, k) / C(n, k)      for c correct out of n.
+
+A sample counts as correct when its `math` reward component is 1 (or, without a
+`math` component, when its total reward is positive).
+"""
+
+from __future__ import annotations
+
+from math import comb
+
+from grpoctl.records import group_by_prompt
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased Pass@k from n samples with c correct (k <= n)."""
+    if not 0 < k <= n:
+        raise ValueError(f"pass@k needs 0 < k <= n, got k={k}, n={n}")
+    if n - c < k:
+        return 1.0
+    return 1.0 - comb(n - c, k) / comb(n, k)
+
+
+def is_correct(record: dict) -> bool:
+    components = record.get("rewards") or {}
+    if "math" in components:
+        return components["math"] >= 1.0
+    return record["reward"] > 0
+
+
+def summarize(records: list[dict], k: int | None = None, by: str | None = None) -> dict:
+    """Mean@k and Pass@k over scored records grouped by prompt_id.
+
+    k defaults to the smallest group size. `by` names a `meta` field (e.g. `subject`,
+    `level`) for a per-value breakdown under "by".
+    """
+    groups = group_by_prompt(records)
+    n_min = min(len(ix) for ix in groups.values())
+    k = k or n_min
+    per_prompt = []
+    for indices in groups.values():
+        correct = [is_correct(records[i]) for i in indices]
+        per_prompt.append({
+            "mean": sum(correct) / len(correct),
+            "pass": pass_at_k(len(correct), sum(correct), min(k, len(correct))),
+            "key": (records[indices[0]].get("meta") or {}).get(by) if by else None,
+        })
+    summary = _average(per_prompt)
+    summary.update({"k": k, "prompts": len(groups), "samples": len(records)})
+    if by:
+        keys = sorted({p["key"] for p in per_prompt}, key=lambda v: (v is None, str(v)))
+        summary["by"] = {by: {str(key): _average([p for p in per_prompt if p["key"] == key])
+                              for key in keys}}
+    return summary
+
+
+def _average(per_prompt: list[dict]) -> dict:
+    n = len(per_prompt)
+    return {"mean_at_k": sum(p["mean"] for p in per_prompt) / n,
+            "pass_at_k": sum(p["pass"] for p in per_prompt) / n, "prompts": n}
+
+
+def evaluate_model(model, tokenizer, prompts: list[dict], samples: int, sampling, rewards=("math",),
+                   batch_size: int = 64, policy: dict | None = None, template: str = "{prompt}",
+                   use_chat_template: bool = True, system: str | None = None,
+                   workers: int | None = None, timeout: float = 2.0,
+                   progress: bool = False) -> list[dict]:
+    """Sample `samples` completions per prompt and score them: the records Mean@k is read from."""
+    from grpoctl.prompts import render_prompt
+    from grpoctl.rewards import parse_reward_specs, score_records
+    from grpoctl.rollout import generate
+
+    rendered = [dict(p, text=render_prompt(tokenizer, p["text"], template, use_chat_template, system))
+                for p in prompts]
+    records = generate(model, tokenizer, rendered, samples, sampling, batch_size=batch_size,
+                       policy=policy, progress=progress)
+    scored, _ = score_records(records, parse_reward_specs(list(rewards)), workers=workers,
+                              timeout=timeout, progress=False)
+    return scored
+
+
+def print_summary_table(summary: dict, title: str) -> None:
+    """The summary as a rich table on stderr (stdout carries the JSON)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    k = summary["k"]
+    table = Table(title=title)
+    for column in ("", "prompts", f"mean@{k}", f"pass@{k}"):
+        table.add_column(column, justify="right" if column else "left")
+    table.add_row("all", str(summary["prompts"]), f"{summary['mean_at_k']:.4f}",
+                  f"{summary['pass_at_k']:.4f}")
+    for field, values in (summary.get("by") or {}).items():
+        for key, row in values.items():
+            table.add_row(f"{field}={key}", str(row["prompts"]), f"{row['mean_at_k']:.4f}",
+                          f"{row['pass_at_k']:.4f}")
+    Console(stderr=True).print(table)
+
+
+def run_eval(model: str | None, scored: str | None, prompts_source: str, samples: int = 4,
+             pass_k: int | None = None, greedy: bool = False, temperature: float = 0.7,
+             top_p: float = 0.8, top_k: int = 20, max_new_tokens: int = 1024, seed: int = 0,
+             batch_size: int = 64, rewards=("math",), by: list[str] = (), save: str | None = None,
+             prompt_field=None, answer_field=None, answer_after=None, id_field=None, limit=None,
+             template="{prompt}", use_chat_template=True, system=None, dtype="float32",
+             device="cpu", trust_remote_code=False, progress=False) -> dict:
+    """`grpoctl eval`: sample and score (or read a scored file), print a table, return the summary."""
+    from grpoctl.errors import GrpoctlError
+    from grpoctl.records import NEEDS_ADVANTAGE, read_records, write_records
+
+    if (model is None) == (scored is None):
+        raise GrpoctlError("eval: give either --model (sample and score) or --scored FILE")
+    if scored is not None:
+        records = read_records(scored, NEEDS_ADVANTAGE)
+        title = scored
+    else:
+        from grpoctl.models import check_vocab, load_policy, load_tokenizer
+        from grpoctl.prompts import load_prompts
+        from grpoctl.rollout import SamplingParams, policy_step
+
+        prompts = load_prompts(prompts_source, prompt_field=prompt_field, answer_field=answer_field,
+                               answer_after=answer_after, id_field=id_field, limit=limit)
+        tokenizer = load_tokenizer(model, trust_remote_code)
+        policy = load_policy(model, dtype, device, trust_remote_code)
+        check_vocab(tokenizer, policy, model)
+        sampling = SamplingParams(temperature=0.0 if greedy else temperature, top_p=top_p,
+                                  top_k=top_k, max_new_tokens=max_new_tokens, seed=seed)
+        records = evaluate_model(policy, tokenizer, prompts, 1 if greedy else samples, sampling,
+                                 rewards, batch_size,
+                                 {"path": str(model), "step": policy_step(model)}, template,
+                                 use_chat_template, system, progress=progress)
+        title = f"{model} on {prompts_source}"
+    if save:
+        write_records(records, save)
+    summary = summarize(records, k=pass_k, by=by[0] if by else None)
+    for extra in by[1:]:
+        summary["by"].update(summarize(records, k=pass_k, by=extra)["by"])
+    print_summary_table(summary, title)
+    return summary

@@ -1,0 +1,495 @@
+"""`grpoctl loop`: rollout -> score -> advantage -> update, step after step, in one process.
+
+The loop calls the same functions as the stage commands, keeps the model in
+memory, and writes every stage's output to the run directory:
+
+    RUN/config.json              every resolved setting (repeat a run from it)
+    RUN/metrics.jsonl            one line per finished step
+    RUN/eval.jsonl               one line per evaluation (step 0 = before training)
+    RUN/step-000001/rollouts.jsonl scored.jsonl advantages.jsonl done
+    RUN/checkpoints/step-000010/ model.safetensors optimizer.safetensors trainer_state.json ...
+
+Crash safety. Every file is written atomically (temporary name, fsync, rename),
+so a file that exists is complete. A step's `done` file (its metrics) is written
+after the update. `--resume` loads the newest checkpoint, replays the updates of
+the finished steps after it from their saved advantages files (deterministic, no
+sampling), reuses any stage file of the unfinished step, and carries on. Each
+step's sampling seed is derived from (seed, step), so a resumed run samples
+exactly what the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from grpoctl.errors import GrpoctlError
+from grpoctl.records import (NEEDS_ADVANTAGE, NEEDS_UPDATE, atomic_open, dumps, parse_records,
+                             read_records, write_json, write_records)
+
+# Settings for the embedded tiny model where the general default would not suit
+# it (a 1M-parameter model needs a far larger learning rate than a 1.5B one).
+EMBEDDED_DEFAULTS = {"lr": 3e-4, "max_new_tokens": 32, "steps": 150, "prompts_per_step": 64}
+GENERAL_DEFAULTS = {"lr": 1e-6, "max_new_tokens": 1024, "steps": 100, "prompts_per_step": 32}
+
+
+@dataclass
+class LoopConfig:
+    """Every setting of a run; saved as config.json.
+
+    Sampling follows the paper's training setting (temperature 1, top-p 1);
+    evaluation follows its evaluation setting (temperature 0.7, top-p 0.8, top-k 20).
+    """
+
+    model: str = "default"
+    prompts: str = "arith:train"
+    prompt_field: str | None = None
+    answer_field: str | None = None
+    answer_after: str | None = None
+    id_field: str | None = None
+    template: str = "{prompt}"
+    use_chat_template: bool = True
+    system: str | None = None
+    group_size: int = 2
+    prompts_per_step: int | None = None  # None: 64 for the embedded model, else 32 (the paper's 16-GRPO)
+    steps: int | None = None  # None: from epochs, else 150 (embedded) / 100
+    epochs: float | None = None
+    # sampling (rollout)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int | None = None  # None: 32 for the embedded model, else 1024
+    batch_size: int = 64
+    backend: str = "hf"
+    # score
+    rewards: list[str] = field(default_factory=lambda: ["math"])
+    score_workers: int | None = None
+    score_timeout: float = 2.0
+    score_cmd: str | None = None
+    # advantage
+    estimator: str = "group"
+    std: str = "group"
+    adv_eps: float = 1e-6
+    drop_zero: bool = False
+    advantage_cmd: str | None = None
+    # update
+    lr: float | None = None  # None: 3e-4 for the embedded model, else 1e-6 (the paper's 16-GRPO)
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    clip_eps: float = 0.2
+    clip_eps_high: float | None = None
+    loss_agg: str = "token-mean"
+    max_grad_norm: float = 1.0
+    kl_coef: float = 0.0
+    ref: str | None = None
+    micro_batch_size: int = 64
+    # model loading
+    dtype: str = "float32"
+    device: str = "cpu"
+    trust_remote_code: bool = False
+    # evaluation
+    eval_prompts: str | None = "arith:test"
+    eval_every: int = 50
+    eval_samples: int = 4
+    eval_limit: int | None = None
+    eval_temperature: float = 0.7
+    eval_top_p: float = 0.8
+    eval_top_k: int = 20
+    # run directory
+    run_dir: str | None = None
+    seed: int = 0
+    save_every: int = 25
+    keep_last: int = 2
+    rollouts_from: str | None = None
+
+    def resolved(self) -> LoopConfig:
+        """Fill the None defaults that depend on the model, and check values."""
+        base = EMBEDDED_DEFAULTS if self.model == "default" else GENERAL_DEFAULTS
+        cfg = dataclasses.replace(self)
+        for name in ("lr", "max_new_tokens", "prompts_per_step"):
+            if getattr(cfg, name) is None:
+                setattr(cfg, name, base[name])
+        if cfg.steps is None and cfg.epochs is None:
+            cfg.steps = base["steps"]
+        if cfg.group_size < 2:
+            raise GrpoctlError("--group-size must be at least 2: GRPO contrasts completions of one prompt")
+        if cfg.estimator == "pairwise" and cfg.group_size != 2:
+            raise GrpoctlError("--estimator pairwise needs --group-size 2")
+        return cfg
+
+
+def step_dir(run: Path, step: int) -> Path:
+    return run / f"step-{step:06d}"
+
+
+def checkpoint_dir(run: Path, step: int) -> Path:
+    return run / "checkpoints" / f"step-{step:06d}"
+
+
+def step_seed(seed: int, step: int, salt: int = 0) -> int:
+    """A per-step seed, independent of how many steps ran in this process."""
+    return (seed * 1_000_003 + step * 7919 + salt) % (2**31 - 1)
+
+
+def prompts_for_step(prompts: list[dict], step: int, per_step: int, seed: int) -> list[dict]:
+    """The step's prompts: consecutive slices of a reshuffled-each-epoch order."""
+    n = len(prompts)
+    start = (step - 1) * per_step
+    chosen = []
+    for position in range(start, start + per_step):
+        epoch, index = divmod(position, n)
+        order = list(range(n))
+        random.Random(seed * 100_003 + epoch).shuffle(order)
+        chosen.append(prompts[order[index]])
+    return chosen
+
+
+class Run:
+    """The state of one run directory: which steps are done, what to resume from."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def done_steps(self) -> list[int]:
+        steps = []
+        for d in self.path.glob("step-*"):
+            if (d / "done").is_file():
+                steps.append(int(d.name.split("-")[1]))
+        return sorted(steps)
+
+    def latest_checkpoint(self, up_to: int) -> int:
+        steps = [int(d.name.split("-")[1]) for d in (self.path / "checkpoints").glob("step-*")
+                 if (d / "trainer_state.json").is_file()]
+        steps = [s for s in steps if s <= up_to]
+        return max(steps, default=0)
+
+
+def find_latest_run(root: Path = Path("runs")) -> Path:
+    runs = [d for d in root.glob("*") if (d / "config.json").is_file()] if root.is_dir() else []
+    if not runs:
+        raise GrpoctlError(f"--resume: no run found under {root}/; pass --run-dir")
+    return max(runs, key=lambda d: (d / "config.json").stat().st_mtime)
+
+
+def prepare_run_dir(cfg: LoopConfig, resume: bool) -> tuple[Path, LoopConfig]:
+    """Create (or reopen with --resume) the run directory and its config.json."""
+    if cfg.run_dir is None:
+        run = find_latest_run() if resume else Path("runs") / (
+            time.strftime("%Y%m%d-%H%M%S") + f"-g{cfg.group_size}-s{cfg.seed}")
+    else:
+        run = Path(cfg.run_dir)
+    config_path = run / "config.json"
+    if resume:
+        if not config_path.is_file():
+            raise GrpoctlError(f"{run}: nothing to resume (no config.json)")
+        saved = json.loads(config_path.read_text())
+        saved["run_dir"] = str(run)
+        return run, LoopConfig(**saved)
+    if config_path.exists():
+        raise GrpoctlError(f"{run}: run directory already holds a run; add --resume to continue it "
+                           "or choose another --run-dir")
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise GrpoctlError(f"{run}: cannot create run directory: {e.strerror}") from None
+    cfg = dataclasses.replace(cfg, run_dir=str(run))
+    write_json(dataclasses.asdict(cfg), config_path)
+    return run, cfg
+
+
+# --- the stages, as the loop runs them ------------------------------------------
+
+
+def _external_stage(command: str, input_path: Path, output_path: Path, require: tuple) -> list[dict]:
+    """Run a user's stage command: records on stdin, records on stdout, validated."""
+    with open(input_path, "rb") as stdin:
+        proc = subprocess.run(command, shell=True, stdin=stdin, capture_output=True)
+    if proc.returncode != 0:
+        last = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+        raise GrpoctlError(f"stage command {command!r} exited {proc.returncode}: {last[0]}")
+    records = parse_records(proc.stdout, f"output of {command!r}", require)
+    write_records(records, str(output_path))
+    return records
+
+
+class Loop:
+    """One training run; `run()` does the steps. Kept small: each stage is one call."""
+
+    def __init__(self, cfg: LoopConfig, run: Path, display):
+        self.cfg, self.run, self.display = cfg, run, display
+        self.model = self.tokenizer = self.optimizer = self.ref_model = None
+
+    # setup ---------------------------------------------------------------------
+
+    def load(self, from_checkpoint: int) -> None:
+        from grpoctl.checkpoint import load_optimizer_state
+        from grpoctl.models import load_policy, load_tokenizer
+        from grpoctl.update import make_optimizer
+
+        cfg = self.cfg
+        source = checkpoint_dir(self.run, from_checkpoint) if from_checkpoint else cfg.model
+        self.model = load_policy(source, cfg.dtype, cfg.device, cfg.trust_remote_code)
+        self.tokenizer = load_tokenizer(source, cfg.trust_remote_code)
+        self.optimizer = make_optimizer(self.model, self.update_config())
+        if from_checkpoint:
+            load_optimizer_state(self.optimizer, self.model, source)
+        if cfg.ref and cfg.kl_coef > 0:
+            self.ref_model = load_policy(cfg.ref, cfg.dtype, cfg.device, cfg.trust_remote_code)
+
+    def update_config(self):
+        from grpoctl.update import UpdateConfig
+
+        c = self.cfg
+        return UpdateConfig(lr=c.lr, weight_decay=c.weight_decay, betas=(c.beta1, c.beta2),
+                            clip_eps=c.clip_eps, clip_eps_high=c.clip_eps_high, loss_agg=c.loss_agg,
+                            max_grad_norm=c.max_grad_norm, kl_coef=c.kl_coef,
+                            micro_batch_size=c.micro_batch_size)
+
+    def load_prompts(self, source: str, limit: int | None = None) -> list[dict]:
+        from grpoctl.prompts import load_prompts
+
+        c = self.cfg
+        return load_prompts(source, prompt_field=c.prompt_field, answer_field=c.answer_field,
+                            answer_after=c.answer_after, id_field=c.id_field, limit=limit)
+
+    def sampling(self, seed: int, evaluation: bool = False):
+        from grpoctl.rollout import SamplingParams
+
+        c = self.cfg
+        if evaluation:
+            return SamplingParams(temperature=c.eval_temperature, top_p=c.eval_top_p,
+                                  top_k=c.eval_top_k, max_new_tokens=c.max_new_tokens, seed=seed)
+        return SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
+                              max_new_tokens=c.max_new_tokens, seed=seed)
+
+    def generate(self, prompts: list[dict], group_size: int, sampling, step: int) -> list[dict]:
+        from grpoctl.prompts import render_prompt
+        from grpoctl.rollout import generate
+
+        c = self.cfg
+        rendered = [dict(p, text=render_prompt(self.tokenizer, p["text"], c.template,
+                                               c.use_chat_template, c.system)) for p in prompts]
+        return generate(self.model, self.tokenizer, rendered, group_size, sampling,
+                        batch_size=c.batch_size, policy={"path": str(c.model), "step": step},
+                        backend=c.backend, progress=False)
+
+    # one step -----------------------------------------------------------------------
+
+    def rollout_stage(self, step: int, prompts: list[dict]) -> list[dict]:
+        path = step_dir(self.run, step) / "rollouts.jsonl"
+        if path.is_file():
+            return read_records(str(path))
+        if self.cfg.rollouts_from:
+            source = step_dir(Path(self.cfg.rollouts_from), step) / "rollouts.jsonl"
+            records = read_records(str(source))
+        else:
+            records = self.generate(prompts, self.cfg.group_size,
+                                    self.sampling(step_seed(self.cfg.seed, step)), step - 1)
+        write_records(records, str(path))
+        return records
+
+    def score_stage(self, step: int, records: list[dict]) -> list[dict]:
+        from grpoctl.rewards import parse_reward_specs, score_records
+
+        directory = step_dir(self.run, step)
+        path = directory / "scored.jsonl"
+        if path.is_file():
+            return read_records(str(path), NEEDS_ADVANTAGE)
+        if self.cfg.score_cmd:
+            return _external_stage(self.cfg.score_cmd, directory / "rollouts.jsonl", path,
+                                   NEEDS_ADVANTAGE)
+        scored, _ = score_records(records, parse_reward_specs(self.cfg.rewards),
+                                  workers=self.cfg.score_workers, timeout=self.cfg.score_timeout,
+                                  progress=False, source=str(directory / "rollouts.jsonl"))
+        write_records(scored, str(path))
+        return scored
+
+    def advantage_stage(self, step: int, scored: list[dict]) -> tuple[list[dict], dict]:
+        from grpoctl.advantages import compute_advantages
+
+        directory = step_dir(self.run, step)
+        path = directory / "advantages.jsonl"
+        if path.is_file():
+            records = read_records(str(path), NEEDS_UPDATE)
+        elif self.cfg.advantage_cmd:
+            records = _external_stage(self.cfg.advantage_cmd, directory / "scored.jsonl", path,
+                                      NEEDS_UPDATE)
+        else:
+            records, _ = compute_advantages(scored, estimator=self.cfg.estimator, std=self.cfg.std,
+                                            eps=self.cfg.adv_eps, drop_zero=self.cfg.drop_zero,
+                                            source=str(directory / "scored.jsonl"))
+            write_records(records, str(path))
+        return records, group_stats(scored, records)
+
+    def update_stage(self, records: list[dict]) -> dict:
+        from grpoctl.update import update_step
+
+        if not records:  # every group tied and --drop-zero removed them: no gradient this step
+            return {"loss": 0.0, "tokens": 0, "skipped": True}
+        return update_step(self.model, self.optimizer, records, self.update_config(),
+                           ref_model=self.ref_model)
+
+    def save(self, step: int, metrics: dict) -> None:
+        from grpoctl.checkpoint import save_checkpoint
+
+        state = {"step": step, "config": dataclasses.asdict(self.cfg), "metrics": metrics}
+        save_checkpoint(checkpoint_dir(self.run, step), self.model, self.tokenizer, self.optimizer,
+                        state)
+        kept = sorted((self.run / "checkpoints").glob("step-*"))
+        for old in kept[: max(0, len(kept) - self.cfg.keep_last)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def evaluate(self, step: int, eval_prompts: list[dict], elapsed: float,
+                 rollouts: int) -> dict:
+        from grpoctl.evaluate import summarize
+        from grpoctl.rewards import parse_reward_specs, score_records
+
+        records = self.generate(eval_prompts, self.cfg.eval_samples,
+                                self.sampling(step_seed(self.cfg.seed, step, salt=1), True), step)
+        scored, _ = score_records(records, parse_reward_specs(["math"]), progress=False,
+                                  workers=self.cfg.score_workers, timeout=self.cfg.score_timeout)
+        summary = summarize(scored, k=self.cfg.eval_samples)
+        return {"step": step, "mean_at_k": summary["mean_at_k"], "pass_at_k": summary["pass_at_k"],
+                "k": summary["k"], "prompts": summary["prompts"], "rollouts": rollouts,
+                "elapsed_s": elapsed}
+
+
+def group_stats(scored: list[dict], advantaged: list[dict]) -> dict:
+    """Reward, accuracy and zero-advantage figures of one step."""
+    from grpoctl.evaluate import is_correct
+    from grpoctl.records import group_by_prompt
+
+    groups = group_by_prompt(scored)
+    tied = sum(1 for ix in groups.values() if len({scored[i]["reward"] for i in ix}) == 1)
+    lengths = [len(r["completion_ids"]) for r in scored if "completion_ids" in r]
+    return {
+        "reward_mean": sum(r["reward"] for r in scored) / len(scored),
+        "accuracy": sum(is_correct(r) for r in scored) / len(scored),
+        "zero_adv_frac": tied / len(groups),
+        "response_length": sum(lengths) / len(lengths) if lengths else 0.0,
+        "trained_sequences": len(advantaged),
+    }
+
+
+def append_line(path: Path, record: dict) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def rebuild_metrics(run: Path, done: list[int]) -> None:
+    """metrics.jsonl from the `done` files: drops lines of steps a crash cut short."""
+    with atomic_open(run / "metrics.jsonl") as f:
+        for s in done:
+            f.write((step_dir(run, s) / "done").read_text())
+
+
+def run_loop(cfg: LoopConfig, resume: bool = False, display=None) -> Path:
+    """Train for cfg.steps steps (or cfg.epochs epochs); return the run directory."""
+    from grpoctl.display import NullDisplay
+
+    display = display or NullDisplay()
+    cfg = cfg.resolved()
+    run, cfg = prepare_run_dir(cfg, resume)
+    loop = Loop(cfg, run, display)
+    prompts = loop.load_prompts(cfg.prompts)
+    steps = cfg.steps or max(1, round(cfg.epochs * len(prompts) / cfg.prompts_per_step))
+    eval_prompts = loop.load_prompts(cfg.eval_prompts, cfg.eval_limit) if cfg.eval_prompts else []
+
+    state = Run(run)
+    done = [s for s in state.done_steps() if s <= steps]
+    last_done = max(done, default=0)
+    start_ckpt = state.latest_checkpoint(last_done)
+    display.log(f"run directory: {run}" + (f" (resuming after step {last_done})" if resume else ""))
+    loop.load(start_ckpt)
+    rebuild_metrics(run, done)
+    previous = json.loads((step_dir(run, last_done) / "done").read_text()) if last_done else {}
+    elapsed, rollouts = previous.get("elapsed_s", 0.0), previous.get("rollouts", 0)
+
+    # Replay finished updates after the checkpoint: same inputs, same weights.
+    for s in range(start_ckpt + 1, last_done + 1):
+        display.log(f"replaying the update of step {s} from its saved advantages")
+        loop.update_stage(read_records(str(step_dir(run, s) / "advantages.jsonl"), NEEDS_UPDATE))
+
+    # Evaluations a crash cut short (before training, or after the last finished step).
+    done_evals = _done_evals(run)
+    for s in (0, last_done):
+        if eval_prompts and s not in done_evals and (s == 0 or _eval_due(cfg, s, steps)):
+            _record_eval(loop, run, s, eval_prompts, elapsed, rollouts, display)
+            done_evals.add(s)
+
+    display.start(steps, first=last_done)
+    for step in range(last_done + 1, steps + 1):
+        t0 = time.perf_counter()
+        times = {}
+        step_dir(run, step).mkdir(exist_ok=True)
+        batch = prompts_for_step(prompts, step, cfg.prompts_per_step, cfg.seed)
+
+        display.stage(step, "rollout")
+        records = loop.rollout_stage(step, batch)
+        times["rollout_s"] = time.perf_counter() - t0
+        display.stage(step, "score")
+        scored = loop.score_stage(step, records)
+        times["score_s"] = time.perf_counter() - t0 - sum(times.values())
+        display.stage(step, "advantage")
+        advantaged, stats = loop.advantage_stage(step, scored)
+        times["advantage_s"] = time.perf_counter() - t0 - sum(times.values())
+        display.stage(step, "update")
+        update_metrics = loop.update_stage(advantaged)
+        times["update_s"] = time.perf_counter() - t0 - sum(times.values())
+
+        rollouts += len(records)
+        times["step_s"] = time.perf_counter() - t0
+        elapsed += times["step_s"]
+        update_metrics.pop("step", None)  # the optimizer's count; the loop's step is below
+        metrics = {"step": step, **stats, **update_metrics, **times, "rollouts": rollouts,
+                   "elapsed_s": elapsed}
+        if step % cfg.save_every == 0 or step == steps:
+            display.stage(step, "checkpoint")
+            loop.save(step, metrics)
+        with atomic_open(step_dir(run, step) / "done") as f:
+            f.write(dumps(metrics) + "\n")
+        append_line(run / "metrics.jsonl", metrics)
+        display.step_done(metrics)
+
+        if eval_prompts and _eval_due(cfg, step, steps):
+            display.stage(step, "eval")
+            _record_eval(loop, run, step, eval_prompts, elapsed, rollouts, display)
+    display.stop()
+    return run
+
+
+def _eval_due(cfg: LoopConfig, step: int, steps: int) -> bool:
+    return step % cfg.eval_every == 0 or step == steps
+
+
+def _done_evals(run: Path) -> set[int]:
+    """Steps already evaluated; rewrites eval.jsonl without a line a crash cut short."""
+    path = run / "eval.jsonl"
+    if not path.is_file():
+        return set()
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            kept.append(json.loads(line))
+        except ValueError:
+            pass  # cut short by a crash: that evaluation runs again
+    with atomic_open(path) as f:
+        f.writelines(dumps(r) + "\n" for r in kept)
+    return {r["step"] for r in kept}
+
+
+def _record_eval(loop: Loop, run: Path, step: int, eval_prompts, elapsed, rollouts, display) -> None:
+    result = loop.evaluate(step, eval_prompts, elapsed, rollouts)
+    append_line(run / "eval.jsonl", result)
+    display.eval_done(result)

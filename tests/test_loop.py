@@ -1,0 +1,132 @@
+"""`grpoctl loop` end to end on the embedded model, through real subprocesses.
+
+The resume test kills a real run with SIGKILL in the middle of a step and checks
+that `--resume` ends with the very weights and metrics of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+from safetensors.torch import load_file
+
+# A short run: 3 steps of 8 prompts x 2 samples, a checkpoint only at the end, so a
+# resume must replay finished updates from their saved advantages files.
+SHORT = ["--group-size", "2", "--steps", "3", "--prompts-per-step", "8", "--eval-limit", "8",
+         "--eval-every", "2", "--save-every", "10", "--seed", "3", "--quiet"]
+TIMING_KEYS = ("_s", "seconds")
+
+
+def metrics_without_timings(run: Path) -> list[dict]:
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in m.items() if not k.endswith(TIMING_KEYS)} for m in lines]
+
+
+def evals_without_timings(run: Path) -> list[dict]:
+    lines = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in e.items() if k != "elapsed_s"} for e in lines]
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("loop") / "run"
+    run_cli("loop", *SHORT, "--run-dir", str(run), check=True)
+    return run
+
+
+def test_run_directory_layout(finished_run):
+    run = finished_run
+    config = json.loads((run / "config.json").read_text())
+    assert config["group_size"] == 2 and config["steps"] == 3 and config["lr"] == 3e-4
+    for step in (1, 2, 3):
+        d = run / f"step-{step:06d}"
+        assert {p.name for p in d.iterdir()} == {"rollouts.jsonl", "scored.jsonl", "advantages.jsonl",
+                                                 "done"}
+        rollouts = [json.loads(line) for line in (d / "rollouts.jsonl").read_text().splitlines()]
+        assert len(rollouts) == 16 and len({r["prompt_id"] for r in rollouts}) == 8
+        assert all(r["policy"]["step"] == step - 1 for r in rollouts)
+        advantages = [json.loads(line) for line in (d / "advantages.jsonl").read_text().splitlines()]
+        assert all(a["advantage"] in (-1.0, 0.0, 1.0) for a in advantages)
+    ckpt = run / "checkpoints" / "step-000003"
+    assert {"model.safetensors", "optimizer.safetensors", "trainer_state.json", "config.json",
+            "tokenizer.json"} <= {p.name for p in ckpt.iterdir()}
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 3
+
+
+def test_metrics_agree_with_the_step_files(finished_run):
+    run = finished_run
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    for m in metrics:
+        d = run / f"step-{m['step']:06d}"
+        scored = [json.loads(line) for line in (d / "scored.jsonl").read_text().splitlines()]
+        rewards = [r["reward"] for r in scored]
+        assert m["reward_mean"] == pytest.approx(sum(rewards) / len(rewards))
+        by_prompt = {}
+        for r in scored:
+            by_prompt.setdefault(r["prompt_id"], []).append(r["reward"])
+        tied = sum(1 for v in by_prompt.values() if v[0] == v[1])
+        assert m["zero_adv_frac"] == pytest.approx(tied / len(by_prompt))
+        assert m["rollouts"] == 16 * m["step"]
+        for key in ("loss", "clip_fraction", "tokens", "rollout_s", "score_s", "update_s", "elapsed_s"):
+            assert key in m
+    evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 2, 3]
+    assert all(0.0 <= e["mean_at_k"] <= e["pass_at_k"] <= 1.0 for e in evals)
+
+
+def test_existing_run_directory_needs_resume(finished_run):
+    proc = run_cli("loop", *SHORT, "--run-dir", str(finished_run))
+    assert proc.returncode == 2 and "--resume" in proc.stderr.decode()
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert proc.poll() is None, "the run ended before the kill point"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def test_sigkill_then_resume_gives_the_same_weights(finished_run, tmp_path):
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "grpoctl", "loop", *SHORT, "--run-dir", str(run)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Kill in the middle of step 3, after its rollouts are on disk but before its update.
+    _wait_for(run / "step-000003" / "rollouts.jsonl", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "step-000003" / "done").exists()
+
+    run_cli("loop", "--resume", "--run-dir", str(run), "--quiet", check=True)
+
+    final = "checkpoints/step-000003/model.safetensors"
+    expected, got = load_file(finished_run / final), load_file(run / final)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert (expected[name] == got[name]).all(), name
+    assert metrics_without_timings(run) == metrics_without_timings(finished_run)
+    assert evals_without_timings(run) == evals_without_timings(finished_run)
+    for step in (1, 2, 3):
+        for name in ("rollouts.jsonl", "advantages.jsonl"):
+            a = (finished_run / f"step-{step:06d}" / name).read_bytes()
+            assert (run / f"step-{step:06d}" / name).read_bytes() == a, (step, name)
+
+
+def test_interrupt_says_how_to_resume(tmp_path):
+    run = tmp_path / "run"
+    argv = [sys.executable, "-m", "grpoctl", "loop", *SHORT, "--run-dir", str(run)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _wait_for(run / "step-000001" / "rollouts.jsonl", proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130
+    assert out == b""
+    assert "--resume" in err.decode().strip().splitlines()[-1]
