@@ -459,6 +459,33 @@ def loop(
     _log(f"done: {run}")
 
 
+@app.command()
+def report(
+    run_dirs: Annotated[list[str], typer.Argument(help="Run directories written by `grpoctl loop`.")],
+    out: Annotated[str, typer.Option("--out", "-o", help="Directory for report.md and the PNG "
+                                     "plots.")] = "report",
+    label: Annotated[Optional[list[str]], typer.Option(help="Label for each run, in order (once "
+                                                       "per run) [default: from its settings].")] = None,
+    baseline: Annotated[Optional[str], typer.Option(help="Run the ratios divide by [default: the "
+                                                    "largest group size].")] = None,
+):
+    """Plots and a table of finished runs: accuracy and reward against step, rollouts and seconds.
+
+    Runs that differ only in their seed are averaged (mean and std). Plots need the
+    `plot` extra (matplotlib); without it only report.md is written.
+
+    Examples:
+
+        grpoctl report runs/g2-s0 runs/g16-s0 -o report
+
+        grpoctl report runs/g2-* runs/g16-* --baseline runs/g16-s0
+    """
+    from grpoctl.report import write_report
+
+    result = write_report(run_dirs, out, labels=label or None, baseline=baseline)
+    _log("wrote " + ", ".join([result["report"], *result["plots"]]))
+
+
 def main() -> None:
     """Entry point: run the app, turning user errors into one line and exit status 2."""
     try:

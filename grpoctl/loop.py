@@ -319,7 +319,7 @@ class Loop:
         directory = step_dir(self.run, step)
         path = directory / "advantages.jsonl"
         if path.is_file():
-            records = read_records(str(path), NEEDS_UPDATE)
+            records = read_advantages(path)
         elif self.cfg.advantage_cmd:
             records = _external_stage(self.cfg.advantage_cmd, directory / "scored.jsonl", path,
                                       NEEDS_UPDATE)
@@ -380,6 +380,11 @@ def group_stats(scored: list[dict], advantaged: list[dict]) -> dict:
     }
 
 
+def read_advantages(path: Path) -> list[dict]:
+    """A step's advantages file; empty when --drop-zero left no group to train on."""
+    return read_records(str(path), NEEDS_UPDATE) if path.stat().st_size else []
+
+
 def append_line(path: Path, record: dict) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(dumps(record) + "\n")
@@ -419,7 +424,7 @@ def run_loop(cfg: LoopConfig, resume: bool = False, display=None) -> Path:
     # Replay finished updates after the checkpoint: same inputs, same weights.
     for s in range(start_ckpt + 1, last_done + 1):
         display.log(f"replaying the update of step {s} from its saved advantages")
-        loop.update_stage(read_records(str(step_dir(run, s) / "advantages.jsonl"), NEEDS_UPDATE))
+        loop.update_stage(read_advantages(step_dir(run, s) / "advantages.jsonl"))
 
     # Evaluations a crash cut short (before training, or after the last finished step).
     done_evals = _done_evals(run)
