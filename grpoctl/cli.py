@@ -353,6 +353,7 @@ def loop(
     answer_field: AnswerField = None,
     answer_after: AnswerAfter = None,
     id_field: IdField = None,
+    limit: Limit = None,
     template: Template = "{prompt}",
     no_chat_template: NoChatTemplate = False,
     system: System = None,
@@ -437,7 +438,7 @@ def loop(
 
     cfg = LoopConfig(
         model=model, prompts=prompts, prompt_field=prompt_field, answer_field=answer_field,
-        answer_after=answer_after, id_field=id_field, template=template,
+        answer_after=answer_after, id_field=id_field, limit=limit, template=template,
         use_chat_template=not no_chat_template, system=system, group_size=group_size,
         prompts_per_step=prompts_per_step, steps=steps, epochs=epochs, temperature=temperature,
         top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, batch_size=batch_size,

@@ -55,6 +55,7 @@ class LoopConfig:
     answer_field: str | None = None
     answer_after: str | None = None
     id_field: str | None = None
+    limit: int | None = None  # train on the first N prompts only
     template: str = "{prompt}"
     use_chat_template: bool = True
     system: str | None = None
@@ -181,7 +182,8 @@ def find_latest_run(root: Path = Path("runs")) -> Path:
 
 
 def prepare_run_dir(cfg: LoopConfig, resume: bool) -> tuple[Path, LoopConfig]:
-    """Create (or reopen with --resume) the run directory and its config.json."""
+    """Create (or reopen with --resume) the run directory; run_loop writes config.json once
+    the prompts and the model have loaded, so bad input leaves no run behind."""
     if cfg.run_dir is None:
         run = find_latest_run() if resume else Path("runs") / (
             time.strftime("%Y%m%d-%H%M%S") + f"-g{cfg.group_size}-s{cfg.seed}")
@@ -191,9 +193,12 @@ def prepare_run_dir(cfg: LoopConfig, resume: bool) -> tuple[Path, LoopConfig]:
     if resume:
         if not config_path.is_file():
             raise GrpoctlError(f"{run}: nothing to resume (no config.json)")
-        saved = json.loads(config_path.read_text())
-        saved["run_dir"] = str(run)
-        return run, LoopConfig(**saved)
+        try:
+            saved = json.loads(config_path.read_text())
+            saved["run_dir"] = str(run)
+            return run, LoopConfig(**saved)
+        except (ValueError, TypeError) as e:  # edited by hand, or from another version
+            raise GrpoctlError(f"{config_path}: cannot read the run's settings: {e}") from None
     if config_path.exists():
         raise GrpoctlError(f"{run}: run directory already holds a run; add --resume to continue it "
                            "or choose another --run-dir")
@@ -201,9 +206,7 @@ def prepare_run_dir(cfg: LoopConfig, resume: bool) -> tuple[Path, LoopConfig]:
         run.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise GrpoctlError(f"{run}: cannot create run directory: {e.strerror}") from None
-    cfg = dataclasses.replace(cfg, run_dir=str(run))
-    write_json(dataclasses.asdict(cfg), config_path)
-    return run, cfg
+    return run, dataclasses.replace(cfg, run_dir=str(run))
 
 
 # --- the stages, as the loop runs them ------------------------------------------
@@ -232,13 +235,14 @@ class Loop:
 
     def load(self, from_checkpoint: int) -> None:
         from grpoctl.checkpoint import load_optimizer_state
-        from grpoctl.models import load_policy, load_tokenizer
+        from grpoctl.models import check_vocab, load_policy, load_tokenizer
         from grpoctl.update import make_optimizer
 
         cfg = self.cfg
         source = checkpoint_dir(self.run, from_checkpoint) if from_checkpoint else cfg.model
         self.model = load_policy(source, cfg.dtype, cfg.device, cfg.trust_remote_code)
         self.tokenizer = load_tokenizer(source, cfg.trust_remote_code)
+        check_vocab(self.tokenizer, self.model, str(source))
         self.optimizer = make_optimizer(self.model, self.update_config())
         if from_checkpoint:
             load_optimizer_state(self.optimizer, self.model, source)
@@ -330,13 +334,16 @@ class Loop:
             write_records(records, str(path))
         return records, group_stats(scored, records)
 
-    def update_stage(self, records: list[dict]) -> dict:
+    def update_stage(self, step: int, records: list[dict]) -> dict:
         from grpoctl.update import update_step
 
         if not records:  # every group tied and --drop-zero removed them: no gradient this step
             return {"loss": 0.0, "tokens": 0, "skipped": True}
-        return update_step(self.model, self.optimizer, records, self.update_config(),
-                           ref_model=self.ref_model)
+        try:
+            return update_step(self.model, self.optimizer, records, self.update_config(),
+                               ref_model=self.ref_model)
+        except GrpoctlError as e:  # e.g. a non-finite loss: say which step, save nothing
+            raise GrpoctlError(f"step {step}: {e}") from None
 
     def save(self, step: int, metrics: dict) -> None:
         from grpoctl.checkpoint import save_checkpoint
@@ -344,9 +351,15 @@ class Loop:
         state = {"step": step, "config": dataclasses.asdict(self.cfg), "metrics": metrics}
         save_checkpoint(checkpoint_dir(self.run, step), self.model, self.tokenizer, self.optimizer,
                         state)
+        for stale in (self.run / "checkpoints").glob(".*.tmp"):  # left by a killed save or prune
+            shutil.rmtree(stale, ignore_errors=True)
         kept = sorted((self.run / "checkpoints").glob("step-*"))
         for old in kept[: max(0, len(kept) - self.cfg.keep_last)]:
-            shutil.rmtree(old, ignore_errors=True)
+            # Renamed first (atomic), so a kill mid-delete never leaves half a checkpoint
+            # under a step-* name for --resume to pick.
+            doomed = old.with_name(f".{old.name}.deleted.tmp")
+            os.rename(old, doomed)
+            shutil.rmtree(doomed, ignore_errors=True)
 
     def evaluate(self, step: int, eval_prompts: list[dict], elapsed: float,
                  rollouts: int) -> dict:
@@ -407,7 +420,7 @@ def run_loop(cfg: LoopConfig, resume: bool = False, display=None) -> Path:
     cfg = cfg.resolved()
     run, cfg = prepare_run_dir(cfg, resume)
     loop = Loop(cfg, run, display)
-    prompts = loop.load_prompts(cfg.prompts)
+    prompts = loop.load_prompts(cfg.prompts, cfg.limit)
     steps = cfg.steps or max(1, round(cfg.epochs * len(prompts) / cfg.prompts_per_step))
     eval_prompts = loop.load_prompts(cfg.eval_prompts, cfg.eval_limit) if cfg.eval_prompts else []
 
@@ -417,6 +430,8 @@ def run_loop(cfg: LoopConfig, resume: bool = False, display=None) -> Path:
     start_ckpt = state.latest_checkpoint(last_done)
     display.log(f"run directory: {run}" + (f" (resuming after step {last_done})" if resume else ""))
     loop.load(start_ckpt)
+    if not resume:
+        write_json(dataclasses.asdict(cfg), run / "config.json")
     rebuild_metrics(run, done)
     previous = json.loads((step_dir(run, last_done) / "done").read_text()) if last_done else {}
     elapsed, rollouts = previous.get("elapsed_s", 0.0), previous.get("rollouts", 0)
@@ -424,7 +439,7 @@ def run_loop(cfg: LoopConfig, resume: bool = False, display=None) -> Path:
     # Replay finished updates after the checkpoint: same inputs, same weights.
     for s in range(start_ckpt + 1, last_done + 1):
         display.log(f"replaying the update of step {s} from its saved advantages")
-        loop.update_stage(read_advantages(step_dir(run, s) / "advantages.jsonl"))
+        loop.update_stage(s, read_advantages(step_dir(run, s) / "advantages.jsonl"))
 
     # Evaluations a crash cut short (before training, or after the last finished step).
     done_evals = _done_evals(run)
@@ -450,7 +465,7 @@ def run_loop(cfg: LoopConfig, resume: bool = False, display=None) -> Path:
         advantaged, stats = loop.advantage_stage(step, scored)
         times["advantage_s"] = time.perf_counter() - t0 - sum(times.values())
         display.stage(step, "update")
-        update_metrics = loop.update_stage(advantaged)
+        update_metrics = loop.update_stage(step, advantaged)
         times["update_s"] = time.perf_counter() - t0 - sum(times.values())
 
         rollouts += len(records)
