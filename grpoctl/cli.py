@@ -371,7 +371,9 @@ def loop(
     max_new_tokens: Annotated[Optional[int], typer.Option(min=1, help="Generation budget per "
                                                           "completion [default: 32 for the embedded "
                                                           "model, else 1024].")] = None,
-    batch_size: BatchSize = 64,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Sequences generated together "
+                                                      "[default: 256 for the embedded model, else 64]."
+                                                      )] = None,
     backend: Backend = "hf",
     reward: Reward = None,
     workers: Workers = None,
@@ -393,7 +395,9 @@ def loop(
     max_grad_norm: Annotated[float, typer.Option(help="Gradient-norm clip (0 = off).")] = 1.0,
     kl_coef: Annotated[float, typer.Option(help="k3 KL penalty weight (needs --ref).")] = 0.0,
     ref: Annotated[Optional[str], typer.Option(help="Reference model for the KL penalty.")] = None,
-    micro_batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward/backward.")] = 64,
+    micro_batch_size: Annotated[Optional[int], typer.Option(min=1, help="Sequences per forward/"
+                                                            "backward [default: 256 for the embedded "
+                                                            "model, else 8].")] = None,
     dtype: Dtype = "float32",
     device: Device = "cpu",
     trust_remote_code: TrustRemoteCode = False,

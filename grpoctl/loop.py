@@ -37,8 +37,10 @@ from grpoctl.records import (NEEDS_ADVANTAGE, NEEDS_UPDATE, atomic_open, dumps, 
 
 # Settings for the embedded tiny model where the general default would not suit
 # it (a 1M-parameter model needs a far larger learning rate than a 1.5B one).
-EMBEDDED_DEFAULTS = {"lr": 3e-4, "max_new_tokens": 32, "steps": 150, "prompts_per_step": 64}
-GENERAL_DEFAULTS = {"lr": 1e-6, "max_new_tokens": 1024, "steps": 100, "prompts_per_step": 32}
+EMBEDDED_DEFAULTS = {"lr": 3e-4, "max_new_tokens": 32, "steps": 150, "prompts_per_step": 64,
+                     "batch_size": 256, "micro_batch_size": 256}
+GENERAL_DEFAULTS = {"lr": 1e-6, "max_new_tokens": 1024, "steps": 100, "prompts_per_step": 32,
+                    "batch_size": 64, "micro_batch_size": 8}
 
 
 @dataclass
@@ -68,7 +70,7 @@ class LoopConfig:
     top_p: float = 1.0
     top_k: int = 0
     max_new_tokens: int | None = None  # None: 32 for the embedded model, else 1024
-    batch_size: int = 64
+    batch_size: int | None = None  # None: 256 for the embedded model, else 64
     backend: str = "hf"
     # score
     rewards: list[str] = field(default_factory=lambda: ["math"])
@@ -92,7 +94,7 @@ class LoopConfig:
     max_grad_norm: float = 1.0
     kl_coef: float = 0.0
     ref: str | None = None
-    micro_batch_size: int = 64
+    micro_batch_size: int | None = None  # None: 256 for the embedded model, else 8
     # model loading
     dtype: str = "float32"
     device: str = "cpu"
@@ -116,7 +118,7 @@ class LoopConfig:
         """Fill the None defaults that depend on the model, and check values."""
         base = EMBEDDED_DEFAULTS if self.model == "default" else GENERAL_DEFAULTS
         cfg = dataclasses.replace(self)
-        for name in ("lr", "max_new_tokens", "prompts_per_step"):
+        for name in ("lr", "max_new_tokens", "prompts_per_step", "batch_size", "micro_batch_size"):
             if getattr(cfg, name) is None:
                 setattr(cfg, name, base[name])
         if cfg.steps is None and cfg.epochs is None:
@@ -399,10 +401,13 @@ def read_advantages(path: Path) -> list[dict]:
 
 
 def append_line(path: Path, record: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(dumps(record) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:  # a full disk: the `done` file holds the line; resume rebuilds it
+        raise GrpoctlError(f"{path}: cannot write: {e.strerror}") from None
 
 
 def rebuild_metrics(run: Path, done: list[int]) -> None:
