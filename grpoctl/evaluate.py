@@ -43,6 +43,11 @@ def summarize(records: list[dict], k: int | None = None, by: str | None = None) 
     groups = group_by_prompt(records)
     n_min = min(len(ix) for ix in groups.values())
     k = k or n_min
+    if not 0 < k <= n_min:
+        from grpoctl.errors import GrpoctlError
+
+        raise GrpoctlError(f"Pass@k needs 1 <= k <= the samples per prompt ({n_min} here), "
+                           f"got k={k}")
     per_prompt = []
     for indices in groups.values():
         correct = [is_correct(records[i]) for i in indices]
@@ -120,12 +125,13 @@ def run_eval(model: str | None, scored: str | None, prompts_source: str, samples
         records = read_records(scored, NEEDS_ADVANTAGE)
         title = scored
     else:
-        from grpoctl.models import check_vocab, load_policy, load_tokenizer
+        from grpoctl.models import check_model_dir, check_vocab, load_policy, load_tokenizer
         from grpoctl.prompts import load_prompts
         from grpoctl.rollout import SamplingParams, policy_step
 
         prompts = load_prompts(prompts_source, prompt_field=prompt_field, answer_field=answer_field,
                                answer_after=answer_after, id_field=id_field, limit=limit)
+        check_model_dir(model)  # "not a model directory" rather than a tokenizer error
         tokenizer = load_tokenizer(model, trust_remote_code)
         policy = load_policy(model, dtype, device, trust_remote_code)
         check_vocab(tokenizer, policy, model)
@@ -136,10 +142,10 @@ def run_eval(model: str | None, scored: str | None, prompts_source: str, samples
                                  {"path": str(model), "step": policy_step(model)}, template,
                                  use_chat_template, system, progress=progress)
         title = f"{model} on {prompts_source}"
-    if save:
-        write_records(records, save)
     summary = summarize(records, k=pass_k, by=by[0] if by else None)
     for extra in by[1:]:
         summary["by"].update(summarize(records, k=pass_k, by=extra)["by"])
+    if save:  # after the summary, so a bad --pass-k writes nothing
+        write_records(records, save)
     print_summary_table(summary, title)
     return summary

@@ -34,6 +34,7 @@ import re
 import sys
 from pathlib import Path
 from grpoctl.errors import GrpoctlError
+from grpoctl.records import non_finite_path
 
 PROMPT_FIELDS = ("prompt", "problem", "question")  # tried in this order when none is given
 ANSWER_FIELD = "answer"
@@ -54,8 +55,10 @@ def _read_jsonl(text: str, source: str) -> list[tuple[str, dict]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as e:
-            raise GrpoctlError(f"{source}:{lineno}: invalid JSON ({e.msg} at column {e.colno})"
+            raise GrpoctlError(f"{source}:{lineno}: invalid JSON ({e.msg}, column {e.colno})"
                                ) from None
+        except RecursionError:
+            raise GrpoctlError(f"{source}:{lineno}: JSON nested too deeply") from None
         if not isinstance(row, dict):
             raise GrpoctlError(f"{source}:{lineno}: expected a JSON object, "
                                f"got {type(row).__name__}")
@@ -68,6 +71,8 @@ def _read_json(text: str, source: str) -> list[tuple[str, dict]]:
         data = json.loads(text)
     except json.JSONDecodeError:
         return _read_jsonl(text, source)  # a .json file holding JSON lines
+    except RecursionError:
+        raise GrpoctlError(f"{source}: JSON nested too deeply") from None
     if not isinstance(data, list):
         raise GrpoctlError(f"{source}: expected a JSON list of objects (or JSON lines), "
                            f"got {type(data).__name__}")
@@ -107,9 +112,19 @@ def _read_parquet(path: str, source: str) -> list[tuple[str, dict]]:
                 for i, row in enumerate(table, start=1)]
 
 
+def _decode(data: bytes, source: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise GrpoctlError(f"{source}:{line}: not valid UTF-8 (byte {e.start})") from None
+
+
 def _read_rows(source: str) -> list[tuple[str, dict]]:
     if source == "-":
-        return _read_jsonl(sys.stdin.read(), "<stdin>")
+        raw = getattr(sys.stdin, "buffer", None)  # bytes: the text layer may hide bad UTF-8
+        text = _decode(raw.read(), "<stdin>") if raw is not None else sys.stdin.read()
+        return _read_jsonl(text, "<stdin>")
     path = Path(source)
     if not path.is_file():
         kind = "is a directory" if path.is_dir() else "no such file"
@@ -118,10 +133,7 @@ def _read_rows(source: str) -> list[tuple[str, dict]]:
     suffix = path.suffix.lower()
     if suffix == ".parquet":
         return _read_parquet(source, source)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise GrpoctlError(f"{source}: not UTF-8 text (byte {e.start})") from None
+    text = _decode(path.read_bytes(), source)
     if suffix == ".csv":
         return _read_csv(text, source)
     if suffix == ".json":
@@ -174,6 +186,10 @@ def _rows_to_prompts(rows: list[tuple[str, dict]], source: str, prompt_field: st
 
     prompts, seen_ids, seen_texts = [], {}, {}
     for where, row in rows:
+        bad = next(filter(None, (non_finite_path(v, k) for k, v in row.items())), None)
+        if bad:  # json.loads and parquet give NaN / inf, which no record may hold
+            raise GrpoctlError(f"{where}: field '{bad}': NaN or infinity; use a finite number "
+                               f"or a string")
         text = row.get(p_field)
         if p_field not in row:
             raise GrpoctlError(f"{where}: field '{p_field}': missing")
@@ -182,6 +198,11 @@ def _rows_to_prompts(rows: list[tuple[str, dict]], source: str, prompt_field: st
                                f"got {type(text).__name__}")
         if not text.strip():
             raise GrpoctlError(f"{where}: field '{p_field}': empty prompt")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # "\ud800" in JSON: no tokenizer can encode it
+            raise GrpoctlError(f"{where}: field '{p_field}': lone surrogate "
+                               f"{text[e.start]!r} at character {e.start} is not text") from None
 
         answer = None
         if a_field is not None:

@@ -104,6 +104,18 @@ def _check_dict(v: Any) -> str | None:
     return None if isinstance(v, dict) else f"expected an object, got {_kind(v)}"
 
 
+def _check_sampling(v: Any) -> str | None:
+    # Only the keys `update` reads are checked; others pass through.
+    if not isinstance(v, dict):
+        return f"expected an object, got {_kind(v)}"
+    t, m = v.get("temperature"), v.get("max_new_tokens")
+    if t is not None and not (_is_number(t) and t >= 0):
+        return f"temperature is {t!r}, expected a number >= 0"
+    if m is not None and not (_is_int(m) and m >= 1):
+        return f"max_new_tokens is {m!r}, expected an integer >= 1"
+    return None
+
+
 FIELD_CHECKS = {
     "prompt_id": _check_str,
     "sample": _check_sample,
@@ -115,7 +127,7 @@ FIELD_CHECKS = {
     "logprobs": _check_logprobs,
     "finish_reason": _check_finish_reason,
     "policy": _check_dict,
-    "sampling": _check_dict,
+    "sampling": _check_sampling,
     "reward": _check_finite,
     "rewards": _check_reward_components,
     "advantage": _check_finite,
@@ -125,6 +137,29 @@ FIELD_CHECKS = {
 NEEDS_SCORE = ("prompt_id", "completion")
 NEEDS_ADVANTAGE = ("prompt_id", "sample", "reward")
 NEEDS_UPDATE = ("prompt_id", "sample", "prompt_ids", "completion_ids", "logprobs", "advantage")
+
+
+# Fields whose checker above already proves every number in them finite.
+_NUMBERS_CHECKED = frozenset({"prompt_ids", "completion_ids", "logprobs", "reward", "rewards",
+                              "advantage"})
+
+
+def non_finite_path(value: Any, path: str) -> str | None:
+    """The dotted path of the first NaN or infinity inside value (json.loads accepts
+    NaN, Infinity and 1e999), or None. JSON output cannot hold them."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else path
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return None
+    for key, v in items:
+        found = non_finite_path(v, f"{path}.{key}" if isinstance(key, str) else f"{path}[{key}]")
+        if found:
+            return found
+    return None
 
 
 def _kind(v: Any) -> str:
@@ -148,6 +183,10 @@ def check_record(record: dict, require: Iterable[str] = (), source: str = "<reco
         if n_ids != n_lp:
             raise RecordError(source, line, "logprobs",
                               f"has {n_lp} values but completion_ids has {n_ids} tokens")
+    for field, value in record.items():  # unknown fields too: they are written back out
+        bad = None if field in _NUMBERS_CHECKED else non_finite_path(value, field)
+        if bad:
+            raise RecordError(source, line, bad, "NaN or infinity; records hold finite numbers only")
 
 
 # --- reading -----------------------------------------------------------------
@@ -198,12 +237,15 @@ def parse_records(data: bytes, source: str, require: Iterable[str] = ()) -> list
                               "(convert with: jq -c '.[]')")
         try:
             record = json.loads(text)
+            if not isinstance(record, dict):
+                raise RecordError(source, lineno, None,
+                                  f"expected a JSON object, got {_kind(record)}")
+            check_record(record, require, source, lineno)
         except json.JSONDecodeError as e:
             raise RecordError(source, lineno, None,
-                              f"invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(record, dict):
-            raise RecordError(source, lineno, None, f"expected a JSON object, got {_kind(record)}")
-        check_record(record, require, source, lineno)
+                              f"invalid JSON ({e.msg}, column {e.colno})") from None
+        except RecursionError:
+            raise RecordError(source, lineno, None, "JSON nested too deeply") from None
         if "prompt_id" in record and "sample" in record:
             key = (record["prompt_id"], record["sample"])
             if key in first_line:
@@ -230,7 +272,12 @@ def group_by_prompt(records: list[dict]) -> dict[str, list[int]]:
 
 def dumps(record: dict) -> str:
     """One record as one line. NaN and inf are refused rather than written."""
-    return json.dumps(record, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    text = json.dumps(record, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (read as "\\ud800") has no UTF-8 form:
+        text = json.dumps(record, allow_nan=False, separators=(",", ":"))  # keep it escaped
+    return text
 
 
 @contextlib.contextmanager

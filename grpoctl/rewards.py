@@ -272,7 +272,7 @@ class _Reporter:
         if self._console is None:  # rich is imported only when there is something to show
             from rich.console import Console
 
-            self._console = Console(stderr=True, highlight=False)
+            self._console = Console(stderr=True, highlight=False, soft_wrap=True)  # one line each
         return self._console
 
     def warn(self, text: str) -> None:

@@ -109,6 +109,11 @@ def resolve_config(records: list[dict], cfg: UpdateConfig, source: str = "<recor
     if cfg.loss_agg not in LOSS_AGGREGATIONS:
         raise GrpoctlError(f"--loss-agg: expected one of {', '.join(LOSS_AGGREGATIONS)}, "
                            f"got {cfg.loss_agg!r}")
+    for name in ("lr", "weight_decay", "clip_eps", "max_grad_norm", "kl_coef"):
+        value = getattr(cfg, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise GrpoctlError(f"--{name.replace('_', '-')}: expected a finite number >= 0, "
+                               f"got {value}")
     if cfg.micro_batch_size < 1:
         raise GrpoctlError(f"--micro-batch-size: must be >= 1, got {cfg.micro_batch_size}")
     temperature = cfg.temperature
@@ -172,8 +177,9 @@ def update_step(model, optimizer: torch.optim.Optimizer, records: list[dict],
     skip = cfg.skip_zero_advantage and cfg.kl_coef == 0
     forward = [i for i, r in enumerate(records)
                if lengths[i] > 0 and not (skip and r["advantage"] == 0)]
-    # Similar lengths together waste less padding; the result does not depend on the order.
-    forward.sort(key=lambda i: len(records[i]["prompt_ids"]) + lengths[i])
+    # A group's samples together (they share one prompt pass, logprobs.py), similar prompt
+    # lengths together (less padding); the result does not depend on the order.
+    forward.sort(key=lambda i: (len(records[i]["prompt_ids"]), records[i]["prompt_ids"]))
 
     optimizer.zero_grad(set_to_none=True)
     totals = {"policy_loss": 0.0, "kl": 0.0, "clipped": 0, "entropy": 0.0, "ratio": 0.0,
@@ -234,8 +240,16 @@ def update_step(model, optimizer: torch.optim.Optimizer, records: list[dict],
     if not math.isfinite(grad_norm):
         _refuse(params, f"the gradient norm is {grad_norm} (the loss was finite: "
                         f"{totals['policy_loss']:.6g}); check the scale of the advantages")
-    optimizer.step()
+    try:
+        optimizer.step()
+    except RuntimeError as e:  # e.g. an lr that overflows the weights' dtype
+        _refuse(params, f"the optimizer step failed ({str(e).splitlines()[0]}) with lr "
+                        f"{optimizer.param_groups[0]['lr']:g}")
     optimizer.zero_grad(set_to_none=True)
+    if not all(torch.isfinite(p).all() for p in params):  # finite gradients, too large a step
+        raise GrpoctlError(f"update refused: the optimizer step (lr "
+                           f"{optimizer.param_groups[0]['lr']:g}, gradient norm {grad_norm:.3g}) "
+                           f"made parameters infinite or NaN; nothing was saved")
 
     n = totals["tokens"]
     kl = totals["kl"] if ref_model is not None else None
@@ -305,7 +319,8 @@ def run_update(adv_path: str, policy_dir, out_dir, cfg: UpdateConfig, ref_dir=No
     metrics_path, when given, gets the metrics appended as one JSON line.
     Returns the metrics (with "step").
     """
-    from grpoctl.models import check_vocab, load_policy, load_tokenizer, resolve_model_dir
+    from grpoctl.models import (check_model_dir, check_vocab, load_policy, load_tokenizer,
+                                resolve_model_dir)
 
     policy_dir = resolve_model_dir(policy_dir)  # `default` = the embedded model
     ref_dir = None if ref_dir is None else resolve_model_dir(ref_dir)
@@ -316,6 +331,7 @@ def run_update(adv_path: str, policy_dir, out_dir, cfg: UpdateConfig, ref_dir=No
     if cfg.kl_coef > 0 and ref_dir is None:
         raise GrpoctlError("--kl-coef > 0 needs a reference policy (--ref)")
 
+    check_model_dir(policy_dir)  # "not a model directory" rather than a tokenizer error
     tokenizer = load_tokenizer(policy_dir, trust_remote_code)
     model = load_policy(policy_dir, dtype, device, trust_remote_code)
     check_vocab(tokenizer, model, str(policy_dir))
@@ -329,7 +345,10 @@ def run_update(adv_path: str, policy_dir, out_dir, cfg: UpdateConfig, ref_dir=No
     resumed = checkpoint.load_optimizer_state(optimizer, model, policy_dir)
     step = checkpoint.read_trainer_state(policy_dir)["step"] + 1
 
-    metrics = {"step": step, **update_step(model, optimizer, records, cfg, ref_model)}
+    try:
+        metrics = {"step": step, **update_step(model, optimizer, records, cfg, ref_model)}
+    except GrpoctlError as e:
+        raise GrpoctlError(f"step {step} ({source}): {e}") from None
     trainer_state = {
         "step": step,
         "update": dataclasses.asdict(cfg),
