@@ -13,9 +13,11 @@ set -euo pipefail
 out=${1:-${OUT:-gpu-check}}
 mkdir -p "$out"
 if [ -d "${WHEELS:-.gpu_wheels}" ]; then
-  pip install -q --no-deps --no-index "${WHEELS:-.gpu_wheels}"/*.whl
+  python -m pip install -q --no-deps --no-index --target /tmp/grpoctl-wheels "${WHEELS:-.gpu_wheels}"/*.whl
+  export PYTHONPATH=/tmp/grpoctl-wheels
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+python -c "import math_verify" || { echo "math-verify is missing: see WHEELS above" >&2; exit 1; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
 

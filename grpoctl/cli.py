@@ -400,6 +400,9 @@ def loop(
                                                             "model, else 8].")] = None,
     dtype: Dtype = "float32",
     device: Device = "cpu",
+    threads: Annotated[Optional[int], typer.Option(min=0, help="CPU threads for torch (0 = torch's "
+                                                   "choice) [default: 1 for the embedded model, "
+                                                   "else 0].")] = None,
     trust_remote_code: TrustRemoteCode = False,
     eval_prompts: Annotated[Optional[str], typer.Option(help="Held-out prompts, or `none` "
                                                         "[default: arith:test].")] = "arith:test",
@@ -450,7 +453,7 @@ def loop(
         score_cmd=score_cmd, estimator=estimator, std=std, drop_zero=drop_zero,
         advantage_cmd=advantage_cmd, lr=lr, weight_decay=weight_decay, clip_eps=clip_eps,
         clip_eps_high=clip_eps_high, loss_agg=loss_agg, max_grad_norm=max_grad_norm,
-        kl_coef=kl_coef, ref=ref, micro_batch_size=micro_batch_size, dtype=dtype, device=device,
+        kl_coef=kl_coef, ref=ref, micro_batch_size=micro_batch_size, dtype=dtype, device=device, threads=threads,
         trust_remote_code=trust_remote_code,
         eval_prompts=None if eval_prompts in (None, "none") else eval_prompts,
         eval_every=eval_every, eval_samples=eval_samples, eval_limit=eval_limit, run_dir=run_dir,

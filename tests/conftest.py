@@ -9,6 +9,10 @@ from pathlib import Path
 
 import pytest
 
+# Tiny models run fastest on one thread, and CLI subprocesses inherit this: two busy-waiting
+# torch threads per process on a 2-core machine slow everything down many times.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
 
