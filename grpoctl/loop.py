@@ -148,16 +148,19 @@ def step_seed(seed: int, step: int, salt: int = 0) -> int:
 
 
 def prompts_for_step(prompts: list[dict], step: int, per_step: int, seed: int) -> list[dict]:
-    """The step's prompts: consecutive slices of a reshuffled-each-epoch order."""
-    n = len(prompts)
-    start = (step - 1) * per_step
-    chosen = []
-    for position in range(start, start + per_step):
-        epoch, index = divmod(position, n)
-        order = list(range(n))
-        random.Random(seed * 100_003 + epoch).shuffle(order)
-        chosen.append(prompts[order[index]])
-    return chosen
+    """The step's prompts: slice number k of epoch e's shuffled order.
+
+    Each epoch reshuffles (seeded by seed and epoch) and is cut into len // per_step
+    steps, dropping the remainder, so no prompt appears twice in one step (its group
+    would double) and the batch depends only on (seed, step).
+    """
+    steps_per_epoch = len(prompts) // per_step
+    if steps_per_epoch == 0:
+        raise GrpoctlError(f"--prompts-per-step {per_step} is more than the {len(prompts)} prompts")
+    epoch, k = divmod(step - 1, steps_per_epoch)
+    order = list(range(len(prompts)))
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    return [prompts[i] for i in order[k * per_step:(k + 1) * per_step]]
 
 
 class Run:
@@ -434,7 +437,7 @@ def run_loop(cfg: LoopConfig, resume: bool = False, display=None) -> Path:
     run, cfg = prepare_run_dir(cfg, resume)
     loop = Loop(cfg, run, display)
     prompts = loop.load_prompts(cfg.prompts, cfg.limit)
-    steps = cfg.steps or max(1, round(cfg.epochs * len(prompts) / cfg.prompts_per_step))
+    steps = cfg.steps or max(1, round(cfg.epochs * (len(prompts) // cfg.prompts_per_step)))
     eval_prompts = loop.load_prompts(cfg.eval_prompts, cfg.eval_limit) if cfg.eval_prompts else []
 
     state = Run(run)

@@ -131,3 +131,17 @@ def test_interrupt_says_how_to_resume(tmp_path):
     assert proc.returncode == 130
     assert out == b""
     assert "--resume" in err.decode().strip().splitlines()[-1]
+
+
+def test_step_batches_never_repeat_a_prompt_and_cover_each_epoch():
+    from grpoctl.loop import prompts_for_step
+
+    prompts = [{"prompt_id": f"p{i}"} for i in range(10)]
+    # 10 prompts, 4 per step: 2 steps per epoch (2 prompts dropped per epoch), reshuffled.
+    batches = [[p["prompt_id"] for p in prompts_for_step(prompts, s, 4, seed=0)] for s in range(1, 7)]
+    for b in batches:
+        assert len(b) == len(set(b)) == 4
+    assert len(set(batches[0]) | set(batches[1])) == 8  # one epoch: 8 distinct prompts
+    assert batches[0] != batches[2]  # the next epoch is shuffled differently
+    assert batches == [[p["prompt_id"] for p in prompts_for_step(prompts, s, 4, seed=0)]
+                       for s in range(1, 7)]  # a function of (seed, step) alone
