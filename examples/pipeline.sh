@@ -16,7 +16,7 @@ grpoctl score "$work/rollouts.jsonl" --reward math -o "$work/scored.jsonl"
 grpoctl advantage "$work/scored.jsonl" --estimator pairwise -o "$work/advantages.jsonl"
 
 # 4. One clipped policy-gradient step; the checkpoint holds weights, tokenizer and optimizer state.
-grpoctl update "$work/advantages.jsonl" --policy default --out "$work/ckpt-1" --lr 3e-4
+grpoctl update "$work/advantages.jsonl" --policy default --out "$work/ckpt-1" --lr 1e-4
 
 # The new checkpoint is an ordinary model directory: sample from it, or update it again.
 grpoctl eval --model "$work/ckpt-1" --prompts arith:test --samples 4 --max-new-tokens 32

@@ -386,7 +386,7 @@ def loop(
                                             "update.")] = False,
     advantage_cmd: Annotated[Optional[str], typer.Option(help="Shell command that replaces "
                                                          "`advantage`.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate [default: 3e-4 for the "
+    lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate [default: 1e-4 for the "
                                                 "embedded model, else 1e-6 (the paper's 16-GRPO)].")] = None,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
     clip_eps: Annotated[float, typer.Option(help="PPO clip range.")] = 0.2,

@@ -16,6 +16,13 @@ The logits at column j predict the token at column j + 1, so the completion
 tokens (the last Tc columns) are scored by the logits of the Tc columns before
 them. The model is asked for those logits only (`logits_to_keep`), which skips
 the vocabulary projection over the prompt.
+
+A GRPO batch holds G completions of each prompt. When prompts repeat, each
+distinct prompt is run once and its KV cache is shared by its completions
+(`_shared_prompt_logits`): two passes, prompts then completions, with gradients
+flowing back through the shared cache. Same numbers up to float rounding
+(~1e-6), G times less work on the prompt tokens, which at G = 16 are most of
+the tokens.
 """
 
 from __future__ import annotations
@@ -41,6 +48,58 @@ def _left_pad(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_
     return input_ids, attention_mask, position_ids, longest_completion
 
 
+def _keep_logits(model, n: int) -> dict:
+    """Ask for the last n columns' logits only, where the model supports it (standard
+    transformers models do; remote code may not: it then returns every column)."""
+    if "logits_to_keep" in inspect.signature(model.forward).parameters:
+        return {"logits_to_keep": n}
+    return {}
+
+
+def _shared_prompt_logits(model, prompts: list[list[int]], prompt_of_row: list[int],
+                          completion_ids: list[list[int]], pad_id: int, tc: int, device):
+    """Logits [B, Tc, V] scoring each completion token, right-aligned as in the module
+    docstring, with each distinct prompt run once.
+
+    1. The distinct prompts, left padded: their KV cache and the logits of their last
+       column (which score each completion's first token).
+    2. The cache rows repeated for the rows that share a prompt (an indexing op, so the
+       gradient of every copy flows back to the one prompt pass).
+    3. The completions, right padded, after the cache: the attention mask is the
+       prompt's mask then the completion's, positions continue from the prompt's length.
+       The logits at completion column j score token j + 1.
+    Returns None when the model's cache cannot be indexed by row (some remote code).
+    """
+    from grpoctl.rollout.hf import cache_argument, returned_cache, select_cache_rows
+
+    ids, prompt_mask, positions, _ = _left_pad(prompts, [[] for _ in prompts], pad_id)
+    ids, prompt_mask, positions = ids.to(device), prompt_mask.to(device), positions.to(device)
+    out = model(input_ids=ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
+                **_keep_logits(model, 1))
+    rows = torch.tensor(prompt_of_row, device=device)
+    cache = returned_cache(out)
+    if not select_cache_rows(cache, rows):  # now cache[i] = the cache of row i's prompt
+        return None
+
+    completions = torch.full((len(completion_ids), tc), pad_id, dtype=torch.long)
+    completion_mask = torch.zeros((len(completion_ids), tc), dtype=torch.long)
+    for row, c in enumerate(completion_ids):
+        completions[row, :len(c)] = torch.tensor(c, dtype=torch.long)
+        completion_mask[row, :len(c)] = 1
+    completions, completion_mask = completions.to(device), completion_mask.to(device)
+    start = prompt_mask.sum(-1)[rows].unsqueeze(1)  # each row's prompt length
+    out2 = model(input_ids=completions, attention_mask=torch.cat([prompt_mask[rows],
+                 completion_mask], dim=1), position_ids=start + torch.arange(tc, device=device),
+                 use_cache=True, **{cache_argument(model): cache})
+    # Left-aligned scores: column j scores completion token j.
+    scores = torch.cat([out.logits[:, -1:][rows], out2.logits[:, :-1]], dim=1)
+    # Right-align (the layout of the one-pass path): column c of row i holds its token
+    # c - (Tc - length_i); columns before the completion repeat column 0 (masked out).
+    lengths = completion_mask.sum(-1, keepdim=True)
+    source = (torch.arange(tc, device=device) - (tc - lengths)).clamp(min=0)
+    return scores.gather(1, source.unsqueeze(-1).expand(-1, -1, scores.shape[-1]))
+
+
 def padded_completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]],
                                temperature: float | None = 1.0, pad_id: int = 0,
                                with_entropy: bool = False):
@@ -62,18 +121,23 @@ def padded_completion_logprobs(model, prompt_ids: list[list[int]], completion_id
         empty = torch.zeros((len(completion_ids), 0), device=device)
         return empty, (empty.clone() if with_entropy else None), mask.to(device)
 
-    input_ids, attention_mask, position_ids, mask = (
-        t.to(device) for t in (input_ids, attention_mask, position_ids, mask))
-    kwargs = {}
-    if "logits_to_keep" in inspect.signature(model.forward).parameters:
-        kwargs["logits_to_keep"] = tc + 1  # standard transformers models; remote code may lack it
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                use_cache=False, **kwargs)
-    # Logits of the Tc columns before each completion token, in fp32 for the softmax.
-    logits = out.logits[:, -(tc + 1):-1, :].float()
+    distinct: dict[tuple, int] = {}
+    prompt_of_row = [distinct.setdefault(tuple(p), len(distinct)) for p in prompt_ids]
+    logits = None
+    if len(distinct) < len(prompt_ids):  # a prompt repeats: run it once, share its cache
+        logits = _shared_prompt_logits(model, [list(p) for p in distinct], prompt_of_row,
+                                       completion_ids, pad_id, tc, device)
+    if logits is None:  # one pass over prompt + completion
+        input_ids, attention_mask, position_ids = (
+            t.to(device) for t in (input_ids, attention_mask, position_ids))
+        out = model(input_ids=input_ids, attention_mask=attention_mask,
+                    position_ids=position_ids, use_cache=False, **_keep_logits(model, tc + 1))
+        logits = out.logits[:, -(tc + 1):-1, :]  # the Tc columns before each completion token
+    mask = mask.to(device)
+    logits = logits.float()  # fp32 for the softmax
     if temperature != 1.0:
         logits = logits / temperature
-    targets = input_ids[:, -tc:]
+    targets = input_ids[:, -tc:].to(device)
     # log softmax at the target = logit[target] - logsumexp(logits): no [B, Tc, V] log-prob tensor.
     logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
     logprobs = torch.where(mask, logprobs, torch.zeros_like(logprobs))

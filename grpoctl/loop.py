@@ -39,7 +39,7 @@ from grpoctl.records import (NEEDS_ADVANTAGE, NEEDS_UPDATE, atomic_open, dumps, 
 # it (a 1M-parameter model needs a far larger learning rate than a 1.5B one).
 # One CPU thread for the tiny model: its matrices are too small to share, and a second
 # busy-waiting thread on a loaded machine made steps up to 30x slower (measured).
-EMBEDDED_DEFAULTS = {"lr": 3e-4, "max_new_tokens": 32, "steps": 150, "prompts_per_step": 64,
+EMBEDDED_DEFAULTS = {"lr": 1e-4, "max_new_tokens": 32, "steps": 150, "prompts_per_step": 64,
                      "batch_size": 256, "micro_batch_size": 256, "threads": 1}
 GENERAL_DEFAULTS = {"lr": 1e-6, "max_new_tokens": 1024, "steps": 100, "prompts_per_step": 32,
                     "batch_size": 64, "micro_batch_size": 8, "threads": 0}
@@ -86,7 +86,7 @@ class LoopConfig:
     drop_zero: bool = False
     advantage_cmd: str | None = None
     # update
-    lr: float | None = None  # None: 3e-4 for the embedded model, else 1e-6 (the paper's 16-GRPO)
+    lr: float | None = None  # None: 1e-4 for the embedded model, else 1e-6 (the paper's 16-GRPO)
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.999

@@ -44,7 +44,7 @@ def finished_run(tmp_path_factory) -> Path:
 def test_run_directory_layout(finished_run):
     run = finished_run
     config = json.loads((run / "config.json").read_text())
-    assert config["group_size"] == 2 and config["steps"] == 3 and config["lr"] == 3e-4
+    assert config["group_size"] == 2 and config["steps"] == 3 and config["lr"] == 1e-4
     for step in (1, 2, 3):
         d = run / f"step-{step:06d}"
         assert {p.name for p in d.iterdir()} == {"rollouts.jsonl", "scored.jsonl", "advantages.jsonl",

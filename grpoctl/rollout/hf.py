@@ -93,14 +93,25 @@ def left_pad(prompt_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, to
     return input_ids, mask
 
 
-def _cache_argument(model) -> str:
-    # transformers 5.2x renamed the KV cache argument `past_key_values` to `cache`.
+def cache_argument(model) -> str:
+    """The name of the forward argument that takes a KV cache: transformers 5.2x renamed
+    `past_key_values` to `cache`."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _cache(out):
+def returned_cache(out):
+    """The KV cache a forward pass returned (under either name)."""
     cache = getattr(out, "cache", None)
     return cache if cache is not None else out.past_key_values
+
+
+def select_cache_rows(cache, rows: torch.Tensor) -> bool:
+    """Make row i of the cache a copy of row rows[i], in place (a GRPO group's samples share
+    their prompt's cache). False when this cache type cannot do it (some remote code)."""
+    if not hasattr(cache, "batch_select_indices"):
+        return False
+    cache.batch_select_indices(rows)
+    return True
 
 
 @torch.inference_mode()
@@ -112,22 +123,31 @@ def sample_batch(model, prompt_ids: list[list[int]], seeds: list[int], max_new_t
     A completion ends at its first stop token (included, finish "stop") or after
     max_new_tokens tokens ("length"). Finished rows keep decoding padding until
     the whole batch is done; their extra tokens are dropped.
+    Rows with the same prompt (a group's samples) share one prefill of that prompt.
     """
     device = model.get_input_embeddings().weight.device
     u = uniforms(seeds, max_new_tokens).to(device)
-    input_ids, mask = left_pad(prompt_ids, pad_id)
+    distinct: dict[tuple, int] = {}
+    rows = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompt_ids],
+                        device=device)  # row i's prompt is distinct prompt rows[i]
+    input_ids, mask = left_pad([list(p) for p in distinct], pad_id)
     input_ids, mask = input_ids.to(device), mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # 0, 1, 2, ... over real tokens only
     stop = torch.tensor(sorted(stop_ids), device=device)
 
-    cache_arg = _cache_argument(model)
+    cache_arg = cache_argument(model)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
                 use_cache=True, logits_to_keep=1)
-    next_position = positions[:, -1:] + 1
+    cache, logits = returned_cache(out), out.logits[:, -1][rows]
+    if len(distinct) < len(prompt_ids) and not select_cache_rows(cache, rows):
+        out = model(input_ids=input_ids[rows], attention_mask=mask[rows],  # prefill every row
+                    position_ids=positions[rows], use_cache=True, logits_to_keep=1)
+        cache = returned_cache(out)
+    mask, next_position = mask[rows], positions[rows, -1:] + 1
     done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=device)
     tokens, logprobs = [], []
     for t in range(max_new_tokens):
-        tok, lp = next_tokens(out.logits[:, -1].float(), u[:, t], temperature, top_p, top_k)
+        tok, lp = next_tokens(logits.float(), u[:, t], temperature, top_p, top_k)
         tok = tok.masked_fill(done, pad_id)
         tokens.append(tok)
         logprobs.append(lp)
@@ -136,7 +156,8 @@ def sample_batch(model, prompt_ids: list[list[int]], seeds: list[int], max_new_t
             break
         mask = torch.cat([mask, mask.new_ones((len(prompt_ids), 1))], dim=-1)
         out = model(input_ids=tok.unsqueeze(-1), attention_mask=mask,
-                    position_ids=next_position + t, use_cache=True, **{cache_arg: _cache(out)})
+                    position_ids=next_position + t, use_cache=True, **{cache_arg: cache})
+        cache, logits = returned_cache(out), out.logits[:, -1]
 
     tokens = torch.stack(tokens, dim=1).tolist()
     logprobs = torch.stack(logprobs, dim=1).float().tolist()
