@@ -31,17 +31,6 @@ import pytest
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # see test_kill_resume.py
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """This tiny model runs 30x slower on two threads of a busy 2-core machine."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # --- valid inputs; every case breaks one thing -----------------------------------
 
 

@@ -46,15 +46,6 @@ from grpoctl.loop import LoopConfig, run_loop
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # see test_kill_resume.py
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """This tiny model runs 30x slower on two threads of a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def run_cli_here(argv: list[str], capfd) -> tuple[int, str]:
     """`grpoctl ARGV` through the CLI's entry point in this process: (exit status, stderr)."""
     from grpoctl.cli import main
