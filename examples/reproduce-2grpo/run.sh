@@ -7,7 +7,8 @@
 #   - the same number of epochs over the same prompt set (the first N_PROMPTS of arith:train),
 #     so 2-GRPO consumes 1/8 of 16-GRPO's rollouts and makes 1/8 of its steps;
 #   - the learning rate scales with the prompts per step (paper: 1e-6 at 32 prompts for
-#     16-GRPO, 8e-6 at 256 for 2-GRPO): lr = BASE_LR x prompts_per_step / 8;
+#     16-GRPO, 8e-6 at 256 for 2-GRPO): lr = BASE_LR x prompts_per_step / 8, anchored so
+#     that 2-GRPO (64 prompts) gets 1e-4, the embedded model's tested rate, and 16-GRPO 1.25e-5;
 #   - clip 0.2 / 0.28 (DAPO clip-higher), training sampling at temperature 1, no KL;
 #   - evaluation: Mean@4 and Pass@4 on the 200 held-out problems, the paper's evaluation
 #     sampling (temperature 0.7, top-p 0.8, top-k 20).
@@ -21,14 +22,14 @@ results=${RESULTS:-$here/results}
 N_PROMPTS=${N_PROMPTS:-512}
 EPOCHS=${EPOCHS:-4}
 ROLLOUTS_PER_STEP=${ROLLOUTS_PER_STEP:-128}
-BASE_LR=${BASE_LR:-1e-4}
+BASE_LR=${BASE_LR:-1.25e-5}
 SEEDS=${SEEDS:-"0 1 2"}
-GROUPS=${GROUPS:-"2 4 8 16"}
+GROUP_SIZES=${GROUP_SIZES:-"2 4 8 16"}
 
 mkdir -p "$out"
 
 for seed in $SEEDS; do
-  for g in $GROUPS; do
+  for g in $GROUP_SIZES; do
     prompts=$((ROLLOUTS_PER_STEP / g))
     steps=$((EPOCHS * N_PROMPTS / prompts))
     lr=$(python3 -c "print(${BASE_LR} * ${prompts} / 8)")
@@ -40,7 +41,7 @@ for seed in $SEEDS; do
     echo "G=$g seed=$seed: $prompts prompts/step, $steps steps, lr $lr" >&2
     grpoctl loop --group-size "$g" --prompts-per-step "$prompts" --steps "$steps" --lr "$lr" \
       --limit "$N_PROMPTS" --clip-eps 0.2 --clip-eps-high 0.28 --seed "$seed" \
-      --eval-every $((steps / 4)) --eval-samples 4 --save-every "$steps" --keep-last 1 \
+      --eval-every $(( steps >= 4 ? steps / 4 : 1 )) --eval-samples 4 --eval-limit "${EVAL_LIMIT:-200}" --save-every "$steps" --keep-last 1 \
       --run-dir "$run" --quiet "${resume[@]}"
   done
 done
