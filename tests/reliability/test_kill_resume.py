@@ -39,7 +39,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-STEPS, SAVE_EVERY = 10, 2
+STEPS, SAVE_EVERY = 14, 2  # enough stage files that 20+ kills land before the end
 ARGS = ["-G", "2", "--prompts-per-step", "4", "--steps", str(STEPS),
         "--save-every", str(SAVE_EVERY), "--keep-last", "2", "--max-new-tokens", "8",
         "--lr", "1e-3", "--seed", "1",
@@ -98,6 +98,9 @@ for line in sys.stdin:
     if signalled:
         os.kill(pid, job["signal"])
         status = os.waitpid(pid, 0)[1]
+        # The child may have exited between the last poll and the kill: the signal then
+        # hit a zombie, and the status says how the child really ended.
+        signalled = not (os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0)
     print(json.dumps({"signalled": signalled, "exit": os.waitstatus_to_exitcode(status),
                       "seconds": time.monotonic() - start}), flush=True)
 '''
