@@ -115,12 +115,15 @@ def reference_completion(item: dict) -> str:
     return f"{m['a']} {m['op']} {m['b']} = {item['answer']}. \\boxed{{{item['answer']}}}"
 
 
-def direct_completion(item: dict) -> str:
-    """The answer alone, no working: "\\boxed{68}".
+def careless_completion(item: dict) -> str:
+    """The worked solution with a copying slip: the last two digits of the boxed answer swapped.
 
-    The default model is warm-started on a mix of both styles. Answering
-    directly is much less accurate for a small model (it must find and add the
-    numbers in one go), so the first thing RL learns is to write the equation:
-    a small version of "RL makes the model show its work".
+    "23 + 45 = 68. \\boxed{86}": the equation is right, the box is not. The
+    default model's warm-start data has this slip in a share of its solutions
+    (like human-written solutions with careless mistakes), so the model learns
+    the habit by imitation; the reward never pays for it, so RL removes it.
+    Answers whose last two digits are equal (or that have one digit) cannot slip.
     """
-    return f"\\boxed{{{item['answer']}}}"
+    m, ans = item["meta"], item["answer"]
+    boxed = ans[:-2] + ans[-1] + ans[-2] if len(ans) >= 2 else ans
+    return f"{m['a']} {m['op']} {m['b']} = {ans}. \\boxed{{{boxed}}}"

@@ -1,13 +1,23 @@
 """Build grpoctl's embedded default model: a tiny Llama warm-started on the arith task.
 
-    python scripts/train_default_model.py            # writes grpoctl/default_model/
+Two supervised phases, two commands (docs/default-model.md has the figures):
 
-Supervised training on the train split's reference completions ("23 + 45 = 68.
-\\boxed{68}") until held-out accuracy, sampled at temperature 1, first reaches
---target. Stopping at a target rather than after a fixed time matters: accuracy
-of a model this small jumps sharply and the jump comes at different steps from
-run to run. The target is deliberately low (default 20%) so that RL has room:
-the point of the default model is to show `grpoctl loop` raising accuracy.
+    python scripts/train_default_model.py --out /tmp/arith-clean
+    python scripts/train_default_model.py --init /tmp/arith-clean --careless 0.5 \
+        --lr 1e-3 --warmup 10 --decay-steps 150 --max-steps 150 --target 1.0
+
+Phase 1 trains from scratch on the train split's reference solutions ("23 + 45 =
+68. \\boxed{68}") until held-out accuracy, sampled at temperature 1, first reaches
+--target (45%). Stopping at a target rather than after a fixed time matters: the
+accuracy of a model this small jumps sharply, at different steps from run to run.
+
+Phase 2 continues briefly on solutions of which half carry a copying slip (the
+equation right, the boxed answer's last two digits swapped: task.careless_completion),
+the way human-written solutions carry careless mistakes. The model picks up the
+habit, its sampled accuracy halves, and the reward never pays for the slip, so
+GRPO has something to remove within the default run's few minutes. (A model
+whose only errors are confident arithmetic mistakes improves under RL too, but
+several times more slowly: the first version of the default model did.)
 
 The prompt is rendered exactly as rollout renders it (the tokenizer's chat
 template with add_generation_prompt=True); the loss covers only the completion
@@ -30,7 +40,7 @@ from pathlib import Path
 import torch
 
 from grpoctl.models import byte_level_tokenizer, tiny_config
-from grpoctl.task import direct_completion, load_split, reference_completion
+from grpoctl.task import careless_completion, load_split, reference_completion
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "grpoctl" / "default_model"
@@ -75,13 +85,13 @@ def render_prompt(tokenizer, text: str) -> str:
 
 
 def encode_examples(tokenizer, items: list[dict]) -> list[tuple[list[int], list[int], list[int]]]:
-    """(prompt ids, worked completion ids + EOS, direct completion ids + EOS) for each item."""
+    """(prompt ids, reference completion ids + EOS, careless completion ids + EOS) for each item."""
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     eos = [tokenizer.eos_token_id]
     return [(ids(render_prompt(tokenizer, it["text"])), ids(reference_completion(it)) + eos,
-             ids(direct_completion(it)) + eos) for it in items]
+             ids(careless_completion(it)) + eos) for it in items]
 
 
 def make_batch(examples, pad_id: int):
@@ -137,10 +147,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=50, help="linear lr warm-up steps")
     ap.add_argument("--decay-steps", type=int, default=1200,
                     help="cosine decay of the lr to 10%% over this many steps (then held there)")
-    ap.add_argument("--target", type=float, default=0.20,
+    ap.add_argument("--target", type=float, default=0.45,
                     help="stop once held-out accuracy sampled at temperature 1 reaches this")
-    ap.add_argument("--direct-fraction", type=float, default=0.5,
-                    help="share of training completions that give the boxed answer with no equation")
+    ap.add_argument("--careless", type=float, default=0.0,
+                    help="share of training solutions whose boxed answer has its last two digits swapped")
+    ap.add_argument("--init", type=Path, default=None,
+                    help="continue from this model directory instead of a random initialisation")
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--max-steps", type=int, default=2000)
@@ -156,7 +168,10 @@ def main() -> None:
     tokenizer.chat_template = CHAT_TEMPLATE
     config = tiny_config("llama", hidden=args.hidden, layers=args.layers, heads=4, kv_heads=2,
                          max_positions=256)
-    model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_pretrained(str(args.init)) if args.init \
+        else AutoModelForCausalLM.from_config(config)
+    earlier_record = args.init / "training.json" if args.init else None  # the earlier phase's
+    earlier = json.loads(earlier_record.read_text()) if earlier_record and earlier_record.is_file() else None
     n_params = sum(p.numel() for p in model.parameters())
     log(f"tiny llama: {n_params:,} parameters")
 
@@ -172,10 +187,10 @@ def main() -> None:
     while step < args.max_steps:
         perm = torch.randperm(len(train), generator=order).tolist()
         for start in range(0, len(perm) - args.batch_size + 1, args.batch_size):
-            # each example, each time it is drawn: the worked style, or the direct one
-            direct = torch.rand(args.batch_size, generator=order) < args.direct_fraction
-            batch = [(train[i][0], train[i][2] if d else train[i][1])
-                     for i, d in zip(perm[start:start + args.batch_size], direct.tolist())]
+            # each time an example is drawn, its solution carries the copying slip with probability --careless
+            slip = torch.rand(args.batch_size, generator=order) < args.careless
+            batch = [(train[i][0], train[i][2] if s else train[i][1])
+                     for i, s in zip(perm[start:start + args.batch_size], slip.tolist())]
             ids, mask, labels = make_batch(batch, tokenizer.pad_token_id)
             loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             opt.zero_grad(set_to_none=True)
@@ -212,6 +227,8 @@ def main() -> None:
             "parameters": n_params, "steps": step, "seconds": round(seconds, 1),
             "heldout_accuracy": {"sampled_t1": sampled, "greedy": greedy, "n": len(test)},
             "history": history, "torch": torch.__version__}
+    if earlier:
+        info["init"] = earlier
     (args.out / "training.json").write_text(json.dumps(info, indent=1) + "\n")
     # Name the class every transformers version knows (5.x writes "TokenizersBackend", which 4.x lacks).
     tok_config = json.loads((args.out / "tokenizer_config.json").read_text())

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from grpoctl.errors import GrpoctlError
-from grpoctl.task import TEMPLATES, load_split, reference_completion
+from grpoctl.task import TEMPLATES, careless_completion, load_split, reference_completion
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "grpoctl" / "default_model"
 
@@ -67,6 +67,13 @@ def test_hand_worked_items():
     sub = {"meta": {"a": 84, "op": "-", "b": 57}, "answer": "27"}
     assert reference_completion(add) == "57 + 37 = 94. \\boxed{94}"
     assert reference_completion(sub) == "84 - 57 = 27. \\boxed{27}"
+    # the careless variant swaps the last two digits of the box only
+    assert careless_completion(add) == "57 + 37 = 94. \\boxed{49}"
+    assert careless_completion({"meta": {"a": 57, "op": "+", "b": 97}, "answer": "154"}) == \
+        "57 + 97 = 154. \\boxed{145}"
+    # nothing to swap: one digit, or two equal last digits
+    assert careless_completion({"meta": {"a": 50, "op": "-", "b": 45}, "answer": "5"}).endswith("\\boxed{5}")
+    assert careless_completion({"meta": {"a": 78, "op": "-", "b": 12}, "answer": "66"}).endswith("\\boxed{66}")
 
 
 def test_reference_completion_is_short_and_ends_in_the_boxed_answer():
