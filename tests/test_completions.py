@@ -19,8 +19,8 @@ def test_committed_completion_scripts_are_up_to_date(shell):
 
 
 def test_bash_completion_offers_the_apps_flags():
-    # What the committed bash script runs when the user presses TAB after `grpoctl loop --gr`.
-    env = dict(os.environ, COMP_WORDS="grpoctl loop --gr", COMP_CWORD="2",
+    # What the committed bash script runs when the user presses TAB after `grpoctl loop --grou`.
+    env = dict(os.environ, COMP_WORDS="grpoctl loop --grou", COMP_CWORD="2",
                _GRPOCTL_COMPLETE="complete_bash")
     proc = subprocess.run([sys.executable, "-m", "grpoctl"], env=env, capture_output=True, text=True)
     assert proc.stdout.split() == ["--group-size"]
