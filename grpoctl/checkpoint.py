@@ -8,6 +8,11 @@
                                "<name>.exp_avg_sq", "<name>.step" (no pickle anywhere)
       trainer_state.json       step, every hyperparameter, the last step's metrics
 
+With LoRA (lora.py) the weights are the adapter instead: adapter_model.safetensors +
+adapter_config.json (naming the base model's path), and the optimizer state covers
+the adapter's parameters only; `save_lora="merged"` adds merged/, the base weights
+with the adapter merged in, as a plain transformers directory (+ tokenizer).
+
 Keying the optimizer state by parameter name (not by position, as
 `optimizer.state_dict()` does) makes the file readable and robust: a tied
 weight (lm_head = embed_tokens) is one parameter with one name, and a model
@@ -142,14 +147,22 @@ def read_trainer_state(checkpoint_dir) -> dict:
 
 
 def save_checkpoint(out_dir, model, tokenizer, optimizer: torch.optim.Optimizer,
-                    trainer_state: dict) -> Path:
+                    trainer_state: dict, save_lora: str = "adapter") -> Path:
     """Write a complete checkpoint to out_dir atomically (see the module docstring).
 
     trainer_state must be JSON-serialisable and hold at least "step".
+    save_lora (a model with a LoRA adapter only): "adapter" (default) saves the
+    adapter; "merged" also writes merged/ (lora.save_merged).
     Any write failure (full disk, read-only directory) raises GrpoctlError and
     leaves an existing out_dir untouched and no temporary directory behind.
     """
     from safetensors.torch import save_file
+
+    from grpoctl import lora
+
+    if save_lora not in lora.SAVE_MODES:
+        raise GrpoctlError(f"--save-lora: expected one of {', '.join(lora.SAVE_MODES)}, "
+                           f"got {save_lora!r}")
 
     out = Path(out_dir).absolute()
     try:
@@ -158,15 +171,23 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer: torch.optim.Optimizer,
     except OSError as e:
         raise GrpoctlError(f"{out}: cannot write checkpoint: {e.strerror or e}") from None
     try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
+        if lora.has_lora(model):
+            lora.save_adapter(model, tmp)
+            if save_lora == "merged":
+                lora.save_merged(model, tmp / lora.MERGED_DIR)
+                tokenizer.save_pretrained(str(tmp / lora.MERGED_DIR))
+                (tmp / lora.MERGED_DIR / TRAINER_STATE_FILE).write_text(  # its step, for rollout
+                    json.dumps({"step": trainer_state["step"]}) + "\n", encoding="utf-8")
+        else:
+            model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         save_file(optimizer_tensors(optimizer, model), str(tmp / OPTIMIZER_FILE),
                   metadata={"format": "grpoctl-adamw", "keys": "<parameter name>.<state key>"})
         (tmp / TRAINER_STATE_FILE).write_text(
             json.dumps(trainer_state, indent=2, ensure_ascii=False, allow_nan=False) + "\n",
             encoding="utf-8")
-        for f in tmp.rglob("*"):
-            if f.is_file():
+        for f in tmp.rglob("*"):  # files, and merged/ when there is one
+            if f.is_file() or f.is_dir():
                 _fsync(f)
         _fsync(tmp)
         _move_into_place(tmp, out)

@@ -61,6 +61,10 @@ Seed = Annotated[int, typer.Option(help="Random seed: the same seed gives the sa
 BatchSize = Annotated[int, typer.Option(min=1, help="Sequences generated together.")]
 Backend = Annotated[str, typer.Option(help="Generation engine: `hf` (transformers) or `vllm` "
                                       "(GPU, needs the vllm extra).")]
+TensorParallel = Annotated[int, typer.Option(min=1, help="GPUs vLLM shards the model over "
+                                             "(--backend vllm).")]
+GpuMemory = Annotated[float, typer.Option(min=0.01, max=1.0, help="Share of each GPU's memory vLLM "
+                                          "takes for weights and KV cache (--backend vllm).")]
 Dtype = Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16 or float16.")]
 Device = Annotated[str, typer.Option(help="Torch device, e.g. cpu or cuda.")]
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code",
@@ -77,6 +81,33 @@ Estimator = Annotated[str, typer.Option(help="`group` (GRPO), `pairwise` (2-GRPO
 Std = Annotated[str, typer.Option(help="`group` (GRPO), `batch`, or `none` (Dr. GRPO). "
                                   "Used by --estimator group.")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
+Fsdp = Annotated[bool, typer.Option("--fsdp", help="Under torchrun: shard the optimizer state and "
+                                    "the summed gradients across ranks with FSDP2 (default: every "
+                                    "rank holds the whole model and optimizer, DDP-style). No "
+                                    "effect in a single process.")]
+AttnImplementation = Annotated[Optional[str], typer.Option(
+    help="Attention kernel: eager, sdpa, flash_attention_2 (GPU, needs flash-attn) "
+    "[default: transformers' choice, sdpa].")]
+GradientCheckpointing = Annotated[bool, typer.Option(
+    "--gradient-checkpointing", help="Recompute each layer's activations in the backward pass: "
+    "far less memory, about one more forward pass of time. Same gradients.")]
+LoraR = Annotated[int, typer.Option(min=0, help="Train a LoRA adapter of this rank instead of every "
+                                    "weight (needs the lora extra); 0 = off. A --policy that holds "
+                                    "an adapter continues it.")]
+LoraAlpha = Annotated[Optional[float], typer.Option(help="LoRA scale α (update = α/r · BA) "
+                                                    "[default: 2 × --lora-r, as TRL].")]
+LoraDropout = Annotated[float, typer.Option(min=0.0, max=0.99, help="Dropout on the LoRA input "
+                                            "during the update (peft's default 0).")]
+LoraTargetModules = Annotated[str, typer.Option(help="Layers that get adapters: `all-linear` (every "
+                                                "linear layer but the output head) or names, "
+                                                "e.g. `q_proj,v_proj`.")]
+SaveLora = Annotated[str, typer.Option(help="With --lora-r: `adapter` saves the adapter (it names "
+                                       "the base model's path); `merged` also writes merged/, the "
+                                       "merged weights as a plain model directory.")]
+IsCap = Annotated[Optional[float], typer.Option(help="Truncated importance sampling: weight each "
+                                                "token's loss by min(π_trainer/π_sampler, CAP), "
+                                                "correcting the sampler's (e.g. vLLM's) log-prob "
+                                                "mismatch; 2.0 is usual [default: off].")]
 
 
 def _progress(quiet: bool) -> bool:
@@ -112,8 +143,11 @@ def rollout(
     seed: Seed = 0,
     batch_size: BatchSize = 64,
     backend: Backend = "hf",
+    tensor_parallel_size: TensorParallel = 1,
+    gpu_memory_utilization: GpuMemory = 0.9,
     dtype: Dtype = "float32",
     device: Device = "cpu",
+    attn_implementation: AttnImplementation = None,
     trust_remote_code: TrustRemoteCode = False,
     output: Output = "-",
     quiet: Quiet = False,
@@ -142,6 +176,8 @@ def rollout(
         id_field=id_field, limit=limit, shard=shard, template=template,
         use_chat_template=not no_chat_template, system=system, dtype=dtype, device=device,
         trust_remote_code=trust_remote_code, progress=_progress(quiet),
+        tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+        attn_implementation=attn_implementation,
     )
 
 
@@ -248,14 +284,23 @@ def update(
                                                   "gradients accumulate over the file.")] = 8,
     temperature: Annotated[Optional[float], typer.Option(help="Divide logits by this [default: "
                                                          "the records' sampling temperature].")] = None,
+    is_cap: IsCap = None,
     dtype: Dtype = "float32",
     device: Device = "cpu",
+    attn_implementation: AttnImplementation = None,
+    gradient_checkpointing: GradientCheckpointing = False,
+    lora_r: LoraR = 0,
+    lora_alpha: LoraAlpha = None,
+    lora_dropout: LoraDropout = 0.0,
+    lora_target_modules: LoraTargetModules = "all-linear",
+    save_lora: SaveLora = "adapter",
     trust_remote_code: TrustRemoteCode = False,
     max_tokens: Annotated[Optional[int], typer.Option(help="Normaliser of --loss-agg constant "
                                                       "(Dr. GRPO) [default: the records' "
                                                       "sampling.max_new_tokens].")] = None,
     metrics: Annotated[Optional[str], typer.Option(help="Also append the step's metrics (one "
                                                    "JSON line) to this file.")] = None,
+    fsdp: Fsdp = False,
 ):
     """Take ONE clipped policy-gradient step over the whole file and save a checkpoint.
 
@@ -271,15 +316,24 @@ def update(
 
         grpoctl rollout -G 2 | grpoctl score | grpoctl advantage --estimator pairwise | \\
             grpoctl update - --policy default --out ckpt-1
+
+        grpoctl update adv.jsonl --policy ./Qwen2.5-Math-1.5B --out ckpt-1 --dtype bfloat16 \\
+            --lora-r 16 --gradient-checkpointing --is-cap 2
     """
+    from grpoctl.lora import LoraSettings
     from grpoctl.update import UpdateConfig, run_update
 
     cfg = UpdateConfig(lr=lr, weight_decay=weight_decay, betas=(beta1, beta2), clip_eps=clip_eps,
                        clip_eps_high=clip_eps_high, loss_agg=loss_agg, max_grad_norm=max_grad_norm,
                        kl_coef=kl_coef, micro_batch_size=micro_batch_size, temperature=temperature,
-                       max_tokens=max_tokens)
+                       max_tokens=max_tokens, is_cap=is_cap)
+    lora = LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
+                        target_modules=lora_target_modules)
     result = run_update(records, policy, out, cfg, ref_dir=ref, dtype=dtype, device=device,
-                        trust_remote_code=trust_remote_code, metrics_path=metrics)
+                        trust_remote_code=trust_remote_code, metrics_path=metrics,
+                        fsdp=fsdp, attn_implementation=attn_implementation,
+                        gradient_checkpointing=gradient_checkpointing, lora_settings=lora,
+                        save_lora=save_lora)
     _log(json.dumps(result))
 
 
@@ -315,6 +369,7 @@ def eval_(
                                                     "e.g. subject or level; repeatable.")] = None,
     dtype: Dtype = "float32",
     device: Device = "cpu",
+    attn_implementation: AttnImplementation = None,
     trust_remote_code: TrustRemoteCode = False,
     save: Annotated[Optional[str], typer.Option(help="Also write the scored samples here.")] = None,
     quiet: Quiet = False,
@@ -341,7 +396,7 @@ def eval_(
         pass_k=pass_k, greedy=greedy, temperature=temperature, top_p=top_p, top_k=top_k,
         max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, rewards=reward or ["math"],
         by=by or [], dtype=dtype, device=device, trust_remote_code=trust_remote_code, save=save,
-        progress=_progress(quiet))
+        progress=_progress(quiet), attn_implementation=attn_implementation)
     print(json.dumps(summary))
 
 
@@ -361,8 +416,8 @@ def loop(
     prompts_per_step: Annotated[Optional[int], typer.Option(min=1, help="Prompts per step; each gives "
                                                             "G rollouts [default: 64 for the embedded "
                                                             "model, else 32].")] = None,
-    steps: Annotated[Optional[int], typer.Option(min=1, help="Optimizer steps [default: 150 for the "
-                                                 "embedded model, else 100].")] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Optimizer steps [default: 100, or from "
+                                                 "--epochs].")] = None,
     epochs: Annotated[Optional[float], typer.Option(help="Passes over the prompts (instead of "
                                                     "--steps).")] = None,
     temperature: Temperature = 1.0,
@@ -375,6 +430,16 @@ def loop(
                                                       "[default: 256 for the embedded model, else 64]."
                                                       )] = None,
     backend: Backend = "hf",
+    tensor_parallel_size: TensorParallel = 1,
+    gpu_memory_utilization: Annotated[float, typer.Option(
+        min=0.01, max=1.0, help="Share of the GPU's memory the vLLM engine takes for weights and "
+        "KV cache; the rest is the trainer's (--backend vllm).")] = 0.4,
+    vllm_dtype: Annotated[Optional[str], typer.Option(help="Weights dtype of the vLLM engine, "
+                                                      "e.g. bfloat16 while the trainer keeps "
+                                                      "float32 [default: --dtype].")] = None,
+    vllm_sleep: Annotated[bool, typer.Option("--vllm-sleep", help="Put the vLLM engine to sleep "
+                                             "(weights to CPU, KV cache freed) during each "
+                                             "update.")] = False,
     reward: Reward = None,
     workers: Workers = None,
     timeout: ScoreTimeout = 2.0,
@@ -398,11 +463,20 @@ def loop(
     micro_batch_size: Annotated[Optional[int], typer.Option(min=1, help="Sequences per forward/"
                                                             "backward [default: 256 for the embedded "
                                                             "model, else 8].")] = None,
+    is_cap: IsCap = None,
+    lora_r: LoraR = 0,
+    lora_alpha: LoraAlpha = None,
+    lora_dropout: LoraDropout = 0.0,
+    lora_target_modules: LoraTargetModules = "all-linear",
+    save_lora: SaveLora = "adapter",
     dtype: Dtype = "float32",
     device: Device = "cpu",
+    attn_implementation: AttnImplementation = None,
+    gradient_checkpointing: GradientCheckpointing = False,
     threads: Annotated[Optional[int], typer.Option(min=0, help="CPU threads for torch (0 = torch's "
                                                    "choice) [default: 1 for the embedded model, "
                                                    "else 0].")] = None,
+    fsdp: Fsdp = False,
     trust_remote_code: TrustRemoteCode = False,
     eval_prompts: Annotated[Optional[str], typer.Option(help="Held-out prompts, or `none` "
                                                         "[default: arith:test].")] = "arith:test",
@@ -449,7 +523,9 @@ def loop(
         use_chat_template=not no_chat_template, system=system, group_size=group_size,
         prompts_per_step=prompts_per_step, steps=steps, epochs=epochs, temperature=temperature,
         top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        backend=backend, rewards=reward or ["math"], score_workers=workers, score_timeout=timeout,
+        backend=backend, tensor_parallel_size=tensor_parallel_size,
+        gpu_memory_utilization=gpu_memory_utilization, vllm_dtype=vllm_dtype, vllm_sleep=vllm_sleep,
+        rewards=reward or ["math"], score_workers=workers, score_timeout=timeout,
         score_cmd=score_cmd, estimator=estimator, std=std, drop_zero=drop_zero,
         advantage_cmd=advantage_cmd, lr=lr, weight_decay=weight_decay, clip_eps=clip_eps,
         clip_eps_high=clip_eps_high, loss_agg=loss_agg, max_grad_norm=max_grad_norm,
@@ -458,6 +534,9 @@ def loop(
         eval_prompts=None if eval_prompts in (None, "none") else eval_prompts,
         eval_every=eval_every, eval_samples=eval_samples, eval_limit=eval_limit, run_dir=run_dir,
         seed=seed, save_every=save_every, keep_last=keep_last, rollouts_from=rollouts_from,
+        fsdp=fsdp, is_cap=is_cap, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+        lora_target_modules=lora_target_modules, save_lora=save_lora,
+        attn_implementation=attn_implementation, gradient_checkpointing=gradient_checkpointing,
     )
     try:
         run = run_loop(cfg, resume=resume, display=make_display(quiet))

@@ -114,7 +114,8 @@ def run_eval(model: str | None, scored: str | None, prompts_source: str, samples
              batch_size: int = 64, rewards=("math",), by: list[str] = (), save: str | None = None,
              prompt_field=None, answer_field=None, answer_after=None, id_field=None, limit=None,
              template="{prompt}", use_chat_template=True, system=None, dtype="float32",
-             device="cpu", trust_remote_code=False, progress=False) -> dict:
+             device="cpu", trust_remote_code=False, progress=False,
+             attn_implementation=None) -> dict:
     """`grpoctl eval`: sample and score (or read a scored file), print a table, return the summary."""
     from grpoctl.errors import GrpoctlError
     from grpoctl.records import NEEDS_ADVANTAGE, read_records, write_records
@@ -133,7 +134,7 @@ def run_eval(model: str | None, scored: str | None, prompts_source: str, samples
                                answer_after=answer_after, id_field=id_field, limit=limit)
         check_model_dir(model)  # "not a model directory" rather than a tokenizer error
         tokenizer = load_tokenizer(model, trust_remote_code)
-        policy = load_policy(model, dtype, device, trust_remote_code)
+        policy = load_policy(model, dtype, device, trust_remote_code, attn_implementation)
         check_vocab(tokenizer, policy, model)
         sampling = SamplingParams(temperature=0.0 if greedy else temperature, top_p=top_p,
                                   top_k=top_k, max_new_tokens=max_new_tokens, seed=seed)

@@ -31,6 +31,8 @@ import inspect
 
 import torch
 
+from grpoctl.models import is_gradient_checkpointing
+
 
 def _left_pad(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int):
     """input_ids, attention_mask, position_ids [B, L] and the longest completion Tc."""
@@ -124,7 +126,11 @@ def padded_completion_logprobs(model, prompt_ids: list[list[int]], completion_id
     distinct: dict[tuple, int] = {}
     prompt_of_row = [distinct.setdefault(tuple(p), len(distinct)) for p in prompt_ids]
     logits = None
-    if len(distinct) < len(prompt_ids):  # a prompt repeats: run it once, share its cache
+    # A prompt repeats: run it once, share its cache. Not under gradient checkpointing
+    # (models.py): a layer that writes a cache cannot be replayed, so it would keep
+    # its activations and the memory saving would be lost.
+    if len(distinct) < len(prompt_ids) and not (torch.is_grad_enabled()
+                                               and is_gradient_checkpointing(model)):
         logits = _shared_prompt_logits(model, [list(p) for p in distinct], prompt_of_row,
                                        completion_ids, pad_id, tc, device)
     if logits is None:  # one pass over prompt + completion

@@ -16,6 +16,11 @@ the finished steps after it from their saved advantages files (deterministic, no
 sampling), reuses any stage file of the unfinished step, and carries on. Each
 step's sampling seed is derived from (seed, step), so a resumed run samples
 exactly what the uninterrupted run would have.
+
+Under torchrun every rank runs this loop (distributed.py): each samples its share
+of the step's prompts, rank 0 gets all the records in one process's order, scores
+them, computes the advantages and writes every file, and each rank updates on its
+share of the advantages. Same files and weights as one process, up to float rounding.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from grpoctl import distributed
 from grpoctl.errors import GrpoctlError
 from grpoctl.records import (NEEDS_ADVANTAGE, NEEDS_UPDATE, atomic_open, dumps, parse_records,
                              read_records, write_json, write_records)
@@ -38,7 +44,7 @@ from grpoctl.records import (NEEDS_ADVANTAGE, NEEDS_UPDATE, atomic_open, dumps, 
 # it (a 1M-parameter model needs a far larger learning rate than a 1.5B one).
 # One CPU thread for the tiny model: its matrices are too small to share, and a second
 # busy-waiting thread on a loaded machine made steps up to 30x slower (measured).
-EMBEDDED_DEFAULTS = {"lr": 1e-4, "max_new_tokens": 32, "steps": 150, "prompts_per_step": 64,
+EMBEDDED_DEFAULTS = {"lr": 1e-4, "max_new_tokens": 32, "steps": 100, "prompts_per_step": 64,
                      "batch_size": 256, "micro_batch_size": 256, "threads": 1}
 GENERAL_DEFAULTS = {"lr": 1e-6, "max_new_tokens": 1024, "steps": 100, "prompts_per_step": 32,
                     "batch_size": 64, "micro_batch_size": 8, "threads": 0}
@@ -64,7 +70,7 @@ class LoopConfig:
     system: str | None = None
     group_size: int = 2
     prompts_per_step: int | None = None  # None: 64 for the embedded model, else 32 (the paper's 16-GRPO)
-    steps: int | None = None  # None: from epochs, else 150 (embedded) / 100
+    steps: int | None = None  # None: from epochs, else 100
     epochs: float | None = None
     # sampling (rollout)
     temperature: float = 1.0
@@ -73,6 +79,11 @@ class LoopConfig:
     max_new_tokens: int | None = None  # None: 32 for the embedded model, else 1024
     batch_size: int | None = None  # None: 256 for the embedded model, else 64
     backend: str = "hf"
+    # vLLM (--backend vllm): one engine for the run, given the new weights after each update
+    tensor_parallel_size: int = 1
+    gpu_memory_utilization: float = 0.4  # the engine's share of the GPU; the rest is the trainer's
+    vllm_dtype: str | None = None  # None: --dtype
+    vllm_sleep: bool = False  # free the engine's GPU memory during each update
     # score
     rewards: list[str] = field(default_factory=lambda: ["math"])
     score_workers: int | None = None
@@ -96,9 +107,19 @@ class LoopConfig:
     kl_coef: float = 0.0
     ref: str | None = None
     micro_batch_size: int | None = None  # None: 256 for the embedded model, else 8
+    is_cap: float | None = None  # truncated IS cap between sampler and trainer log-probs; None = off
+    # LoRA (lora.py, the `lora` extra)
+    lora_r: int = 0  # adapter rank; 0 = train every parameter
+    lora_alpha: float | None = None  # None: 2 * lora_r (TRL's ModelConfig ratio)
+    lora_dropout: float = 0.0  # dropout on the adapter input, in the update's gradient pass only
+    lora_target_modules: str = "all-linear"  # peft's "all-linear" or comma-separated module names
+    save_lora: str = "adapter"  # "adapter"; "merged" also writes checkpoints' merged/ directory
     # model loading
+    attn_implementation: str | None = None  # eager, sdpa, flash_attention_2; None: transformers' choice
+    gradient_checkpointing: bool = False  # recompute layer activations in backward: less memory
     dtype: str = "float32"
     device: str = "cpu"
+    fsdp: bool = False  # under torchrun: FSDP2 shards instead of whole replicas (distributed.py)
     threads: int | None = None  # CPU threads for torch; None: 1 for the embedded model, 0 = torch's choice
     trust_remote_code: bool = False
     # evaluation
@@ -130,6 +151,12 @@ class LoopConfig:
             raise GrpoctlError("--group-size must be at least 2: GRPO contrasts completions of one prompt")
         if cfg.estimator == "pairwise" and cfg.group_size != 2:
             raise GrpoctlError("--estimator pairwise needs --group-size 2")
+        from grpoctl.lora import SAVE_MODES, LoraSettings
+
+        if cfg.save_lora not in SAVE_MODES:  # fail before a run directory is made
+            raise GrpoctlError(f"--save-lora: expected one of {', '.join(SAVE_MODES)}, "
+                               f"got {cfg.save_lora!r}")
+        LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules).check()
         return cfg
 
 
@@ -238,12 +265,13 @@ class Loop:
     def __init__(self, cfg: LoopConfig, run: Path, display):
         self.cfg, self.run, self.display = cfg, run, display
         self.model = self.tokenizer = self.optimizer = self.ref_model = None
+        self.engine = None  # the vLLM engine (--backend vllm), built by start_engine
 
     # setup ---------------------------------------------------------------------
 
     def load(self, from_checkpoint: int) -> None:
-        from grpoctl.checkpoint import load_optimizer_state
-        from grpoctl.models import check_vocab, load_policy, load_tokenizer
+        from grpoctl.lora import LoraSettings
+        from grpoctl.models import check_vocab, load_policy, load_tokenizer, load_training_policy
         from grpoctl.update import make_optimizer
 
         import torch
@@ -251,15 +279,26 @@ class Loop:
         cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        if cfg.backend == "vllm":  # fail before loading anything when the extra is missing
+            from grpoctl.rollout.vllm import require_vllm
+
+            require_vllm(world_size=int(os.environ.get("WORLD_SIZE", "1")))
         source = checkpoint_dir(self.run, from_checkpoint) if from_checkpoint else cfg.model
-        self.model = load_policy(source, cfg.dtype, cfg.device, cfg.trust_remote_code)
+        # A checkpoint with a LoRA adapter continues it; a fresh run attaches one if lora_r > 0
+        lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+        self.model = load_training_policy(source, cfg.dtype, cfg.device, cfg.trust_remote_code,
+                                          cfg.attn_implementation, cfg.gradient_checkpointing,
+                                          lora, seed=cfg.seed)
         self.tokenizer = load_tokenizer(source, cfg.trust_remote_code)
         check_vocab(self.tokenizer, self.model, str(source))
+        # torchrun: the same weights on every rank, or FSDP shards; the optimizer comes after
+        self.model = distributed.wrap_model(self.model, "fsdp" if cfg.fsdp else "ddp")
         self.optimizer = make_optimizer(self.model, self.update_config())
         if from_checkpoint:
-            load_optimizer_state(self.optimizer, self.model, source)
+            distributed.load_optimizer_state(self.optimizer, self.model, source)
         if cfg.ref and cfg.kl_coef > 0:
-            self.ref_model = load_policy(cfg.ref, cfg.dtype, cfg.device, cfg.trust_remote_code)
+            self.ref_model = load_policy(cfg.ref, cfg.dtype, cfg.device, cfg.trust_remote_code,
+                                         cfg.attn_implementation)
 
     def update_config(self):
         from grpoctl.update import UpdateConfig
@@ -268,7 +307,7 @@ class Loop:
         return UpdateConfig(lr=c.lr, weight_decay=c.weight_decay, betas=(c.beta1, c.beta2),
                             clip_eps=c.clip_eps, clip_eps_high=c.clip_eps_high, loss_agg=c.loss_agg,
                             max_grad_norm=c.max_grad_norm, kl_coef=c.kl_coef,
-                            micro_batch_size=c.micro_batch_size)
+                            micro_batch_size=c.micro_batch_size, is_cap=c.is_cap)
 
     def load_prompts(self, source: str, limit: int | None = None) -> list[dict]:
         from grpoctl.prompts import load_prompts
@@ -287,16 +326,38 @@ class Loop:
         return SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
                               max_new_tokens=c.max_new_tokens, seed=seed)
 
-    def generate(self, prompts: list[dict], group_size: int, sampling, step: int) -> list[dict]:
+    def start_engine(self) -> None:
+        """Build the run's vLLM engine and give it the trainer's current weights.
+
+        Built from --model (a full model, even when the run saves LoRA adapters), then
+        handed the trainer's weights: those of a resumed checkpoint and replayed updates.
+        """
+        from grpoctl.rollout.vllm import VllmEngine
+
+        c = self.cfg
+        self.engine = VllmEngine(c.model, self.sampling(c.seed), dtype=c.vllm_dtype or c.dtype,
+                                 trust_remote_code=c.trust_remote_code,
+                                 tensor_parallel_size=c.tensor_parallel_size,
+                                 gpu_memory_utilization=c.gpu_memory_utilization,
+                                 sleep_mode=c.vllm_sleep)
+        self.engine.load_weights(self.model)
+
+    def generate(self, prompts: list[dict], group_size: int, sampling, step: int,
+                 logprobs: bool = True) -> list[dict]:
         from grpoctl.prompts import render_prompt
         from grpoctl.rollout import generate
 
         c = self.cfg
+        order = [p["prompt_id"] for p in prompts]
+        prompts = distributed.shard_prompts(prompts)  # torchrun: each rank samples its share
         rendered = [dict(p, text=render_prompt(self.tokenizer, p["text"], c.template,
                                                c.use_chat_template, c.system)) for p in prompts]
-        return generate(self.model, self.tokenizer, rendered, group_size, sampling,
+        model = self.engine.llm if self.engine is not None else self.model
+        distributed.gather_weights(self.model)  # FSDP: whole weights, on all ranks at once
+        records = generate(model, self.tokenizer, rendered, group_size, sampling,
                         batch_size=c.batch_size, policy={"path": str(c.model), "step": step},
-                        backend=c.backend, progress=False)
+                        backend=c.backend, progress=False, logprobs=logprobs)
+        return distributed.gather_records(records, order)  # all ranks', in one process's order
 
     # one step -----------------------------------------------------------------------
 
@@ -310,9 +371,11 @@ class Loop:
         else:
             records = self.generate(prompts, self.cfg.group_size,
                                     self.sampling(step_seed(self.cfg.seed, step)), step - 1)
-        write_records(records, str(path))
+        if distributed.is_main():  # torchrun: rank 0 writes the files
+            write_records(records, str(path))
         return records
 
+    @distributed.main_only  # torchrun: rank 0 scores and writes; every rank gets the records
     def score_stage(self, step: int, records: list[dict]) -> list[dict]:
         from grpoctl.rewards import parse_reward_specs, score_records
 
@@ -329,6 +392,7 @@ class Loop:
         write_records(scored, str(path))
         return scored
 
+    @distributed.main_only  # ... and the advantages: each rank then updates on its share
     def advantage_stage(self, step: int, scored: list[dict]) -> tuple[list[dict], dict]:
         from grpoctl.advantages import compute_advantages
 
@@ -352,17 +416,23 @@ class Loop:
         if not records:  # every group tied and --drop-zero removed them: no gradient this step
             return {"loss": 0.0, "tokens": 0, "skipped": True}
         try:
-            return update_step(self.model, self.optimizer, records, self.update_config(),
-                               ref_model=self.ref_model)
+            if self.engine is not None and self.cfg.vllm_sleep:
+                self.engine.sleep()  # the engine's weights to CPU, its KV cache freed
+            metrics = update_step(self.model, self.optimizer, records, self.update_config(),
+                                  ref_model=self.ref_model)
+            if self.engine is not None:  # new weights into the live engine, checked on this step
+                metrics.update(self.engine.sync_weights(self.model, records))
+            return metrics
         except GrpoctlError as e:  # e.g. a non-finite loss: say which step, save nothing
             raise GrpoctlError(f"step {step}: {e}") from None
 
     def save(self, step: int, metrics: dict) -> None:
-        from grpoctl.checkpoint import save_checkpoint
-
         state = {"step": step, "config": dataclasses.asdict(self.cfg), "metrics": metrics}
-        save_checkpoint(checkpoint_dir(self.run, step), self.model, self.tokenizer, self.optimizer,
-                        state)
+        # torchrun: every rank calls it (FSDP gathers the shards), rank 0 writes and prunes
+        distributed.save_checkpoint(checkpoint_dir(self.run, step), self.model, self.tokenizer,
+                                    self.optimizer, state, self.cfg.save_lora)
+        if not distributed.is_main():
+            return
         for stale in (self.run / "checkpoints").glob(".*.tmp"):  # left by a killed save or prune
             shutil.rmtree(stale, ignore_errors=True)
         kept = sorted((self.run / "checkpoints").glob("step-*"))
@@ -374,12 +444,15 @@ class Loop:
             shutil.rmtree(doomed, ignore_errors=True)
 
     def evaluate(self, step: int, eval_prompts: list[dict], elapsed: float,
-                 rollouts: int) -> dict:
+                 rollouts: int) -> dict | None:
         from grpoctl.evaluate import summarize
         from grpoctl.rewards import parse_reward_specs, score_records
 
         records = self.generate(eval_prompts, self.cfg.eval_samples,
-                                self.sampling(step_seed(self.cfg.seed, step, salt=1), True), step)
+                                self.sampling(step_seed(self.cfg.seed, step, salt=1), True), step,
+                                logprobs=False)
+        if not distributed.is_main():  # torchrun: rank 0 scores and records the evaluation
+            return None
         scored, _ = score_records(records, parse_reward_specs(["math"]), progress=False,
                                   workers=self.cfg.score_workers, timeout=self.cfg.score_timeout)
         summary = summarize(scored, k=self.cfg.eval_samples)
@@ -431,9 +504,11 @@ def run_loop(cfg: LoopConfig, resume: bool = False, display=None) -> Path:
     """Train for cfg.steps steps (or cfg.epochs epochs); return the run directory."""
     from grpoctl.display import NullDisplay
 
-    display = display or NullDisplay()
     cfg = cfg.resolved()
-    run, cfg = prepare_run_dir(cfg, resume)
+    distributed.init_if_launched(cfg.device)  # torchrun: join the other ranks
+    # Under torchrun rank 0 shows progress and writes every file; the others compute.
+    display = display if display and distributed.is_main() else NullDisplay()
+    run, cfg = distributed.on_main(prepare_run_dir, cfg, resume)
     loop = Loop(cfg, run, display)
     prompts = loop.load_prompts(cfg.prompts, cfg.limit)
     steps = cfg.steps or max(1, round(cfg.epochs * (len(prompts) // cfg.prompts_per_step)))
@@ -445,9 +520,10 @@ def run_loop(cfg: LoopConfig, resume: bool = False, display=None) -> Path:
     start_ckpt = state.latest_checkpoint(last_done)
     display.log(f"run directory: {run}" + (f" (resuming after step {last_done})" if resume else ""))
     loop.load(start_ckpt)
-    if not resume:
-        write_json(dataclasses.asdict(cfg), run / "config.json")
-    rebuild_metrics(run, done)
+    if distributed.is_main():
+        if not resume:
+            write_json(dataclasses.asdict(cfg), run / "config.json")
+        rebuild_metrics(run, done)
     previous = json.loads((step_dir(run, last_done) / "done").read_text()) if last_done else {}
     elapsed, rollouts = previous.get("elapsed_s", 0.0), previous.get("rollouts", 0)
 
@@ -455,6 +531,9 @@ def run_loop(cfg: LoopConfig, resume: bool = False, display=None) -> Path:
     for s in range(start_ckpt + 1, last_done + 1):
         display.log(f"replaying the update of step {s} from its saved advantages")
         loop.update_stage(s, read_advantages(step_dir(run, s) / "advantages.jsonl"))
+
+    if cfg.backend == "vllm":  # after the replay: the engine gets the replayed weights
+        loop.start_engine()
 
     # Evaluations a crash cut short (before training, or after the last finished step).
     done_evals = _done_evals(run)
@@ -492,15 +571,18 @@ def run_loop(cfg: LoopConfig, resume: bool = False, display=None) -> Path:
         if step % cfg.save_every == 0 or step == steps:
             display.stage(step, "checkpoint")
             loop.save(step, metrics)
-        with atomic_open(step_dir(run, step) / "done") as f:
-            f.write(dumps(metrics) + "\n")
-        append_line(run / "metrics.jsonl", metrics)
+        if distributed.is_main():
+            with atomic_open(step_dir(run, step) / "done") as f:
+                f.write(dumps(metrics) + "\n")
+            append_line(run / "metrics.jsonl", metrics)
         display.step_done(metrics)
 
         if eval_prompts and _eval_due(cfg, step, steps):
             display.stage(step, "eval")
             _record_eval(loop, run, step, eval_prompts, elapsed, rollouts, display)
     display.stop()
+    if loop.engine is not None:
+        loop.engine.close()
     return run
 
 
@@ -519,12 +601,14 @@ def _done_evals(run: Path) -> set[int]:
             kept.append(json.loads(line))
         except ValueError:
             pass  # cut short by a crash: that evaluation runs again
-    with atomic_open(path) as f:
-        f.writelines(dumps(r) + "\n" for r in kept)
+    if distributed.is_main():
+        with atomic_open(path) as f:
+            f.writelines(dumps(r) + "\n" for r in kept)
     return {r["step"] for r in kept}
 
 
 def _record_eval(loop: Loop, run: Path, step: int, eval_prompts, elapsed, rollouts, display) -> None:
     result = loop.evaluate(step, eval_prompts, elapsed, rollouts)
-    append_line(run / "eval.jsonl", result)
-    display.eval_done(result)
+    if result is not None:  # None on the ranks other than 0 (torchrun)
+        append_line(run / "eval.jsonl", result)
+        display.eval_done(result)

@@ -106,3 +106,29 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str = "token-me
     weights = token_weights(mask.sum(-1), mode, max_tokens).to(per_token.device)
     per_sequence = torch.where(mask, per_token, torch.zeros_like(per_token)).sum(-1)
     return (per_sequence * weights).sum()
+
+
+def truncated_is_weights(trainer_logp: torch.Tensor, sampler_logp: torch.Tensor,
+                         mask: torch.Tensor, cap: float = 2.0):
+    """Per-token truncated importance-sampling weights between trainer and sampler (TIS).
+
+        w_t = min(exp(log π_trainer_old(o_t) - log π_sampler(o_t)), C)
+
+    The sampler (vLLM, or another dtype/kernel) draws tokens from a slightly different
+    distribution than the trainer computes, so the "on-policy" gradient is really
+    off-policy; multiplying each token's policy loss by w_t corrects it, and the cap
+    C bounds the variance (Yao et al., 2025, "Your Efficient RL Framework Secretly
+    Brings You Off-Policy RL Training"; verl `tis_imp_ratio_cap`, TRL
+    `vllm_importance_sampling_cap`; C = 2 is the common value).
+
+    Args:
+        trainer_logp: log π_old under the trainer [B, T] (its gradient is not used).
+        sampler_logp: the sampler's log-probs of the same tokens [B, T] (records' `logprobs`).
+        mask: True at real tokens [B, T].
+        cap: C > 0.
+    Returns (weights [B, T], capped [B, T] bool): weights are detached and 0 outside
+    the mask; `capped` marks tokens where the cap applied.
+    """
+    raw = torch.exp(trainer_logp.detach() - sampler_logp.detach())
+    weights = torch.where(mask, torch.clamp(raw, max=cap), torch.zeros_like(raw))
+    return weights, (raw > cap) & mask

@@ -26,10 +26,19 @@ def resolve_model_dir(name: str | os.PathLike) -> Path:
 
 
 def check_model_dir(path: str | os.PathLike) -> Path:
-    """A directory with config.json and safetensors weights, or a one-line error."""
+    """A directory with config.json and safetensors weights, or a one-line error.
+
+    A LoRA adapter checkpoint (adapter_config.json + adapter_model.safetensors, see
+    lora.py) passes too when the base model it names passes.
+    """
     p = resolve_model_dir(path)
     if not p.is_dir():
         raise GrpoctlError(f"{p}: not a model directory (no such directory)")
+    if (p / "adapter_config.json").is_file():
+        from grpoctl.lora import check_adapter_dir
+
+        check_adapter_dir(p)
+        return p
     if not (p / "config.json").is_file():
         raise GrpoctlError(f"{p}: not a model directory (no config.json)")
     if not any(p.glob("*.safetensors")):
@@ -48,6 +57,10 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     path = resolve_model_dir(path)
+    if (path / "adapter_config.json").is_file() and not (path / "tokenizer_config.json").is_file():
+        from grpoctl.lora import adapter_base
+
+        path = adapter_base(path)  # an adapter saved without a tokenizer: the base model's
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers raises many types for a bad directory
@@ -60,7 +73,12 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
 
 def load_policy(path: str | os.PathLike, dtype: str = "float32", device: str = "cpu",
                 trust_remote_code: bool = False, attn_implementation: str | None = None):
-    """A causal LM from a local directory, in eval mode (no dropout), on `device`."""
+    """A causal LM from a local directory, in eval mode (no dropout), on `device`.
+
+    attn_implementation: "eager", "sdpa", "flash_attention_2", ...; None (default) =
+    transformers' choice (sdpa where torch has it). A LoRA adapter checkpoint loads as
+    its base model with the adapter attached and trainable (lora.py).
+    """
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
@@ -69,6 +87,10 @@ def load_policy(path: str | os.PathLike, dtype: str = "float32", device: str = "
     p = check_model_dir(path)
     if dtype not in DTYPES:
         raise GrpoctlError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    if (p / "adapter_config.json").is_file():
+        from grpoctl.lora import load_policy_with_adapter
+
+        return load_policy_with_adapter(p, dtype, device, trust_remote_code, attn_implementation)
     kwargs = {"dtype": getattr(torch, dtype), "use_safetensors": True,
               "trust_remote_code": trust_remote_code}
     if attn_implementation:
@@ -76,10 +98,101 @@ def load_policy(path: str | os.PathLike, dtype: str = "float32", device: str = "
     try:
         model = AutoModelForCausalLM.from_pretrained(str(p), **kwargs)
     except Exception as e:
-        raise GrpoctlError(f"{p}: cannot load model: {str(e).splitlines()[0]}") from None
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if attn_implementation:
+            reason += f" (--attn-implementation {attn_implementation})"
+        raise GrpoctlError(f"{p}: cannot load model: {reason}") from None
     model.to(device)
     model.eval()  # RL updates run without dropout so log-probs match the sampler's
     return model
+
+
+def load_training_policy(path: str | os.PathLike, dtype: str = "float32", device: str = "cpu",
+                         trust_remote_code: bool = False, attn_implementation: str | None = None,
+                         gradient_checkpointing: bool = False, lora=None, seed: int = 0):
+    """The policy `update` and `loop` train: load_policy, then LoRA and gradient checkpointing.
+
+    lora: a lora.LoraSettings; with r > 0 a fresh adapter is attached (its random
+    init seeded by `seed`), unless `path` is an adapter checkpoint, which continues
+    its own adapter. None or r = 0: every parameter trains.
+    float16 trains only the LoRA adapter (kept in fp32 by peft): plain fp16 AdamW
+    has no fp32 master weights and its eps (1e-8) underflows to 0, so one step
+    turns parameters into NaN (measured on a tiny Llama).
+    """
+    from grpoctl import lora as lora_lib
+
+    p = resolve_model_dir(path)
+    model = load_policy(p, dtype, device, trust_remote_code, attn_implementation)
+    wanted = lora is not None and lora.r > 0
+    if lora_lib.has_lora(model):
+        lora_lib.check_same_adapter(model, lora, p)
+    elif wanted:
+        model = lora_lib.wrap_with_lora(model, lora, seed=seed)
+    if dtype == "float16" and not lora_lib.has_lora(model):
+        raise GrpoctlError("--dtype float16 cannot train every parameter (AdamW's state "
+                           "underflows in fp16 with no fp32 master copy): use bfloat16 or "
+                           "float32, or train a LoRA adapter (--lora-r) on the fp16 model")
+    if dtype == "bfloat16" and not lora_lib.has_lora(model):
+        import sys
+
+        print("warning: --dtype bfloat16 keeps the weights and AdamW state in bf16 (no fp32 "
+              "master copy): updates under ~1/256 of a weight round away (at lr 1e-6, 98% of "
+              "a tiny model's weights did not move); prefer float32, or LoRA", file=sys.stderr)
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    return model
+
+
+# --- gradient checkpointing ----------------------------------------------------
+
+
+def enable_gradient_checkpointing(model) -> int:
+    """Recompute each decoder layer's activations in the backward pass instead of keeping
+    them: activation memory drops from every layer's intermediates to one hidden state
+    per layer, for about one more forward pass of compute. Returns the number of
+    layers wrapped.
+
+    Why not transformers' `gradient_checkpointing_enable()`: it checkpoints only when
+    `self.training` is True (transformers 5.24, modeling_layers.py), and grpoctl keeps
+    the policy in eval mode so its log-probs match the sampler's (no dropout). So each
+    decoder layer (transformers' GradientCheckpointingLayer) gets its forward wrapped
+    in torch.utils.checkpoint (non-reentrant, torch's recommended mode) here, whatever
+    the mode. Gradients are the same as without (tested).
+
+    A layer call that carries a KV cache runs as is: replaying it would write the
+    cache twice. logprobs.py therefore skips its shared-prompt cache path while
+    this is on (`is_gradient_checkpointing`).
+    """
+    import functools
+
+    import torch
+    from torch.utils.checkpoint import checkpoint
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        raise GrpoctlError(f"--gradient-checkpointing: {type(model).__name__} has no decoder "
+                           f"layers transformers can checkpoint (remote code?)")
+
+    def checkpointed(forward):
+        @functools.wraps(forward)
+        def run(*args, **kwargs):
+            has_cache = any(kwargs.get(k) is not None for k in ("cache", "past_key_values"))
+            if not torch.is_grad_enabled() or has_cache:
+                return forward(*args, **kwargs)
+            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return run
+
+    for layer in layers:
+        if not getattr(layer, "grpoctl_checkpointed", False):
+            layer.forward = checkpointed(layer.forward)  # instance attribute: hooks stay outside
+            layer.grpoctl_checkpointed = True
+    return len(layers)
+
+
+def is_gradient_checkpointing(model) -> bool:
+    """True when enable_gradient_checkpointing wrapped this model's layers."""
+    return any(getattr(m, "grpoctl_checkpointed", False) for m in model.modules())
 
 
 def check_vocab(tokenizer, model, source: str = "model") -> None:

@@ -25,10 +25,11 @@ from dataclasses import dataclass
 
 import torch
 
-from grpoctl import checkpoint
+from grpoctl import checkpoint, distributed, lora
 from grpoctl.errors import GrpoctlError
 from grpoctl.logprobs import padded_completion_logprobs
-from grpoctl.losses import LOSS_AGGREGATIONS, clipped_policy_loss, kl_k3, token_weights
+from grpoctl.losses import (LOSS_AGGREGATIONS, clipped_policy_loss, kl_k3, token_weights,
+                            truncated_is_weights)
 from grpoctl.records import NEEDS_UPDATE, RecordError, STDIO, dumps, read_records, source_name
 
 
@@ -70,6 +71,12 @@ class UpdateConfig:
     """Do not forward sequences whose advantage is exactly 0 when kl_coef is 0: their loss
     and gradient are exactly 0 (they still count in the normalisers). Tied 2-GRPO pairs
     are most pairs, so this saves most of the update's time."""
+    is_cap: float | None = None
+    """Truncated importance sampling between sampler and trainer (TIS, losses.py): each
+    token's policy loss is weighted by min(π_old/π_sampler, is_cap), and the clipped
+    ratio is taken against the trainer's own π_old instead of the records' logprobs.
+    None = off (the ratio is against the records' logprobs, as without an engine
+    mismatch). 2.0 is the common value (Yao et al. 2025; verl, TRL)."""
 
 
 def make_optimizer(model, cfg: UpdateConfig) -> torch.optim.AdamW:
@@ -116,6 +123,8 @@ def resolve_config(records: list[dict], cfg: UpdateConfig, source: str = "<recor
                                f"got {value}")
     if cfg.micro_batch_size < 1:
         raise GrpoctlError(f"--micro-batch-size: must be >= 1, got {cfg.micro_batch_size}")
+    if cfg.is_cap is not None and not (math.isfinite(cfg.is_cap) and cfg.is_cap > 0):
+        raise GrpoctlError(f"--is-cap: expected a finite number > 0, got {cfg.is_cap}")
     temperature = cfg.temperature
     if temperature is None:
         temperature = _one_value(records, "temperature", source, lines)
@@ -154,6 +163,22 @@ def _refuse(params, message: str):
                        f"parameters unchanged")
 
 
+def _trainer_old_logprobs(model, logp, prompts, completions, cfg: UpdateConfig) -> torch.Tensor:
+    """log π_old under the trainer, for TIS: π_θ at the start of the step, without gradient.
+
+    The parameters do not change before optimizer.step(), so the gradient pass's own
+    values, detached, ARE a no-grad forward of π_old (TRL does the same for one
+    iteration) and cost nothing. Only LoRA dropout makes that pass noisy: then π_old
+    is a separate no-grad forward without dropout.
+    """
+    if not lora.has_dropout(model):
+        return logp.detach()
+    with torch.no_grad():
+        old, _, _ = padded_completion_logprobs(model, prompts, completions, cfg.temperature,
+                                               pad_id=0)
+    return old
+
+
 def update_step(model, optimizer: torch.optim.Optimizer, records: list[dict],
                 cfg: UpdateConfig, ref_model=None) -> dict:
     """One policy-gradient step on `records` (each with prompt_ids, completion_ids,
@@ -180,24 +205,38 @@ def update_step(model, optimizer: torch.optim.Optimizer, records: list[dict],
     # A group's samples together (they share one prompt pass, logprobs.py), similar prompt
     # lengths together (less padding); the result does not depend on the order.
     forward.sort(key=lambda i: (len(records[i]["prompt_ids"]), records[i]["prompt_ids"]))
+    # Under torchrun each rank forwards only its share of the prompt groups; the weights
+    # above are over the whole file, so the ranks' gradients ADD UP to the full one.
+    mine = distributed.my_share(records, forward)  # all of `forward` in one process
 
     optimizer.zero_grad(set_to_none=True)
     totals = {"policy_loss": 0.0, "kl": 0.0, "clipped": 0, "entropy": 0.0, "ratio": 0.0,
-              "tokens": 0}
+              "tokens": 0, "is_weight": 0.0, "is_capped": 0}
+    mismatch_max = 0.0  # max |log π_trainer - log π_sampler| over the forwarded tokens
     ratio_min, ratio_max = math.inf, -math.inf
-    for first in range(0, len(forward), cfg.micro_batch_size):
-        batch = forward[first:first + cfg.micro_batch_size]
+    for first in range(0, len(mine), cfg.micro_batch_size):
+        batch = mine[first:first + cfg.micro_batch_size]
         prompts = [records[i]["prompt_ids"] for i in batch]
         completions = [records[i]["completion_ids"] for i in batch]
-        logp, entropy, mask = padded_completion_logprobs(
-            model, prompts, completions, cfg.temperature, pad_id=0, with_entropy=True)
+        with lora.dropout_on(model):  # LoRA dropout, if any: in this gradient pass only
+            logp, entropy, mask = padded_completion_logprobs(
+                model, prompts, completions, cfg.temperature, pad_id=0, with_entropy=True)
         width = mask.shape[1]
         old_logp = _right_aligned([records[i]["logprobs"] for i in batch], width).to(device)
         advantages = torch.tensor([float(records[i]["advantage"]) for i in batch], device=device)
         w = weights[batch].to(device)
 
-        policy_tok, clipped = clipped_policy_loss(logp, old_logp, advantages, mask,
-                                                  cfg.clip_eps, cfg.clip_eps_high)
+        if cfg.is_cap is None:  # the ratio against the sampler's log-probs
+            policy_tok, clipped = clipped_policy_loss(logp, old_logp, advantages, mask,
+                                                      cfg.clip_eps, cfg.clip_eps_high)
+        else:  # TIS: the ratio against the trainer's π_old, times min(π_old/π_sampler, C)
+            trainer_old = _trainer_old_logprobs(model, logp, prompts, completions, cfg)
+            is_weight, is_capped = truncated_is_weights(trainer_old, old_logp, mask, cfg.is_cap)
+            policy_tok, clipped = clipped_policy_loss(logp, trainer_old, advantages, mask,
+                                                      cfg.clip_eps, cfg.clip_eps_high)
+            policy_tok = policy_tok * is_weight
+            totals["is_weight"] += is_weight[mask].sum().item()
+            totals["is_capped"] += int(is_capped.sum().item())
         loss_tok = policy_tok
         kl_tok = None
         if ref_model is not None:
@@ -229,14 +268,24 @@ def update_step(model, optimizer: torch.optim.Optimizer, records: list[dict],
             totals["tokens"] += int(mask.sum().item())
             ratio_min = min(ratio_min, ratio.min().item())
             ratio_max = max(ratio_max, ratio.max().item())
+            if mask.any():
+                mismatch = (logp.detach() - old_logp)[mask].abs().max().item()
+                mismatch_max = max(mismatch_max, mismatch)
 
     # No sequence forwarded (all advantages 0): zero gradients, so AdamW still
     # applies its momentum and weight decay exactly as if they had been computed.
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
+    # torchrun: the ranks' gradients are SUMMED (not averaged) into the full-batch gradient,
+    # and each rank's metrics of its share into the whole file's.
+    distributed.sum_gradients(model, params)
+    totals = distributed.reduce_metrics(totals, "sum")
+    ratio_min = distributed.reduce_metrics({"x": ratio_min}, "min")["x"]
+    ratio_max = distributed.reduce_metrics({"x": ratio_max}, "max")["x"]
+    mismatch_max = distributed.reduce_metrics({"x": mismatch_max}, "max")["x"]
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm and cfg.max_grad_norm > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm).item()  # the norm before clipping
+    grad_norm = distributed.clip_grad_norm(params, max_norm)  # global norm, before clipping
     if not math.isfinite(grad_norm):
         _refuse(params, f"the gradient norm is {grad_norm} (the loss was finite: "
                         f"{totals['policy_loss']:.6g}); check the scale of the advantages")
@@ -262,6 +311,10 @@ def update_step(model, optimizer: torch.optim.Optimizer, records: list[dict],
         "ratio_mean": totals["ratio"] / n if n else None,
         "ratio_min": ratio_min if n else None,
         "ratio_max": ratio_max if n else None,
+        "logp_mismatch_max": mismatch_max if n else None,
+        "is_weight_mean": totals["is_weight"] / n if n and cfg.is_cap is not None else None,
+        "is_capped_fraction": (totals["is_capped"] / n if n and cfg.is_cap is not None
+                               else None),
         "grad_norm": grad_norm,
         "lr": optimizer.param_groups[0]["lr"],
         "tokens": sum(lengths),
@@ -311,20 +364,35 @@ def _vocab_size(model) -> int:
 
 def run_update(adv_path: str, policy_dir, out_dir, cfg: UpdateConfig, ref_dir=None,
                dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,
-               metrics_path: str | None = None) -> dict:
+               metrics_path: str | None = None, attn_implementation: str | None = None,
+               gradient_checkpointing: bool = False, lora_settings=None,
+               save_lora: str = "adapter", fsdp: bool = False) -> dict:
     """`grpoctl update`: read records, take one step from policy_dir, save to out_dir.
 
     The optimizer state is resumed from policy_dir when it holds one (a checkpoint
     this function wrote), and the step count continues from its trainer_state.json.
     metrics_path, when given, gets the metrics appended as one JSON line.
+    attn_implementation (None = transformers' choice), gradient_checkpointing (off)
+    and lora_settings (a lora.LoraSettings; None = full fine-tuning) go to
+    models.load_training_policy; save_lora ("adapter" or "merged") to
+    checkpoint.save_checkpoint. A policy_dir holding a LoRA adapter continues it.
+    Under torchrun every rank runs this (distributed.py): each forwards its share, the
+    gradients are summed, rank 0 writes; fsdp=True shards the model with FSDP2 instead
+    of keeping a whole replica per rank (DDP-style, the default).
     Returns the metrics (with "step").
     """
     from grpoctl.models import (check_model_dir, check_vocab, load_policy, load_tokenizer,
-                                resolve_model_dir)
+                                load_training_policy, resolve_model_dir)
+
+    if save_lora not in lora.SAVE_MODES:
+        raise GrpoctlError(f"--save-lora: expected one of {', '.join(lora.SAVE_MODES)}, "
+                           f"got {save_lora!r}")
 
     policy_dir = resolve_model_dir(policy_dir)  # `default` = the embedded model
     ref_dir = None if ref_dir is None else resolve_model_dir(ref_dir)
     source = source_name(adv_path)
+    if adv_path == STDIO and distributed.launched():
+        raise GrpoctlError("under torchrun every rank reads the whole file: give a path, not -")
     records = read_records(adv_path, NEEDS_UPDATE)
     lines = _record_lines(adv_path, len(records))
     cfg = resolve_config(records, cfg, source, lines)
@@ -332,17 +400,21 @@ def run_update(adv_path: str, policy_dir, out_dir, cfg: UpdateConfig, ref_dir=No
         raise GrpoctlError("--kl-coef > 0 needs a reference policy (--ref)")
 
     check_model_dir(policy_dir)  # "not a model directory" rather than a tokenizer error
+    device = distributed.init_if_launched(device)  # torchrun: join; cuda = this rank's GPU
     tokenizer = load_tokenizer(policy_dir, trust_remote_code)
-    model = load_policy(policy_dir, dtype, device, trust_remote_code)
+    model = load_training_policy(policy_dir, dtype, device, trust_remote_code,
+                                 attn_implementation, gradient_checkpointing, lora_settings)
     check_vocab(tokenizer, model, str(policy_dir))
     check_token_ids(records, _vocab_size(model), source, lines)
     ref_model = None
     if ref_dir is not None:
-        ref_model = load_policy(ref_dir, dtype, device, trust_remote_code).requires_grad_(False)
+        ref_model = load_policy(ref_dir, dtype, device, trust_remote_code,
+                                attn_implementation).requires_grad_(False)
         check_token_ids(records, _vocab_size(ref_model), source, lines)
 
+    model = distributed.wrap_model(model, "fsdp" if fsdp else "ddp")  # before the optimizer
     optimizer = make_optimizer(model, cfg)
-    resumed = checkpoint.load_optimizer_state(optimizer, model, policy_dir)
+    resumed = distributed.load_optimizer_state(optimizer, model, policy_dir)
     step = checkpoint.read_trainer_state(policy_dir)["step"] + 1
 
     try:
@@ -355,13 +427,16 @@ def run_update(adv_path: str, policy_dir, out_dir, cfg: UpdateConfig, ref_dir=No
         "optimizer": {"name": "AdamW", "resumed": resumed,
                       "param_groups": checkpoint.optimizer_hyperparameters(optimizer)},
         "dtype": dtype,
+        "attn_implementation": attn_implementation,
+        "gradient_checkpointing": gradient_checkpointing,
+        "lora": {**lora.describe(model), "save": save_lora} if lora.has_lora(model) else None,
         "policy": str(policy_dir),
         "reference": None if ref_dir is None else str(ref_dir),
         "records": source,
         "metrics": metrics,
     }
-    checkpoint.save_checkpoint(out_dir, model, tokenizer, optimizer, trainer_state)
-    if metrics_path:
+    distributed.save_checkpoint(out_dir, model, tokenizer, optimizer, trainer_state, save_lora)
+    if metrics_path and distributed.is_main():
         try:
             with open(metrics_path, "a", encoding="utf-8") as f:
                 f.write(dumps(metrics) + "\n")

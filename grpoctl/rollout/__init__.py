@@ -91,7 +91,7 @@ def tokenize_prompts(tokenizer, prompts: list[dict]) -> list[list[int]]:
 
 def generate(model, tokenizer, prompts: list[dict], group_size: int, sampling: SamplingParams,
              batch_size: int = 64, policy: dict | None = None, backend: str = "hf",
-             progress: bool = True) -> list[dict]:
+             progress: bool = True, logprobs: bool = True) -> list[dict]:
     """Sample `group_size` completions for each prompt; one record per completion.
 
     Args:
@@ -108,6 +108,9 @@ def generate(model, tokenizer, prompts: list[dict], group_size: int, sampling: S
         policy: {"path", "step"} recorded in every record (default: unknown, 0).
         backend: "hf" or "vllm". There is no fallback from one to the other.
         progress: a progress bar over prompts on stderr.
+        logprobs: False lets the vllm backend skip the log-probs (records then hold
+            []), so evaluation can sample at settings whose log-probs vLLM cannot
+            give (rollout/vllm.py); hf always records them.
     Returns records ordered by prompt, then sample 0..G-1.
     """
     if backend not in BACKENDS:
@@ -124,7 +127,8 @@ def generate(model, tokenizer, prompts: list[dict], group_size: int, sampling: S
     if backend == "vllm":
         from grpoctl.rollout.vllm import sample_vllm
 
-        results = sample_vllm(model, prompts, prompt_ids, group_size, sampling, stop_ids, progress)
+        results = sample_vllm(model, prompts, prompt_ids, group_size, sampling, stop_ids, progress,
+                              with_logprobs=logprobs)
     else:
         results = _sample_hf(model, tokenizer, prompts, prompt_ids, rows, sampling, stop_ids,
                              batch_size, progress)
@@ -215,7 +219,9 @@ def run_rollout(model_dir: str, prompts_source: str, output: str = "-", group_si
                 limit: int | None = None, shard: str | None = None, template: str = "{prompt}",
                 use_chat_template: bool = True, system: str | None = None,
                 dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,
-                progress: bool = True) -> list[dict]:
+                progress: bool = True, tensor_parallel_size: int = 1,
+                gpu_memory_utilization: float = 0.9,
+                attn_implementation: str | None = None) -> list[dict]:
     """`grpoctl rollout`: load prompts and a policy, generate, write records to `output`.
 
     `output` "-" is stdout.
@@ -223,6 +229,9 @@ def run_rollout(model_dir: str, prompts_source: str, output: str = "-", group_si
     Prompts are loaded and rendered before the model, so a bad prompt file fails
     in a second. The policy step comes from the model directory's
     trainer_state.json (0 for a base model). Returns the records written.
+    tensor_parallel_size and gpu_memory_utilization go to vLLM (--backend vllm only;
+    vLLM's defaults, 1 GPU and 0.9 of its memory). attn_implementation: the hf
+    backend's attention kernel (models.load_policy; None = transformers' choice).
     """
     from grpoctl.models import check_model_dir, check_vocab, load_policy, load_tokenizer
     from grpoctl.prompts import load_prompts, render_prompt
@@ -241,9 +250,11 @@ def run_rollout(model_dir: str, prompts_source: str, output: str = "-", group_si
     if backend == "vllm":
         from grpoctl.rollout.vllm import load_llm
 
-        model = load_llm(model_dir, sampling, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = load_llm(model_dir, sampling, dtype=dtype, trust_remote_code=trust_remote_code,
+                         tensor_parallel_size=tensor_parallel_size,
+                         gpu_memory_utilization=gpu_memory_utilization)
     else:
-        model = load_policy(model_dir, dtype, device, trust_remote_code)
+        model = load_policy(model_dir, dtype, device, trust_remote_code, attn_implementation)
         check_vocab(tokenizer, model, str(model_dir))
     policy = {"path": str(model_dir), "step": policy_step(model_dir)}
     if progress:

@@ -22,13 +22,67 @@ sample) is its own request with n=1 and the seed grpoctl.rollout.hf uses for
 it, so both backends give each sequence its own reproducible random stream.
 (The streams differ between backends: same seed, different engine, different
 samples.)
+
+`grpoctl loop --backend vllm` keeps ONE engine for the whole run (`VllmEngine`)
+and pushes the trainer's weights into it after every update, with no restart:
+
+    engine = VllmEngine(model_dir, sampling, sleep_mode=True)
+    engine.sleep()                               # --vllm-sleep: free the GPU for the update
+    update_step(model, ...)
+    metrics = engine.sync_weights(model, records)  # wake, load, reset prefix cache, check
+
+How the weights get in (vLLM >= 0.10.2, the V1 engine; logprobs_mode above
+already needs that version). The engine core runs in this process
+(VLLM_ENABLE_V1_MULTIPROCESSING=0, as TRL's colocate mode does), so
+`LLM.collective_rpc(fn, args=...)` calls `fn(worker, *args)` on each worker
+(vllm/v1/serial_utils.py run_method; vllm/v1/executor/uniproc_executor.py).
+`fn` hands (name, tensor) pairs in the checkpoint's naming to the model's own
+`load_weights` (the function vLLM's loader uses on a checkpoint; it fuses
+q/k/v and gate/up and shards for tensor parallelism), and returns the names it
+wrote. At tensor-parallel size 1 the worker lives in this process and gets the
+trainer's tensors with no copy; with several GPUs the workers are other
+processes, so the weights travel as CPU tensors in ~1 GB buckets.
+
+How the sync is checked, after every push:
+  1. every parameter of vLLM's model was written (from load_weights' answer);
+  2. a few of the step's completions are scored by both: vLLM's prompt log-probs
+     of prompt + completion (log_softmax of the raw logits, temperature 1:
+     gpu_model_runner._get_prompt_logprobs_dict) against the trainer's
+     logprobs.completion_logprobs at temperature 1. The max and mean absolute
+     difference go to metrics.jsonl; a mean above SYNC_TOLERANCE stops the run.
+Numerics alone cannot tell one step's weights from the next (at lr 1e-6 they
+move the log-probs far less than bf16 rounding does), hence check 1. Check 2
+catches weights that landed wrong (bad names, shards, dtype).
+
+Sleep mode (`enable_sleep_mode=True`, vLLM's sleep_mode docs): sleep(level=1)
+moves the weights to CPU memory and drops the KV cache; after the update the
+weights wake first, are overwritten, then the KV cache is allocated again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import os
+import time
+from collections.abc import Iterable, Iterator
+
 from grpoctl.errors import GrpoctlError
 
 MISSING = "--backend vllm needs the vllm extra: pip install 'grpoctl[vllm]'"
+
+
+def require_vllm(world_size: int = 1) -> None:
+    """Raise the install hint if vllm is missing, without importing it (a fast early check).
+
+    world_size > 1 (torchrun) is refused: every rank would build its own engine, which
+    needs vLLM's external_launcher executor, not supported here yet.
+    """
+    if world_size > 1:
+        raise GrpoctlError(f"--backend vllm runs in one process; under torchrun ({world_size} "
+                           f"ranks) it is not supported yet: use --backend hf, or one process")
+    if importlib.util.find_spec("vllm") is None:
+        raise GrpoctlError(MISSING)
 
 
 def _import_vllm():
@@ -93,17 +147,23 @@ def _engine_logprobs_mode(llm) -> str | None:
 
 
 def sample_vllm(llm, prompts: list[dict], prompt_ids: list[list[int]], group_size: int, sampling,
-                stop_ids: set[int], progress: bool = True
+                stop_ids: set[int], progress: bool = True, with_logprobs: bool = True
                 ) -> list[tuple[list[int], list[float], str]]:
-    """(completion_ids, logprobs, finish_reason) per (prompt, sample), by prompt then sample."""
+    """(completion_ids, logprobs, finish_reason) per (prompt, sample), by prompt then sample.
+
+    with_logprobs=False (evaluation) asks for no log-probs and returns [] for each,
+    so any sampling settings work on an engine built for the training ones.
+    """
     vllm = _import_vllm()
     from grpoctl.rollout.hf import sequence_seed
 
-    wanted = logprobs_mode(sampling)
-    have = _engine_logprobs_mode(llm)
-    if have is not None and have != wanted:
-        raise GrpoctlError(f"the vLLM engine was built with logprobs_mode={have}, these sampling "
-                           f"settings need {wanted} (build it with rollout.vllm.load_llm)")
+    if with_logprobs:
+        wanted = logprobs_mode(sampling)
+        have = _engine_logprobs_mode(llm)
+        if have is not None and have != wanted:
+            raise GrpoctlError(f"the vLLM engine was built with logprobs_mode={have}, these "
+                               f"sampling settings need {wanted} (build it with "
+                               f"rollout.vllm.load_llm)")
 
     requests, params = [], []
     for p, ids in zip(prompts, prompt_ids):
@@ -113,7 +173,7 @@ def sample_vllm(llm, prompts: list[dict], prompt_ids: list[list[int]], group_siz
                 n=1, temperature=sampling.temperature, top_p=sampling.top_p,
                 top_k=sampling.top_k, max_tokens=sampling.max_new_tokens,
                 seed=sequence_seed(sampling.seed, p["prompt_id"], s),
-                logprobs=0,  # the sampled token's log-prob only
+                logprobs=0 if with_logprobs else None,  # the sampled token's log-prob only
                 stop_token_ids=sorted(stop_ids), skip_special_tokens=True))
     outputs = llm.generate(requests, params, use_tqdm=progress)
 
@@ -121,8 +181,11 @@ def sample_vllm(llm, prompts: list[dict], prompt_ids: list[list[int]], group_siz
     for out in outputs:  # vLLM returns outputs in request order
         c = out.outputs[0]
         ids = list(c.token_ids)
-        logprobs = [float(step[tok].logprob) for tok, step in zip(ids, c.logprobs)]
-        if len(logprobs) != len(ids):
+        if not with_logprobs:
+            logprobs = []
+        else:
+            logprobs = [float(step[tok].logprob) for tok, step in zip(ids, c.logprobs)]
+        if with_logprobs and len(logprobs) != len(ids):
             raise RuntimeError(f"vLLM returned {len(logprobs)} log-probs for {len(ids)} tokens")
         if c.finish_reason not in ("stop", "length"):
             raise RuntimeError(f"vLLM request finished with {c.finish_reason!r}")
@@ -132,3 +195,328 @@ def sample_vllm(llm, prompts: list[dict], prompt_ids: list[list[int]], group_siz
         finish = "stop" if c.finish_reason == "stop" or (ids and ids[-1] in stop_ids) else "length"
         results.append((ids, logprobs, finish))
     return results
+
+
+# --- one engine for a whole training run ---------------------------------------------
+
+# A mean |engine - trainer| log-prob above this (nats per token) means the engine
+# does not hold the trainer's weights. Same weights differ by float rounding only:
+# ~1e-5 in fp32, ~1e-2 with a bf16 engine against an fp32 trainer.
+SYNC_TOLERANCE = 1.0
+# Completions of the step scored by both sides after each push (a cheap check).
+SYNC_SEQUENCES = 4
+# Weights cross to other processes (tensor parallelism) in buckets of about this size.
+BUCKET_BYTES = 1 << 30
+
+# Wrappers that insert a level into parameter names: DDP (`module.`), activation
+# checkpointing, FSDP1, torch.compile. The checkpoint (and vLLM) never has them.
+_WRAPPER_PARTS = ("_checkpoint_wrapped_module.", "_fsdp_wrapped_module.", "_orig_mod.")
+
+
+def engine_weight_name(name: str) -> str | None:
+    """The checkpoint name vLLM's `load_weights` expects for a trainer parameter, or None.
+
+    Strips what wrappers add (DDP's leading `module.`, activation checkpointing,
+    FSDP1, torch.compile) and PEFT's layers (`base_model.model.` and `.base_layer`,
+    `modules_to_save.default.`). LoRA matrices and PEFT's kept `original_module`
+    copies give None: they are not weights of the model vLLM runs (the adapters
+    are merged into the base weights before the push). Same mapping as TRL's
+    colocate sync (trl/generation/vllm_generation.py).
+    """
+    if ".lora_" in name or name.startswith("lora_") or ".original_module." in name:
+        return None
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    if name.startswith("module."):
+        name = name[len("module."):]
+    name = name.removeprefix("base_model.model.")
+    return name.replace(".base_layer.", ".").replace("modules_to_save.default.", "")
+
+
+def trainer_weights(model) -> Iterator[tuple[str, object]]:
+    """(checkpoint name, tensor) for every parameter of the trainer's model, as vLLM loads them.
+
+    Tensors are detached views (no copy), except FSDP2/DTensor shards, which are
+    gathered whole. Buffers (e.g. rotary inv_freq) are not sent: vLLM builds its own.
+    A model with a grpoctl LoRA adapter (lora.py) sends base + α/r·BA, computed
+    aside (lora.merged_state_dict), so the trainer's base weights are not rounded.
+    """
+    if "peft_wrapper" in getattr(model, "__dict__", {}):  # grpoctl.lora.has_lora
+        from grpoctl.lora import merged_state_dict
+
+        for name, tensor in merged_state_dict(model).items():
+            target = engine_weight_name(name)
+            if target is not None:
+                yield target, tensor
+        return
+    for name, param in model.named_parameters():
+        target = engine_weight_name(name)
+        if target is None:
+            continue
+        tensor = param.detach()
+        if hasattr(tensor, "full_tensor"):  # a DTensor shard (FSDP2): the whole tensor
+            tensor = tensor.full_tensor()
+        yield target, tensor
+
+
+def weight_buckets(weights: Iterable[tuple[str, object]], max_bytes: int = BUCKET_BYTES
+                   ) -> Iterator[list[tuple[str, object]]]:
+    """Consecutive groups of (name, tensor) of at most max_bytes (a bigger tensor goes alone)."""
+    bucket, size = [], 0
+    for name, tensor in weights:
+        nbytes = tensor.numel() * tensor.element_size()
+        if bucket and size + nbytes > max_bytes:
+            yield bucket
+            bucket, size = [], 0
+        bucket.append((name, tensor))
+        size += nbytes
+    if bucket:
+        yield bucket
+
+
+def completion_prompt_logprobs(prompt_logprobs: list, prompt_len: int,
+                               completion_ids: list[int]) -> list[float]:
+    """The completion tokens' log-probs out of vLLM's prompt log-probs of prompt + completion.
+
+    prompt_logprobs[i] maps token ids to log-probs for position i (None at i = 0,
+    which nothing predicts); the completion's tokens sit at prompt_len onwards.
+    """
+    rows = prompt_logprobs[prompt_len:prompt_len + len(completion_ids)]
+    if len(rows) != len(completion_ids):
+        raise RuntimeError(f"vLLM returned {len(rows)} prompt log-probs for a completion of "
+                           f"{len(completion_ids)} tokens")
+    return [float(row[token]) for token, row in zip(completion_ids, rows)]
+
+
+def logprob_mismatch(engine: list[list[float]], trainer: list[list[float]]) -> dict:
+    """Max and mean |engine - trainer| over all tokens of the sequences (0.0 when none)."""
+    diffs = []
+    for i, (a, b) in enumerate(zip(engine, trainer, strict=True)):
+        if len(a) != len(b):
+            raise ValueError(f"sequence {i}: {len(a)} engine log-probs, {len(b)} trainer log-probs")
+        diffs += [abs(x - y) for x, y in zip(a, b)]
+    if not diffs:
+        return {"max_abs": 0.0, "mean_abs": 0.0, "tokens": 0}
+    return {"max_abs": max(diffs), "mean_abs": sum(diffs) / len(diffs), "tokens": len(diffs)}
+
+
+def check_mismatch(stats: dict, tolerance: float = SYNC_TOLERANCE) -> None:
+    """Raise GrpoctlError when the mean mismatch says the engine runs other weights."""
+    if stats["mean_abs"] > tolerance:
+        raise GrpoctlError(
+            f"vLLM's weights did not sync with the trainer's: on {stats['tokens']} completion "
+            f"tokens their log-probs differ by {stats['mean_abs']:.3f} on average (max "
+            f"{stats['max_abs']:.3f}, allowed mean {tolerance}); the engine is not sampling "
+            f"from the policy being trained")
+
+
+# These run inside vLLM's workers: `worker` is vLLM's WorkerWrapperBase, which
+# forwards attributes to the GPU worker (vllm/v1/worker/worker_base.py).
+
+def _worker_model(worker):
+    runner = worker.model_runner
+    # get_model() unwraps the CUDA-graph wrapper newer versions put around the model.
+    return runner.get_model() if hasattr(runner, "get_model") else runner.model
+
+
+def _worker_param_names(worker) -> list[str]:
+    return [name for name, _ in _worker_model(worker).named_parameters()]
+
+
+def _worker_load_weights(worker, weights: list) -> list[str] | None:
+    loaded = _worker_model(worker).load_weights(weights=weights)
+    return sorted(loaded) if loaded is not None else None  # None: a model that does not say
+
+
+class VllmEngine:
+    """One vllm.LLM kept alive for a whole run; the trainer's weights are pushed into it.
+
+    Args:
+        model_dir: the checkpoint the engine starts from (then kept in step by sync_weights).
+        sampling: the training SamplingParams (they fix the engine's logprobs_mode).
+        dtype: the engine's weights dtype (bfloat16 on GPU; float32 for exact checks).
+        trust_remote_code: as for transformers.
+        tensor_parallel_size: GPUs the engine shards the model over (vLLM's default 1).
+        gpu_memory_utilization: share of each GPU's memory vLLM takes for weights and
+            KV cache; what is left is the trainer's (vLLM's default is 0.9, for an
+            engine alone).
+        sleep_mode: build with enable_sleep_mode=True so sleep()/wake_up() work.
+        engine_kwargs: anything else for vllm.LLM (e.g. max_model_len, enforce_eager).
+    """
+
+    def __init__(self, model_dir, sampling, dtype: str = "bfloat16",
+                 trust_remote_code: bool = False, tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.9, sleep_mode: bool = False, **engine_kwargs):
+        # The engine core must run in this process so collective_rpc can hand its
+        # workers the trainer's tensors (in another process it would need pickled
+        # functions). Read when the engine is built, so set before it is.
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        self.llm = load_llm(model_dir, sampling, dtype=dtype, trust_remote_code=trust_remote_code,
+                            tensor_parallel_size=tensor_parallel_size,
+                            gpu_memory_utilization=gpu_memory_utilization,
+                            enable_sleep_mode=sleep_mode, **engine_kwargs)
+        # V1's LLMEngine exposes the executor only when the engine core is in-process.
+        executor = getattr(self.llm.llm_engine, "model_executor", None)
+        if executor is None:
+            raise GrpoctlError("the vLLM engine core runs in another process, so the trainer "
+                               "cannot push weights into it; this needs vLLM >= 0.10.2 with "
+                               "VLLM_ENABLE_V1_MULTIPROCESSING=0")
+        # UniProcExecutor (tensor parallel size 1) keeps its one worker in this process.
+        self.in_process = hasattr(executor, "driver_worker")
+        self.sleep_mode = sleep_mode
+        self.sleeping: set[str] = set()  # the memory kinds sleep() released: weights, kv_cache
+        self.param_names = set(self.llm.collective_rpc(_worker_param_names)[0])
+        model_config = getattr(self.llm.llm_engine, "model_config", None)
+        self.dtype = getattr(model_config, "dtype", None)
+        self.max_model_len = getattr(model_config, "max_model_len", None)
+
+    def sleep(self) -> None:
+        """Free GPU memory for an update: weights to CPU, KV cache dropped (sleep level 1)."""
+        if not self.sleep_mode:
+            raise GrpoctlError("this vLLM engine was built without sleep mode")
+        if not self.sleeping:
+            self.llm.sleep(level=1)
+            self.sleeping = {"weights", "kv_cache"}
+
+    @property
+    def asleep(self) -> bool:
+        return bool(self.sleeping)
+
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Bring back the weights and/or the KV cache (tags "weights", "kv_cache"; None = both).
+
+        Only what is still asleep is woken: vLLM maps each tagged allocation back once.
+        """
+        wanted = self.sleeping & set(tags or ("weights", "kv_cache"))
+        if wanted:
+            self.llm.wake_up(tags=sorted(wanted))
+            self.sleeping -= wanted
+
+    def load_weights(self, model) -> int:
+        """Write the trainer model's weights into the engine; return how many tensors went.
+
+        Raises GrpoctlError if a weight has no place in vLLM's model, or if some
+        parameter of vLLM's model was not written (it would keep stale values).
+        """
+        import torch
+
+        count, loaded, answered = 0, set(), True
+        with _merged_adapters(model), torch.no_grad():
+            weights = trainer_weights(model)
+            if self.in_process:
+                batches = [list(weights)]  # same process: the trainer's tensors, no copy
+            else:  # other processes: CPU tensors in the engine's dtype, a bucket at a time
+                batches = weight_buckets((n, t.to("cpu", dtype=self.dtype or t.dtype))
+                                         for n, t in weights)
+            for batch in batches:
+                count += len(batch)
+                try:
+                    answers = self.llm.collective_rpc(_worker_load_weights, args=(batch,))
+                except (KeyError, ValueError) as e:  # a name vLLM's model does not have
+                    raise GrpoctlError(f"vLLM could not load the trainer's weights ({e}); the "
+                                       f"trainer's parameter names do not map onto vLLM's "
+                                       f"model") from None
+                for answer in answers:
+                    if answer is None:
+                        answered = False
+                    else:
+                        loaded.update(answer)
+        if answered:
+            missing = sorted(self.param_names - loaded)
+            if missing:
+                raise GrpoctlError(f"{len(missing)} of vLLM's {len(self.param_names)} weights "
+                                   f"were not written by the trainer's (first: "
+                                   f"{', '.join(missing[:3])}); the engine would sample from "
+                                   f"stale weights")
+        return count
+
+    def engine_logprobs(self, records: list[dict]) -> list[list[float]]:
+        """vLLM's log-probs (temperature 1, raw logits) of each record's completion tokens."""
+        vllm = _import_vllm()
+        requests = [{"prompt_token_ids": list(r["prompt_ids"]) + list(r["completion_ids"])}
+                    for r in records]
+        # prompt_logprobs=0: the log-prob of each prompt token itself, nothing more.
+        params = vllm.SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=1.0)
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        result = []
+        for r, out in zip(records, outputs):
+            rows = [None if row is None else {t: lp.logprob for t, lp in row.items()}
+                    for row in out.prompt_logprobs]
+            result.append(completion_prompt_logprobs(rows, len(r["prompt_ids"]),
+                                                     list(r["completion_ids"])))
+        return result
+
+    def check_sync(self, model, records: list[dict], n: int = SYNC_SEQUENCES) -> dict:
+        """Score n of the records' completions with the engine and the trainer; compare.
+
+        Returns {"max_abs", "mean_abs", "tokens"} (logprob_mismatch); raises
+        GrpoctlError when the mean exceeds SYNC_TOLERANCE.
+        """
+        import torch
+
+        from grpoctl.logprobs import completion_logprobs
+
+        room = self.max_model_len or float("inf")  # prompt + completion + the 1 token asked for
+        chosen = [r for r in records if r.get("completion_ids") and r.get("prompt_ids")
+                  and len(r["prompt_ids"]) + len(r["completion_ids"]) < room][:n]
+        if not chosen:
+            return logprob_mismatch([], [])
+        engine = self.engine_logprobs(chosen)
+        was_training = model.training
+        model.eval()  # no dropout: the engine has none
+        try:
+            with torch.no_grad():
+                trainer, _ = completion_logprobs(model, [r["prompt_ids"] for r in chosen],
+                                                 [r["completion_ids"] for r in chosen],
+                                                 temperature=1.0)
+        finally:
+            model.train(was_training)
+        stats = logprob_mismatch(engine, [t.tolist() for t in trainer])
+        check_mismatch(stats)
+        return stats
+
+    def sync_weights(self, model, records: list[dict]) -> dict:
+        """After an update: wake (if asleep), load the new weights, reset the prefix cache, check.
+
+        Returns the metrics loop writes: vllm_sync_max_abs_logprob_diff,
+        vllm_sync_mean_abs_logprob_diff, vllm_sync_tokens, vllm_sync_s.
+        """
+        start = time.perf_counter()
+        self.wake_up(tags=["weights"])  # weights first, so the KV cache is not back while they load
+        self.load_weights(model)
+        self.wake_up()  # the KV cache (a no-op when awake)
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
+        stats = self.check_sync(model, records)
+        return {"vllm_sync_max_abs_logprob_diff": stats["max_abs"],
+                "vllm_sync_mean_abs_logprob_diff": stats["mean_abs"],
+                "vllm_sync_tokens": stats["tokens"],
+                "vllm_sync_s": time.perf_counter() - start}
+
+    def close(self) -> None:
+        """Shut the engine down and free its GPU memory (tests build several in one process)."""
+        import gc
+
+        llm, self.llm = self.llm, None
+        shutdown = getattr(getattr(llm.llm_engine, "engine_core", None), "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+        del llm
+        gc.collect()
+        try:  # vLLM's own test teardown; its location has moved between versions
+            from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+        except ImportError:
+            return
+        cleanup_dist_env_and_memory()
+
+
+@contextlib.contextmanager
+def _merged_adapters(model):
+    """LoRA adapters (PEFT) merged into the base weights inside the block, unmerged after."""
+    peft = hasattr(model, "merge_adapter") and hasattr(model, "peft_config")
+    if peft:
+        model.merge_adapter()
+    try:
+        yield model
+    finally:
+        if peft:
+            model.unmerge_adapter()
