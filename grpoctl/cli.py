@@ -66,6 +66,8 @@ TensorParallel = Annotated[int, typer.Option(min=1, help="GPUs vLLM shards the m
 GpuMemory = Annotated[float, typer.Option(min=0.01, max=1.0, help="Share of each GPU's memory vLLM "
                                           "takes for weights and KV cache (--backend vllm).")]
 Dtype = Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16 or float16.")]
+WarmupSteps = Annotated[int, typer.Option(min=0, help="Linear learning-rate warm-up over the "
+                                          "first N steps (the paper: 10); 0 = constant lr.")]
 Device = Annotated[str, typer.Option(help="Torch device, e.g. cpu or cuda.")]
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code",
                                                help="Allow model code from the checkpoint directory "
@@ -267,6 +269,7 @@ def update(
                                         "model). Optimizer state in it is resumed.")] = "default",
     out: Annotated[str, typer.Option(help="Directory for the updated checkpoint.")] = ...,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-6,
+    warmup_steps: WarmupSteps = 0,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
     beta1: Annotated[float, typer.Option(help="AdamW beta1.")] = 0.9,
     beta2: Annotated[float, typer.Option(help="AdamW beta2.")] = 0.999,
@@ -323,7 +326,8 @@ def update(
     from grpoctl.lora import LoraSettings
     from grpoctl.update import UpdateConfig, run_update
 
-    cfg = UpdateConfig(lr=lr, weight_decay=weight_decay, betas=(beta1, beta2), clip_eps=clip_eps,
+    cfg = UpdateConfig(lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
+                       betas=(beta1, beta2), clip_eps=clip_eps,
                        clip_eps_high=clip_eps_high, loss_agg=loss_agg, max_grad_norm=max_grad_norm,
                        kl_coef=kl_coef, micro_batch_size=micro_batch_size, temperature=temperature,
                        max_tokens=max_tokens, is_cap=is_cap)
@@ -453,6 +457,7 @@ def loop(
                                                          "`advantage`.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate [default: 1e-4 for the "
                                                 "embedded model, else 1e-6 (the paper's 16-GRPO)].")] = None,
+    warmup_steps: WarmupSteps = 0,
     weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
     clip_eps: Annotated[float, typer.Option(help="PPO clip range.")] = 0.2,
     clip_eps_high: Annotated[Optional[float], typer.Option(help="Upper clip range (DAPO: 0.28).")] = None,
@@ -527,7 +532,8 @@ def loop(
         gpu_memory_utilization=gpu_memory_utilization, vllm_dtype=vllm_dtype, vllm_sleep=vllm_sleep,
         rewards=reward or ["math"], score_workers=workers, score_timeout=timeout,
         score_cmd=score_cmd, estimator=estimator, std=std, drop_zero=drop_zero,
-        advantage_cmd=advantage_cmd, lr=lr, weight_decay=weight_decay, clip_eps=clip_eps,
+        advantage_cmd=advantage_cmd, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
+        clip_eps=clip_eps,
         clip_eps_high=clip_eps_high, loss_agg=loss_agg, max_grad_norm=max_grad_norm,
         kl_coef=kl_coef, ref=ref, micro_batch_size=micro_batch_size, dtype=dtype, device=device, threads=threads,
         trust_remote_code=trust_remote_code,

@@ -97,6 +97,7 @@ class LoopConfig:
     advantage_cmd: str | None = None
     # update
     lr: float | None = None  # None: 1e-4 for the embedded model, else 1e-6 (the paper's 16-GRPO)
+    warmup_steps: int = 0  # linear lr warm-up over the first N steps; 0 = constant lr
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.999
@@ -304,7 +305,8 @@ class Loop:
         from grpoctl.update import UpdateConfig
 
         c = self.cfg
-        return UpdateConfig(lr=c.lr, weight_decay=c.weight_decay, betas=(c.beta1, c.beta2),
+        return UpdateConfig(lr=c.lr, warmup_steps=c.warmup_steps, weight_decay=c.weight_decay,
+                            betas=(c.beta1, c.beta2),
                             clip_eps=c.clip_eps, clip_eps_high=c.clip_eps_high, loss_agg=c.loss_agg,
                             max_grad_norm=c.max_grad_norm, kl_coef=c.kl_coef,
                             micro_batch_size=c.micro_batch_size, is_cap=c.is_cap)
@@ -419,7 +421,7 @@ class Loop:
             if self.engine is not None and self.cfg.vllm_sleep:
                 self.engine.sleep()  # the engine's weights to CPU, its KV cache freed
             metrics = update_step(self.model, self.optimizer, records, self.update_config(),
-                                  ref_model=self.ref_model)
+                                  ref_model=self.ref_model, step=step)
             if self.engine is not None:  # new weights into the live engine, checked on this step
                 metrics.update(self.engine.sync_weights(self.model, records))
             return metrics

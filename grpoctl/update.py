@@ -40,6 +40,9 @@ class UpdateConfig:
     lr: float = 1e-6
     """AdamW learning rate. 1e-6 is TRL's default and the paper's 16-GRPO setting (2-GRPO
     used 8e-6, scaled with prompts per batch). Tiny models need about 1e-4 (environment.md)."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up: step s (counted from 1) uses lr × min(1, s / warmup_steps).
+    0 = the constant lr from the first step. The paper's runs (verl) warm up over 10 steps."""
     weight_decay: float = 0.0
     """AdamW decoupled weight decay; 0.0 as in TRL's default."""
     betas: tuple[float, float] = (0.9, 0.999)
@@ -123,6 +126,8 @@ def resolve_config(records: list[dict], cfg: UpdateConfig, source: str = "<recor
                                f"got {value}")
     if cfg.micro_batch_size < 1:
         raise GrpoctlError(f"--micro-batch-size: must be >= 1, got {cfg.micro_batch_size}")
+    if cfg.warmup_steps < 0:
+        raise GrpoctlError(f"--warmup-steps: must be >= 0, got {cfg.warmup_steps}")
     if cfg.is_cap is not None and not (math.isfinite(cfg.is_cap) and cfg.is_cap > 0):
         raise GrpoctlError(f"--is-cap: expected a finite number > 0, got {cfg.is_cap}")
     temperature = cfg.temperature
@@ -179,13 +184,22 @@ def _trainer_old_logprobs(model, logp, prompts, completions, cfg: UpdateConfig) 
     return old
 
 
+def scheduled_lr(cfg: UpdateConfig, step: int) -> float:
+    """The learning rate of step `step` (from 1): linear warm-up to cfg.lr, then constant."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * step / cfg.warmup_steps
+    return cfg.lr
+
+
 def update_step(model, optimizer: torch.optim.Optimizer, records: list[dict],
-                cfg: UpdateConfig, ref_model=None) -> dict:
+                cfg: UpdateConfig, ref_model=None, step: int | None = None) -> dict:
     """One policy-gradient step on `records` (each with prompt_ids, completion_ids,
     logprobs, advantage); returns the step's metrics.
 
     ref_model: the reference policy for the KL penalty (needed when cfg.kl_coef > 0;
     when given with kl_coef 0 the KL is only measured).
+    step: the step's number (from 1), which sets the learning rate (`scheduled_lr`);
+    None leaves the optimizer's lr as it is.
     The model's mode is left as is (load_policy gives eval mode: no dropout, so the
     log-probs match the sampler's).
     """
@@ -195,6 +209,9 @@ def update_step(model, optimizer: torch.optim.Optimizer, records: list[dict],
         raise GrpoctlError("--kl-coef > 0 needs a reference policy (--ref)")
     params = [p for group in optimizer.param_groups for p in group["params"]]
     device = model.get_input_embeddings().weight.device
+    if step is not None:
+        for group in optimizer.param_groups:
+            group["lr"] = scheduled_lr(cfg, step)
 
     # Token weights over the whole file: the micro-batches add up to the full-batch loss.
     lengths = [len(r["completion_ids"]) for r in records]
@@ -418,7 +435,7 @@ def run_update(adv_path: str, policy_dir, out_dir, cfg: UpdateConfig, ref_dir=No
     step = checkpoint.read_trainer_state(policy_dir)["step"] + 1
 
     try:
-        metrics = {"step": step, **update_step(model, optimizer, records, cfg, ref_model)}
+        metrics = {"step": step, **update_step(model, optimizer, records, cfg, ref_model, step)}
     except GrpoctlError as e:
         raise GrpoctlError(f"step {step} ({source}): {e}") from None
     trainer_state = {

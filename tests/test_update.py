@@ -285,6 +285,38 @@ def test_two_run_updates_equal_two_steps_in_one_process(tiny_model, tmp_path):
     assert [x["step"] for x in lines] == [1, 2] and lines[1] == m2
 
 
+def test_warmup_scales_the_learning_rate_linearly(tiny_model, tmp_path):
+    from grpoctl.update import scheduled_lr
+
+    cfg = UpdateConfig(lr=1e-4, warmup_steps=4)
+    # written out: steps 1..4 climb by lr/4, then the lr holds
+    assert [scheduled_lr(cfg, s) for s in (1, 2, 3, 4, 5, 9)] == \
+        pytest.approx([2.5e-5, 5e-5, 7.5e-5, 1e-4, 1e-4, 1e-4], rel=1e-12)
+    assert scheduled_lr(UpdateConfig(lr=1e-4), 1) == 1e-4  # 0 = no warm-up
+
+    # Through the stage: two chained `update`s report (and use) the step's lr, and the
+    # second resumes from the first's step count.
+    base = load_policy(tiny_model)
+    for i in (1, 2):
+        write_records(make_records(base, seed=20 + i), str(tmp_path / f"adv{i}.jsonl"))
+    cfg = UpdateConfig(lr=1e-3, warmup_steps=4)
+    m1 = run_update(str(tmp_path / "adv1.jsonl"), tiny_model, tmp_path / "A", cfg)
+    m2 = run_update(str(tmp_path / "adv2.jsonl"), tmp_path / "A", tmp_path / "B", cfg)
+    assert (m1["lr"], m2["lr"]) == (pytest.approx(2.5e-4), pytest.approx(5e-4))
+
+    # SGD makes the lr visible in the weights: the step at lr/4 moves them a quarter as far.
+    records = make_records(base, seed=5)
+    moved = []
+    for c in (UpdateConfig(lr=1.0, max_grad_norm=0), UpdateConfig(lr=1.0, warmup_steps=4, max_grad_norm=0)):
+        model = load_policy(tiny_model)
+        before = params_of(model)
+        update_step(model, torch.optim.SGD(model.parameters(), lr=1.0), records, c, step=1)
+        moved.append(torch.cat([(p.detach() - before[n]).flatten()
+                                for n, p in model.named_parameters()]))
+    assert moved[0].abs().max() > 1e-3
+    assert torch.allclose(moved[1], moved[0] / 4, atol=1e-7)
+
+
 # --- (5) non-finite steps are refused -------------------------------------------------------
 
 

@@ -58,6 +58,7 @@ export TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=${TORCH_ALLOW_TF32_CUBLAS_OVERRIDE:-1}
 common=(
   --model "$model" --prompts "$train" --template "$template" --reward math
   --epochs "${EPOCHS:-10}"                            # 10 epochs over MATH's 7.5k problems
+  --warmup-steps 10                                   # 10-step linear lr warm-up
   --clip-eps 0.2 --clip-eps-high 0.28                 # clip low / high (DAPO clip-higher)
   --loss-agg seq-mean                                 # token mean in a response, then mean
   --kl-coef 0                                         # no KL term
@@ -70,12 +71,8 @@ common=(
   --save-every 50 --keep-last 2 --seed "$seed"
 )
 if [ "${SLEEP:-0}" = 1 ]; then common+=(--vllm-sleep); fi
-# Recompute activations in the backward pass (README: ≈ 45 GB less at full length); passed
-# when this grpoctl has the flag (added alongside this recipe).
-loop_help=$(COLUMNS=400 grpoctl loop --help)
-if [[ $loop_help == *--gradient-checkpointing* ]]; then
-  common+=(--gradient-checkpointing)
-fi
+# Recompute activations in the backward pass (README: ≈ 45 GB less at full length).
+common+=(--gradient-checkpointing)
 
 train_run() {  # NAME, then the run's own flags
   local run="$out/$1"; shift
