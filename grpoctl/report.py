@@ -68,6 +68,9 @@ def load_run(run_dir: str | os.PathLike) -> dict:
         raise GrpoctlError(f"{config_path}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise GrpoctlError(f"{config_path}: expected a JSON object of settings")
+    # A run written before a setting existed ran with its default (as --resume reads it),
+    # so it compares equal to a newer run that kept that default.
+    config = {**_default_settings(), **config}
 
     metrics_path = path / "metrics.jsonl"
     if not metrics_path.is_file():
@@ -79,6 +82,14 @@ def load_run(run_dir: str | os.PathLike) -> dict:
     evals = _read_lines(eval_path, ("step", "mean_at_k", "pass_at_k", "k"), EVAL_FIELDS) \
         if eval_path.is_file() else []
     return {"path": str(path), "config": config, "metrics": metrics, "evals": evals}
+
+
+def _default_settings() -> dict:
+    import dataclasses
+
+    from grpoctl.loop import LoopConfig
+
+    return dataclasses.asdict(LoopConfig())
 
 
 def _read_lines(path: Path, required: tuple, numbers: tuple) -> list[dict]:

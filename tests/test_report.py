@@ -146,6 +146,19 @@ def test_seeds_of_one_setting_form_one_labelled_group(paper_like):
         group_runs(runs, ["one"])
 
 
+def test_a_setting_missing_from_an_older_config_counts_as_its_default(tmp_path):
+    # An older grpoctl wrote no warmup_steps; its run used the default (0), so it groups
+    # with a newer run that wrote 0, and neither label mentions the setting.
+    old = simple_run(tmp_path / "old", 2, 64, 0, 3, 1.0, 0.5, 0.6)
+    new = simple_run(tmp_path / "new", 2, 64, 1, 3, 1.0, 0.5, 0.6, warmup_steps=0)
+    other = simple_run(tmp_path / "other", 2, 64, 0, 3, 1.0, 0.5, 0.6, warmup_steps=10)
+    assert "warmup_steps" not in json.loads((tmp_path / "old" / "config.json").read_text())
+    groups = group_runs([load_run(p) for p in (old, new, other)])
+    assert [(g["label"], g["seeds"]) for g in groups] == [
+        ("G=2, 64 prompts/step, warmup-steps 0, seeds 0, 1", [0, 1]),
+        ("G=2, 64 prompts/step, warmup-steps 10, seed 0", [0])]
+
+
 def test_table_numbers_by_hand(paper_like):
     result = write_report(list(paper_like.values()), str(Path(paper_like["g2-s0"]).parent / "out"))
     g16, g2 = result["rows"]
