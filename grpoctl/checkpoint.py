@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from grpoctl.errors import GrpoctlError
+from grpoctl.records import umask_mode
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
@@ -168,6 +169,7 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer: torch.optim.Optimizer,
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        tmp.chmod(umask_mode(0o777))  # mkdtemp makes 0700
     except OSError as e:
         raise GrpoctlError(f"{out}: cannot write checkpoint: {e.strerror or e}") from None
     try:
@@ -188,6 +190,7 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer: torch.optim.Optimizer,
             encoding="utf-8")
         for f in tmp.rglob("*"):  # files, and merged/ when there is one
             if f.is_file() or f.is_dir():
+                f.chmod(umask_mode(0o666 if f.is_file() else 0o777))  # safetensors writes 0600
                 _fsync(f)
         _fsync(tmp)
         _move_into_place(tmp, out)

@@ -280,6 +280,14 @@ def dumps(record: dict) -> str:
     return text
 
 
+def umask_mode(mode: int = 0o666) -> int:
+    """`mode` less the process umask: what open() or mkdir() would have given.
+    mkstemp/mkdtemp create 0600/0700 entries; users sharing a run directory expect 0644/0755."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     """Open a temporary file beside `path`; on success fsync and rename it to `path`.
@@ -291,6 +299,7 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     directory = os.path.dirname(os.path.abspath(path))
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+        os.chmod(fd, umask_mode())
     except OSError as e:
         raise GrpoctlError(f"{path}: cannot write: {e.strerror}") from None
     try:

@@ -50,6 +50,18 @@ def test_optimizer_state_is_keyed_by_parameter_name(tiny_model, tmp_path):
     assert saved["model.embed_tokens.weight.step"].item() == 2.0
 
 
+def test_checkpoint_directory_gets_the_permissions_mkdir_would_give(tiny_model, tmp_path):
+    model, optimizer = _stepped(tiny_model)
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "ck", model, load_tokenizer(tiny_model), optimizer, {"step": 2})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "ck").stat().st_mode & 0o777 == 0o755  # mkdtemp alone gives 0700
+    for f in (tmp_path / "ck").iterdir():
+        assert f.stat().st_mode & 0o777 == 0o644, f.name
+
+
 def test_optimizer_state_round_trips_exactly_even_in_another_parameter_order(tiny_model, tmp_path):
     model, optimizer = _stepped(tiny_model)
     save_checkpoint(tmp_path / "ck", model, load_tokenizer(tiny_model), optimizer, {"step": 2})

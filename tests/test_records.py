@@ -86,3 +86,16 @@ def test_atomic_open_keeps_old_file_on_failure(tmp_path):
             raise RuntimeError("crash mid-write")
     assert path.read_text() == "old\n"
     assert os.listdir(tmp_path) == ["a.jsonl"]  # no temporary file left behind
+
+
+def test_atomic_writes_get_the_permissions_open_would_give(tmp_path):
+    # mkstemp makes 0600 files; a written file must be readable by whoever open() allows
+    old = os.umask(0o022)
+    try:
+        write_records([{"prompt_id": "a", "sample": 0}], str(tmp_path / "r.jsonl"))
+        assert (tmp_path / "r.jsonl").stat().st_mode & 0o777 == 0o644
+        os.umask(0o077)
+        write_records([{"prompt_id": "a", "sample": 0}], str(tmp_path / "private.jsonl"))
+        assert (tmp_path / "private.jsonl").stat().st_mode & 0o777 == 0o600
+    finally:
+        os.umask(old)
