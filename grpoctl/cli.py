@@ -505,7 +505,7 @@ def loop(
     """Train: rollout, score, advantage and update, step after step, keeping every file.
 
     With no flags it trains the embedded tiny model on the built-in arithmetic task
-    (a few minutes on a laptop CPU). The run directory holds config.json,
+    (about two minutes on two CPU cores). The run directory holds config.json,
     metrics.jsonl, eval.jsonl, each step's rollouts/scored/advantages files and
     checkpoints; Ctrl-C or a crash loses nothing, and `--resume` continues.
 
