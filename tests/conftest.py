@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,12 @@ import pytest
 # Tiny models run fastest on one thread, and CLI subprocesses inherit this: two busy-waiting
 # torch threads per process on a 2-core machine slow everything down many times.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# A suite started in the background by a non-interactive shell (`pytest &` in a script)
+# inherits SIGINT ignored (POSIX), and so would every grpoctl it starts, losing the
+# Ctrl-C that the interrupt tests send. Handled SIGINT resets to the default at exec.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data"
