@@ -161,9 +161,7 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer: torch.optim.Optimizer,
 
     from grpoctl import lora
 
-    if save_lora not in lora.SAVE_MODES:
-        raise GrpoctlError(f"--save-lora: expected one of {', '.join(lora.SAVE_MODES)}, "
-                           f"got {save_lora!r}")
+    lora.check_save_mode(save_lora)
 
     out = Path(out_dir).absolute()
     try:

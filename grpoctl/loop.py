@@ -152,11 +152,9 @@ class LoopConfig:
             raise GrpoctlError("--group-size must be at least 2: GRPO contrasts completions of one prompt")
         if cfg.estimator == "pairwise" and cfg.group_size != 2:
             raise GrpoctlError("--estimator pairwise needs --group-size 2")
-        from grpoctl.lora import SAVE_MODES, LoraSettings
+        from grpoctl.lora import LoraSettings, check_save_mode
 
-        if cfg.save_lora not in SAVE_MODES:  # fail before a run directory is made
-            raise GrpoctlError(f"--save-lora: expected one of {', '.join(SAVE_MODES)}, "
-                               f"got {cfg.save_lora!r}")
+        check_save_mode(cfg.save_lora)  # fail before a run directory is made
         LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules).check()
         return cfg
 
@@ -283,7 +281,7 @@ class Loop:
         if cfg.backend == "vllm":  # fail before loading anything when the extra is missing
             from grpoctl.rollout.vllm import require_vllm
 
-            require_vllm(world_size=int(os.environ.get("WORLD_SIZE", "1")))
+            require_vllm(world_size=distributed.world()[1])
         source = checkpoint_dir(self.run, from_checkpoint) if from_checkpoint else cfg.model
         # A checkpoint with a LoRA adapter continues it; a fresh run attaches one if lora_r > 0
         lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)

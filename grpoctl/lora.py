@@ -70,6 +70,18 @@ class LoraSettings:
             raise GrpoctlError("--lora-target-modules: empty")
 
 
+def check_save_mode(save_lora: str) -> None:
+    """--save-lora is "adapter" or "merged", or a one-line error."""
+    if save_lora not in SAVE_MODES:
+        raise GrpoctlError(f"--save-lora: expected one of {', '.join(SAVE_MODES)}, "
+                           f"got {save_lora!r}")
+
+
+def is_adapter_dir(path) -> bool:
+    """True for a LoRA adapter checkpoint (it has adapter_config.json)."""
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
 def _peft():
     try:
         import peft

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from grpoctl import lora as lora_lib  # light: peft is imported only when LoRA is used
 from grpoctl.errors import GrpoctlError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -34,10 +35,8 @@ def check_model_dir(path: str | os.PathLike) -> Path:
     p = resolve_model_dir(path)
     if not p.is_dir():
         raise GrpoctlError(f"{p}: not a model directory (no such directory)")
-    if (p / "adapter_config.json").is_file():
-        from grpoctl.lora import check_adapter_dir
-
-        check_adapter_dir(p)
+    if lora_lib.is_adapter_dir(p):
+        lora_lib.check_adapter_dir(p)
         return p
     if not (p / "config.json").is_file():
         raise GrpoctlError(f"{p}: not a model directory (no config.json)")
@@ -57,10 +56,8 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
     path = resolve_model_dir(path)
-    if (path / "adapter_config.json").is_file() and not (path / "tokenizer_config.json").is_file():
-        from grpoctl.lora import adapter_base
-
-        path = adapter_base(path)  # an adapter saved without a tokenizer: the base model's
+    if lora_lib.is_adapter_dir(path) and not (path / "tokenizer_config.json").is_file():
+        path = lora_lib.adapter_base(path)  # an adapter saved without a tokenizer: the base model's
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers raises many types for a bad directory
@@ -87,10 +84,9 @@ def load_policy(path: str | os.PathLike, dtype: str = "float32", device: str = "
     p = check_model_dir(path)
     if dtype not in DTYPES:
         raise GrpoctlError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
-    if (p / "adapter_config.json").is_file():
-        from grpoctl.lora import load_policy_with_adapter
-
-        return load_policy_with_adapter(p, dtype, device, trust_remote_code, attn_implementation)
+    if lora_lib.is_adapter_dir(p):
+        return lora_lib.load_policy_with_adapter(p, dtype, device, trust_remote_code,
+                                                 attn_implementation)
     kwargs = {"dtype": getattr(torch, dtype), "use_safetensors": True,
               "trust_remote_code": trust_remote_code}
     if attn_implementation:
@@ -119,8 +115,6 @@ def load_training_policy(path: str | os.PathLike, dtype: str = "float32", device
     has no fp32 master weights and its eps (1e-8) underflows to 0, so one step
     turns parameters into NaN (measured on a tiny Llama).
     """
-    from grpoctl import lora as lora_lib
-
     p = resolve_model_dir(path)
     model = load_policy(p, dtype, device, trust_remote_code, attn_implementation)
     wanted = lora is not None and lora.r > 0

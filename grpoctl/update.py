@@ -401,9 +401,7 @@ def run_update(adv_path: str, policy_dir, out_dir, cfg: UpdateConfig, ref_dir=No
     from grpoctl.models import (check_model_dir, check_vocab, load_policy, load_tokenizer,
                                 load_training_policy, resolve_model_dir)
 
-    if save_lora not in lora.SAVE_MODES:
-        raise GrpoctlError(f"--save-lora: expected one of {', '.join(lora.SAVE_MODES)}, "
-                           f"got {save_lora!r}")
+    lora.check_save_mode(save_lora)  # before any model is loaded
 
     policy_dir = resolve_model_dir(policy_dir)  # `default` = the embedded model
     ref_dir = None if ref_dir is None else resolve_model_dir(ref_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -61,3 +62,27 @@ def run_cli(*args: str, input: str | bytes | None = None, check: bool = False,
         raise AssertionError(f"grpoctl {' '.join(args)} exited {proc.returncode}:\n"
                              f"{proc.stderr.decode(errors='replace')}")
     return proc
+
+
+def policy_records(model, *, n_prompts: int = 3, group: int = 2, seed: int = 0) -> list[dict]:
+    """Records as `advantage` writes them for `model`: random token ids, logprobs from the
+    model itself (so the first step's ratio is 1), advantage +1 for sample 0, -1 for the rest."""
+    import torch
+
+    from grpoctl.logprobs import completion_logprobs
+
+    rng = random.Random(seed)
+    records = []
+    for i in range(n_prompts):
+        prompt = [rng.randrange(2, 258) for _ in range(rng.randrange(3, 8))]
+        for s in range(group):
+            completion = [rng.randrange(2, 258) for _ in range(rng.randrange(3, 10))]
+            records.append({"prompt_id": f"p{seed}-{i}", "sample": s, "prompt_ids": prompt,
+                            "completion_ids": completion, "advantage": 1.0 if s == 0 else -1.0,
+                            "sampling": {"temperature": 1.0}})
+    with torch.no_grad():
+        logps, _ = completion_logprobs(model, [r["prompt_ids"] for r in records],
+                                       [r["completion_ids"] for r in records])
+    for r, lp in zip(records, logps):
+        r["logprobs"] = lp.tolist()
+    return records

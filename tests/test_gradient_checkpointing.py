@@ -7,36 +7,15 @@ Gradient checkpointing must (1) give the same step as without it, (2) really rec
 
 from __future__ import annotations
 
-import random
-
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import policy_records, run_cli
 from grpoctl.errors import GrpoctlError
 from grpoctl.logprobs import completion_logprobs, padded_completion_logprobs
 from grpoctl.models import (enable_gradient_checkpointing, is_gradient_checkpointing,
                             load_policy, load_training_policy)
 from grpoctl.update import UpdateConfig, update_step
-
-
-def make_records(model, n_prompts=3, group=2, seed=0):
-    """Groups of `group` completions per prompt (they share a prompt pass), with the
-    model's own log-probs and advantages +1/-1."""
-    rng = random.Random(seed)
-    records = []
-    for i in range(n_prompts):
-        prompt = [rng.randrange(2, 258) for _ in range(rng.randrange(3, 9))]
-        for s in range(group):
-            completion = [rng.randrange(2, 258) for _ in range(rng.randrange(2, 12))]
-            records.append({"prompt_id": f"p{i}", "sample": s, "prompt_ids": prompt,
-                            "completion_ids": completion, "advantage": 1.0 if s == 0 else -1.0})
-    with torch.no_grad():
-        logps, _ = completion_logprobs(model, [r["prompt_ids"] for r in records],
-                                       [r["completion_ids"] for r in records])
-    for r, lp in zip(records, logps):
-        r["logprobs"] = lp.tolist()
-    return records
 
 
 def sgd_step(model, records, **cfg):
@@ -54,7 +33,7 @@ def test_same_step_with_and_without_checkpointing(fixture, request):
     assert is_gradient_checkpointing(checkpointed) and not is_gradient_checkpointing(plain)
     assert not checkpointed.training  # eval mode (no dropout) is kept
     before = {n: p.detach().clone() for n, p in plain.named_parameters()}
-    records = make_records(plain)
+    records = policy_records(plain)
 
     m1 = sgd_step(plain, records)
     m2 = sgd_step(checkpointed, records)
@@ -78,7 +57,7 @@ def _count_mlp_calls(model):
 def test_checkpointing_recomputes_in_eval_mode(tiny_model):
     """Each decoder layer runs twice per gradient pass (forward, then the replay in
     backward) with checkpointing, once without; under no_grad (sampling) once."""
-    records = make_records(load_policy(tiny_model))
+    records = policy_records(load_policy(tiny_model))
     counts = {}
     for on in (False, True):
         model = load_training_policy(tiny_model, gradient_checkpointing=on)
@@ -127,7 +106,7 @@ def test_checkpointing_keeps_fewer_activations(tmp_path):
 
     path = make_tiny_model(tmp_path / "m", "llama", layers=4)
     records = [dict(r, prompt_ids=r["prompt_ids"] * 8, completion_ids=r["completion_ids"] * 4)
-               for r in make_records(load_policy(path), n_prompts=4, group=1)]
+               for r in policy_records(load_policy(path), n_prompts=4, group=1)]
     plain = _saved_bytes(load_training_policy(path), records)
     checkpointed = _saved_bytes(load_training_policy(path, gradient_checkpointing=True), records)
     # Measured: 1.13 MB against 15.3 MB (4 layers, hidden 64, MLP 256).
@@ -143,7 +122,7 @@ def test_checkpointing_refuses_a_model_without_decoder_layers():
 
 
 def test_attention_implementations_agree(tiny_qwen2):
-    records = make_records(load_policy(tiny_qwen2), n_prompts=2)
+    records = policy_records(load_policy(tiny_qwen2), n_prompts=2)
     prompts = [r["prompt_ids"] for r in records]
     completions = [r["completion_ids"] for r in records]
     results = {}
@@ -171,7 +150,7 @@ def test_cli_passes_the_attention_implementation(command, tiny_model):
 def test_bfloat16_update_on_cpu(tiny_model):
     model = load_training_policy(tiny_model, dtype="bfloat16")
     assert next(model.parameters()).dtype == torch.bfloat16
-    records = make_records(load_policy(tiny_model))
+    records = policy_records(load_policy(tiny_model))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     before = model.model.layers[0].mlp.up_proj.weight.detach().clone()
     metrics = update_step(model, optimizer, records, UpdateConfig(lr=1e-2))

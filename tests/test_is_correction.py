@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-import random
 
 import pytest
 import torch
 
+from conftest import policy_records
 from grpoctl.errors import GrpoctlError
 from grpoctl.logprobs import completion_logprobs, padded_completion_logprobs
 from grpoctl.losses import truncated_is_weights
@@ -33,22 +33,6 @@ def test_weights_by_hand():
     assert not weights.requires_grad  # a constant factor: no gradient through the weight
 
 
-def make_records(model, seed=0):
-    rng = random.Random(seed)
-    records = []
-    for i in range(3):
-        prompt = [rng.randrange(2, 258) for _ in range(rng.randrange(3, 8))]
-        for s in range(2):
-            completion = [rng.randrange(2, 258) for _ in range(rng.randrange(3, 10))]
-            records.append({"prompt_id": f"p{i}", "sample": s, "prompt_ids": prompt,
-                            "completion_ids": completion, "advantage": 1.0 if s == 0 else -1.0})
-    with torch.no_grad():
-        logps, _ = completion_logprobs(model, [r["prompt_ids"] for r in records],
-                                       [r["completion_ids"] for r in records])
-    for r, lp in zip(records, logps):
-        r["logprobs"] = lp.tolist()
-    return records
-
 
 def perturb(records):
     """The sampler's log-probs off by -1.0, +0.5, 0 in turn: IS weights e (capped at 2), e^-0.5, 1."""
@@ -63,7 +47,7 @@ def perturb(records):
 def test_update_step_weights_match_an_independent_computation(tiny_model):
     cap = 2.0
     model = load_policy(tiny_model)
-    records = perturb(make_records(model))
+    records = perturb(policy_records(model))
     # Independently: the trainer's log-probs before the step (no-grad forward, one record
     # at a time), and the weights written out token by token.
     trainer_logps = []
@@ -107,7 +91,7 @@ def test_update_step_weights_match_an_independent_computation(tiny_model):
 
 def test_without_a_cap_the_ratio_is_against_the_records(tiny_model):
     model = load_policy(tiny_model)
-    records = perturb(make_records(model))
+    records = perturb(policy_records(model))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     metrics = update_step(model, optimizer, records, UpdateConfig())
     assert metrics["is_weight_mean"] is None and metrics["is_capped_fraction"] is None
@@ -118,7 +102,7 @@ def test_without_a_cap_the_ratio_is_against_the_records(tiny_model):
 def test_on_policy_records_get_weight_one(tiny_model):
     model = load_policy(tiny_model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    metrics = update_step(model, optimizer, make_records(model), UpdateConfig(is_cap=2.0))
+    metrics = update_step(model, optimizer, policy_records(model), UpdateConfig(is_cap=2.0))
     assert metrics["is_weight_mean"] == pytest.approx(1.0, abs=1e-5)
     assert metrics["is_capped_fraction"] == 0.0
     assert metrics["logp_mismatch_max"] < 1e-5
@@ -129,4 +113,4 @@ def test_bad_cap_is_refused(tiny_model, cap):
     model = load_policy(tiny_model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     with pytest.raises(GrpoctlError, match="--is-cap"):
-        update_step(model, optimizer, make_records(model), UpdateConfig(is_cap=cap))
+        update_step(model, optimizer, policy_records(model), UpdateConfig(is_cap=cap))

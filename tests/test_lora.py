@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import policy_records, run_cli
 from grpoctl.checkpoint import OPTIMIZER_FILE, load_optimizer_state
 from grpoctl.errors import GrpoctlError
 from grpoctl.lora import LoraSettings, merged_state_dict
-from grpoctl.logprobs import completion_logprobs
 from grpoctl.models import load_policy, load_training_policy
 from grpoctl.records import read_records, write_records
 from grpoctl.update import UpdateConfig, make_optimizer, run_update, update_step
@@ -21,23 +19,6 @@ peft = pytest.importorskip("peft", reason="LoRA needs peft (the lora and test ex
 
 R4 = LoraSettings(r=4)
 
-
-def make_records(model, seed=0, n_prompts=3):
-    rng = random.Random(seed)
-    records = []
-    for i in range(n_prompts):
-        prompt = [rng.randrange(2, 258) for _ in range(rng.randrange(3, 8))]
-        for s in range(2):
-            completion = [rng.randrange(2, 258) for _ in range(rng.randrange(3, 10))]
-            records.append({"prompt_id": f"p{seed}-{i}", "sample": s, "prompt_ids": prompt,
-                            "completion_ids": completion, "advantage": 1.0 if s == 0 else -1.0,
-                            "sampling": {"temperature": 1.0}})
-    with torch.no_grad():
-        logps, _ = completion_logprobs(model, [r["prompt_ids"] for r in records],
-                                       [r["completion_ids"] for r in records])
-    for r, lp in zip(records, logps):
-        r["logprobs"] = lp.tolist()
-    return records
 
 
 def logits(model, ids=(5, 6, 7, 8, 9, 10)):
@@ -66,7 +47,7 @@ def test_a_step_moves_only_the_adapter(tiny_qwen2):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = make_optimizer(model, UpdateConfig(lr=1e-2))
     assert len(optimizer.param_groups[0]["params"]) == 2 * 2 * 2  # q, v x A, B x 2 layers
-    update_step(model, optimizer, make_records(load_policy(tiny_qwen2)), UpdateConfig(lr=1e-2))
+    update_step(model, optimizer, policy_records(load_policy(tiny_qwen2)), UpdateConfig(lr=1e-2))
     for n, p in model.named_parameters():
         # The base is frozen; B starts at 0, so A's first gradient B^T(...) is 0 too:
         # after one step only B has moved.
@@ -80,7 +61,7 @@ def test_adapter_checkpoint_resumes_exactly(tiny_model, tmp_path):
     files = []
     for seed in (1, 2):
         path = tmp_path / f"adv{seed}.jsonl"
-        write_records(make_records(base, seed), str(path))
+        write_records(policy_records(base, seed=seed), str(path))
         files.append(str(path))
     cfg = UpdateConfig(lr=1e-2)
     run_update(files[0], tiny_model, tmp_path / "a", cfg, lora_settings=R4)
@@ -118,7 +99,7 @@ def test_adapter_checkpoint_resumes_exactly(tiny_model, tmp_path):
 def test_merged_weights_are_base_plus_scaled_product(tiny_model, tmp_path):
     model = load_training_policy(tiny_model, lora=LoraSettings(r=2, alpha=3.0))
     optimizer = make_optimizer(model, UpdateConfig(lr=1e-2))
-    update_step(model, optimizer, make_records(load_policy(tiny_model)), UpdateConfig(lr=1e-2))
+    update_step(model, optimizer, policy_records(load_policy(tiny_model)), UpdateConfig(lr=1e-2))
     merged = merged_state_dict(model)
     assert set(merged) == set(load_policy(tiny_model).state_dict())  # the plain model's names
     q = model.model.layers[1].self_attn.q_proj
@@ -130,7 +111,7 @@ def test_merged_weights_are_base_plus_scaled_product(tiny_model, tmp_path):
 
 def test_cli_lora_update_then_rollout_of_adapter_and_merged(tiny_qwen2, tmp_path):
     adv = tmp_path / "adv.jsonl"
-    write_records(make_records(load_policy(tiny_qwen2)), str(adv))
+    write_records(policy_records(load_policy(tiny_qwen2)), str(adv))
     run_cli("update", str(adv), "--policy", str(tiny_qwen2), "--out", str(tmp_path / "ck"),
             "--lr", "1e-2", "--lora-r", "4", "--save-lora", "merged", "--gradient-checkpointing",
             "--attn-implementation", "eager", "--is-cap", "2", check=True)
@@ -166,7 +147,7 @@ def test_float16_base_trains_a_float32_adapter(tiny_model):
     adapter = [p for p in model.parameters() if p.requires_grad]
     assert all(p.dtype == torch.float32 for p in adapter)
     assert model.model.layers[0].mlp.up_proj.base_layer.weight.dtype == torch.float16
-    update_step(model, optimizer, make_records(load_policy(tiny_model)), UpdateConfig(lr=1e-2))
+    update_step(model, optimizer, policy_records(load_policy(tiny_model)), UpdateConfig(lr=1e-2))
     assert all(torch.isfinite(p).all() for p in adapter)
 
 
@@ -178,7 +159,7 @@ def test_dropout_only_in_the_gradient_pass(tiny_model):
                 p.normal_(0, 0.5)
     first, second = logits(model), logits(model)
     torch.testing.assert_close(first, second, rtol=0, atol=0)  # sampling: no dropout
-    records = make_records(load_policy(tiny_model))
+    records = policy_records(load_policy(tiny_model))
     optimizer = make_optimizer(model, UpdateConfig(lr=0.0))
     metrics = update_step(model, optimizer, records, UpdateConfig(lr=0.0, is_cap=2.0))
     # With dropout in the gradient pass the recomputed log-probs are noisy, while π_old
