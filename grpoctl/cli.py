@@ -177,7 +177,7 @@ def rollout(
         prompt_field=prompt_field, answer_field=answer_field, answer_after=answer_after,
         id_field=id_field, limit=limit, shard=shard, template=template,
         use_chat_template=not no_chat_template, system=system, dtype=dtype, device=device,
-        trust_remote_code=trust_remote_code, progress=_progress(quiet),
+        trust_remote_code=trust_remote_code, progress=_progress(quiet), log=not quiet,
         tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
         attn_implementation=attn_implementation,
     )
@@ -580,12 +580,38 @@ def report(
 
 
 def main() -> None:
-    """Entry point: run the app, turning user errors into one line and exit status 2."""
+    """Entry point: run the app, turning every user error into one line and exit status 2.
+
+    Click's own usage errors (a bad flag value, a missing argument) would print a
+    multi-line box; they get the same one-line `error: ...` as grpoctl's errors, so
+    a pipeline's stderr stays greppable.
+    """
+    # Typer >= 0.26 ships its own copy of click and re-exports only a few of its
+    # exceptions (fastapi/typer discussion #1832), hence the private module.
+    from typer._click import exceptions as click_errors
+
     try:
-        app(prog_name="grpoctl")
+        status = app(prog_name="grpoctl", standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as e:  # plain `grpoctl`: show the help
+        e.show()
+        sys.exit(2)
+    except click_errors.UsageError as e:
+        where = e.ctx.command_path if e.ctx else "grpoctl"
+        message = " ".join(e.format_message().split())
+        print(f"error: {where}: {message} (see `{where} --help`)", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except click_errors.ClickException as e:
+        print(f"error: {' '.join(e.format_message().split())}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except GrpoctlError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    # Without standalone mode the app returns the status of `--help` and of explicit
+    # exits, and 130 for a Ctrl-C, which typer catches and would end silently.
+    if status == 130:
+        print("interrupted: nothing was written (outputs appear only when a command finishes)",
+              file=sys.stderr)
+    sys.exit(status if isinstance(status, int) else 0)

@@ -215,6 +215,17 @@ def find_latest_run(root: Path = Path("runs")) -> Path:
     return max(runs, key=lambda d: (d / "config.json").stat().st_mtime)
 
 
+def remove_stale_temporaries(run: Path) -> None:
+    """Delete the `.NAME.*.tmp` files and directories that a killed write or prune left
+    in the run directory, its step directories and checkpoints/ (never read: harmless,
+    but they would pile up over many kills)."""
+    for stale in [*run.glob(".*.tmp"), *run.glob("*/.*.tmp")]:
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
 def prepare_run_dir(cfg: LoopConfig, resume: bool) -> tuple[Path, LoopConfig]:
     """Create (or reopen with --resume) the run directory; run_loop writes config.json once
     the prompts and the model have loaded, so bad input leaves no run behind."""
@@ -227,6 +238,7 @@ def prepare_run_dir(cfg: LoopConfig, resume: bool) -> tuple[Path, LoopConfig]:
     if resume:
         if not config_path.is_file():
             raise GrpoctlError(f"{run}: nothing to resume (no config.json)")
+        remove_stale_temporaries(run)
         try:
             saved = json.loads(config_path.read_text())
             saved["run_dir"] = str(run)
@@ -433,8 +445,6 @@ class Loop:
                                     self.optimizer, state, self.cfg.save_lora)
         if not distributed.is_main():
             return
-        for stale in (self.run / "checkpoints").glob(".*.tmp"):  # left by a killed save or prune
-            shutil.rmtree(stale, ignore_errors=True)
         kept = sorted((self.run / "checkpoints").glob("step-*"))
         for old in kept[: max(0, len(kept) - self.cfg.keep_last)]:
             # Renamed first (atomic), so a kill mid-delete never leaves half a checkpoint

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -110,6 +111,22 @@ def test_bad_input_one_line_exit_2_no_output(tmp_path, command, content, fragmen
     assert fragment in err and (str(src) in err or "<stdin>" in err), err
     assert not out.exists()
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]  # no temporary file left either
+
+
+def test_ctrl_c_in_a_stage_exits_130_and_writes_nothing(tmp_path):
+    out = tmp_path / "rollouts.jsonl"
+    argv = [sys.executable, "-m", "grpoctl", "rollout", "--model", "default", "--prompts",
+            "arith:train", "-G", "2", "--max-new-tokens", "64", "-o", str(out)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # Once it says it has started generating (4,000 training prompts take minutes):
+    assert proc.stderr.readline().startswith(b"rollout: 4000 prompts x 2 samples")
+    proc.send_signal(signal.SIGINT)
+    out_bytes, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err.decode()
+    assert out_bytes == b""
+    assert err.decode().strip().splitlines()[-1].startswith("interrupted: nothing was written")
+    assert os.listdir(tmp_path) == []  # neither the output nor its temporary file
 
 
 def test_not_a_model_directory(tmp_path):

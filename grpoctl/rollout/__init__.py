@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -221,7 +222,7 @@ def run_rollout(model_dir: str, prompts_source: str, output: str = "-", group_si
                 dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,
                 progress: bool = True, tensor_parallel_size: int = 1,
                 gpu_memory_utilization: float = 0.9,
-                attn_implementation: str | None = None) -> list[dict]:
+                attn_implementation: str | None = None, log: bool = True) -> list[dict]:
     """`grpoctl rollout`: load prompts and a policy, generate, write records to `output`.
 
     `output` "-" is stdout.
@@ -232,6 +233,8 @@ def run_rollout(model_dir: str, prompts_source: str, output: str = "-", group_si
     tensor_parallel_size and gpu_memory_utilization go to vLLM (--backend vllm only;
     vLLM's defaults, 1 GPU and 0.9 of its memory). attn_implementation: the hf
     backend's attention kernel (models.load_policy; None = transformers' choice).
+    progress: the progress bar (a terminal only); log: a line on stderr when generation
+    starts and one when the file is written.
     """
     from grpoctl.models import check_model_dir, check_vocab, load_policy, load_tokenizer
     from grpoctl.prompts import load_prompts, render_prompt
@@ -257,10 +260,15 @@ def run_rollout(model_dir: str, prompts_source: str, output: str = "-", group_si
         model = load_policy(model_dir, dtype, device, trust_remote_code, attn_implementation)
         check_vocab(tokenizer, model, str(model_dir))
     policy = {"path": str(model_dir), "step": policy_step(model_dir)}
-    if progress:
+    if log:
         print(f"rollout: {len(prompts)} prompts x {group_size} samples from {model_dir} "
-              f"(step {policy['step']}, {backend})", file=sys.stderr)
+              f"(step {policy['step']}, {backend})", file=sys.stderr, flush=True)
+    start = time.perf_counter()
     records = generate(model, tokenizer, rendered, group_size, sampling, batch_size=batch_size,
                        policy=policy, backend=backend, progress=progress)
     write_records(records, output)
+    if log:
+        tokens = sum(len(r["completion_ids"]) for r in records)
+        print(f"rollout: wrote {len(records)} records, {tokens} completion tokens, in "
+              f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
     return records

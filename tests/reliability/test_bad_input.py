@@ -336,6 +336,17 @@ CASES = [
                           b"    print(json.dumps(r))\n"},
      ":1: field 'advantage': expected a finite number, got nan", "torch",
      "step-000001/advantages.jsonl"),
+    # Flags the command line itself rejects: the same one line as every other error.
+    ("score-workers-not-a-number", [*SCORE, "--workers", "two"], lines(ROLLOUTS),
+     "error: grpoctl score: Invalid value for '--workers'"),
+    ("advantage-unknown-option", [*ADVANTAGE, "--estimater", "group"], lines(SCORED),
+     "error: grpoctl advantage: No such option: --estimater"),
+    ("update-missing-argument", ["update", *UPDATE[2:]], lines(ADVANTAGES),
+     "error: grpoctl update: Missing argument 'records'"),
+    ("rollout-group-size-zero", [*ROLLOUT[:-2], "-G", "0", "-o", "{out}"], lines(PROMPTS),
+     "error: grpoctl rollout: Invalid value for '--group-size' / '-G'"),
+    ("loop-steps-not-a-number", [*LOOP, "--steps", "ten"], lines(PROMPTS),
+     "error: grpoctl loop: Invalid value for '--steps'"),
 ]
 # Each row: (id, argv, input, fragment, kind, file a started loop run must not have written).
 CASES = [(*c, *("", None)[len(c) - 4:]) for c in CASES]
@@ -426,7 +437,7 @@ def test_bad_input(case, models, tmp_path, monkeypatch, capfd):
 
 
 # A sample of the rows, run as what a user runs: `python -m grpoctl ...` in a new process.
-REAL_PROCESS_ROWS = ["score-truncated-last-line", "advantage-reward-nan",
+REAL_PROCESS_ROWS = ["score-truncated-last-line", "advantage-reward-nan", "advantage-unknown-option",
                      "eval-pass-k-above-samples", "rollout-stdin-bad-row",
                      "loop-prompt-file-bad-row", "rollout-corrupt-weights", "update-logprob-nan"]
 
