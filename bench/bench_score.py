@@ -1,6 +1,13 @@
-"""How fast is the `math` reward? MATH-500 reference solutions, end to end.
+"""How fast do the light stages start, and how fast is the `math` reward?
 
     python bench/bench_score.py [--data ../shared/data/math500.jsonl] [--workers N]
+
+First table, start-up (seconds, median of 5 runs, lower is better): `grpoctl --help`,
+`score --help` and `advantage --help` as new processes, against the baseline of a
+bare `python -c pass` and of `python -c "import torch"` run the same way; target: the
+help answers in under 0.5 s, so pipelines can start these commands often.
+
+Second table, the `math` reward on MATH-500 reference solutions, end to end.
 
 Rows (samples per second, higher is better):
   baseline       plain math-verify in one process: verify(parse("$" + gold + "$"),
@@ -20,6 +27,8 @@ import argparse
 import json
 import logging
 import os
+import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -53,6 +62,32 @@ def ours(records: list[dict], workers: int | None) -> tuple[float, float, float,
     return time.perf_counter() - start, cpu_seconds() - cpu, stats["reward_mean"], stats
 
 
+def median_seconds(argv: list[str], runs: int = 5) -> float:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def startup_table() -> None:
+    """Wall time of a new process for each command, against bare Python and `import torch`."""
+    python = [sys.executable, "-c", "pass"]
+    torch = [sys.executable, "-c", "import torch"]
+    grpoctl = [sys.executable, "-m", "grpoctl"]
+    base = median_seconds(python)
+    print(f"{'start-up (median of 5)':<32} {'seconds':>8} {'vs python -c pass':>18}")
+    for name, argv in (("python -c pass (baseline)", python),
+                       ('python -c "import torch"', torch),
+                       ("grpoctl --help", [*grpoctl, "--help"]),
+                       ("grpoctl score --help", [*grpoctl, "score", "--help"]),
+                       ("grpoctl advantage --help", [*grpoctl, "advantage", "--help"])):
+        seconds = base if argv is python else median_seconds(argv)
+        print(f"{name:<32} {seconds:>8.3f} {seconds / base:>17.1f}x")
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "math500.jsonl"))
@@ -67,6 +102,7 @@ def main() -> None:
                for i, r in enumerate(reference)]
     x4 = [{**r, "sample": k} for k in range(4) for r in reference]
 
+    startup_table()
     rewards._load_math_verify()  # import + warm-up, outside every timing (about 1 s once)
     print(f"# {len(rows)} MATH-500 problems, {os.cpu_count()} CPU cores, "
           f"workers={args.workers or os.cpu_count()}")
