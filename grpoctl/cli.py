@@ -112,6 +112,21 @@ IsCap = Annotated[Optional[float], typer.Option(help="Truncated importance sampl
                                                 "mismatch; 2.0 is usual [default: off].")]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from grpoctl import __version__
+
+        print(f"grpoctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: Annotated[bool, typer.Option("--version", callback=_print_version,
+                                                   is_eager=True,
+                                                   help="Print the version and exit.")] = False):
+    """Options before the command name (the app's help text is set in typer.Typer above)."""
+
+
 def _progress(quiet: bool) -> bool:
     return not quiet and sys.stderr.isatty()
 

@@ -129,6 +129,23 @@ def test_ctrl_c_in_a_stage_exits_130_and_writes_nothing(tmp_path):
     assert os.listdir(tmp_path) == []  # neither the output nor its temporary file
 
 
+def test_version():
+    from grpoctl import __version__
+
+    proc = run_cli("--version", check=True)
+    assert proc.stdout.decode() == f"grpoctl {__version__}\n"
+    assert __version__ == (ROOT / "pyproject.toml").read_text().split('version = "')[1].split('"')[0]
+
+
+def test_an_unknown_command_is_one_line():
+    # Flag errors of each stage are rows of tests/reliability/test_bad_input.py.
+    proc = run_cli("advantag")
+    err = proc.stderr.decode()
+    assert proc.returncode == 2 and proc.stdout == b""
+    assert err == ("error: grpoctl: No such command 'advantag'. Did you mean 'advantage'? "
+                   "(see `grpoctl --help`)\n")
+
+
 def test_not_a_model_directory(tmp_path):
     proc = run_cli("rollout", "--model", str(tmp_path), "--prompts", "arith:test", "--limit", "1")
     assert proc.returncode == 2
