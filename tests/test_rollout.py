@@ -201,6 +201,30 @@ def test_samples_do_not_depend_on_batch_size(llama):
     assert max(diffs) < 1e-5
 
 
+def test_finished_rows_leave_the_batch_without_changing_any_sample():
+    # The embedded model ends its answers after 15-32 tokens, so in a batch of 48 rows
+    # the first quarter finishes long before the last row: sample_batch drops finished
+    # rows from the batch (and its KV cache) several times. Every sample must be what
+    # it is alone (batch of one, nothing dropped), its log-probs those of a plain
+    # forward pass.
+    from grpoctl.models import load_policy, load_tokenizer, resolve_model_dir
+    from grpoctl.prompts import load_prompts, render_prompt
+
+    model_dir = resolve_model_dir("default")
+    model, tok = load_policy(model_dir), load_tokenizer(model_dir)
+    prompts = [dict(p, text=render_prompt(tok, p["text"], "{prompt}", True, None))
+               for p in load_prompts("arith:test", limit=24)]
+    sampling = SamplingParams(max_new_tokens=32, seed=1)
+    batched = generate(model, tok, prompts, 2, sampling, batch_size=48, progress=False)
+    lengths = sorted(len(r["completion_ids"]) for r in batched)
+    assert sum(n < lengths[-1] for n in lengths) >= len(lengths) // 4  # rows were dropped
+    alone = generate(model, tok, prompts[:6], 2, sampling, batch_size=1, progress=False)
+    assert [r["completion_ids"] for r in alone] == [r["completion_ids"] for r in batched[:12]]
+    for r in batched:  # fp32 rounding of this trained model's larger logits: up to 2.5e-5
+        expected = naive_logprobs(model, r["prompt_ids"], r["completion_ids"], 1.0)
+        assert torch.allclose(torch.tensor(r["logprobs"]), expected, atol=1e-4, rtol=0)
+
+
 def test_stop_and_length(llama):
     model, tok = llama
     prompts = prompts_of([f"{a} + {a} = " for a in range(32)])

