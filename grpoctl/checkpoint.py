@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from grpoctl.errors import GrpoctlError
+from grpoctl.errors import GrpoctlError, first_line
 from grpoctl.records import umask_mode
 
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -63,6 +63,25 @@ def optimizer_tensors(optimizer: torch.optim.Optimizer, model) -> dict[str, torc
     return tensors
 
 
+def read_optimizer_state(checkpoint_dir) -> dict[str, dict[str, torch.Tensor]] | None:
+    """optimizer.safetensors as {parameter name: {state key: tensor}}; None when the
+    checkpoint has none or an empty one (saved before the first step)."""
+    from safetensors.torch import load_file
+
+    path = Path(checkpoint_dir) / OPTIMIZER_FILE
+    if not path.exists():
+        return None
+    try:
+        saved = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error type for a corrupt header
+        raise GrpoctlError(f"{path}: cannot read optimizer state: {first_line(e)}") from None
+    by_name: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in saved.items():
+        name, _, state_key = key.rpartition(".")
+        by_name.setdefault(name, {})[state_key] = tensor
+    return by_name or None
+
+
 def load_optimizer_state(optimizer: torch.optim.Optimizer, model, checkpoint_dir) -> bool:
     """Restore the state saved by `save_checkpoint` into `optimizer`, matching by name.
 
@@ -73,23 +92,10 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model, checkpoint_dir
     the ones it was built with (the CLI's flags; trainer_state.json records them).
     Raises GrpoctlError naming the file if it is corrupt or does not fit the model.
     """
-    from safetensors.torch import load_file
-
-    path = Path(checkpoint_dir) / OPTIMIZER_FILE
-    if not path.exists():
+    by_name = read_optimizer_state(checkpoint_dir)
+    if by_name is None:
         return False
-    try:
-        saved = load_file(str(path))
-    except Exception as e:  # safetensors raises its own error type for a corrupt header
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise GrpoctlError(f"{path}: cannot read optimizer state: {reason}") from None
-
-    if not saved:
-        return False  # saved before the first step
-    by_name: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in saved.items():
-        name, _, state_key = key.rpartition(".")
-        by_name.setdefault(name, {})[state_key] = tensor
+    path = Path(checkpoint_dir) / OPTIMIZER_FILE
 
     # Rebuild the position-keyed dict torch expects; load_state_dict then moves
     # each tensor to its parameter's device and dtype (and keeps `step` as saved).
@@ -187,9 +193,8 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer: torch.optim.Optimizer,
             json.dumps(trainer_state, indent=2, ensure_ascii=False, allow_nan=False) + "\n",
             encoding="utf-8")
         for f in tmp.rglob("*"):  # files, and merged/ when there is one
-            if f.is_file() or f.is_dir():
-                f.chmod(umask_mode(0o666 if f.is_file() else 0o777))  # safetensors writes 0600
-                _fsync(f)
+            f.chmod(umask_mode(0o777 if f.is_dir() else 0o666))  # safetensors writes 0600
+            _fsync(f)
         _fsync(tmp)
         _move_into_place(tmp, out)
     except BaseException as e:
@@ -252,4 +257,4 @@ def _is_write_error(e: Exception) -> bool:
 def _reason(e: Exception) -> str:
     if isinstance(e, OSError):
         return e.strerror or str(e)
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
+    return first_line(e)

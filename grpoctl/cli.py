@@ -342,9 +342,9 @@ def update(
     from grpoctl.update import UpdateConfig, run_update
 
     cfg = UpdateConfig(lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
-                       betas=(beta1, beta2), clip_eps=clip_eps,
-                       clip_eps_high=clip_eps_high, loss_agg=loss_agg, max_grad_norm=max_grad_norm,
-                       kl_coef=kl_coef, micro_batch_size=micro_batch_size, temperature=temperature,
+                       betas=(beta1, beta2), clip_eps=clip_eps, clip_eps_high=clip_eps_high,
+                       loss_agg=loss_agg, max_grad_norm=max_grad_norm, kl_coef=kl_coef,
+                       micro_batch_size=micro_batch_size, temperature=temperature,
                        max_tokens=max_tokens, is_cap=is_cap)
     lora = LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
                         target_modules=lora_target_modules)

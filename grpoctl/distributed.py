@@ -306,22 +306,12 @@ def load_optimizer_state(optimizer, model, checkpoint_dir) -> bool:
 
     if not is_fsdp(model):
         return checkpoint.load_optimizer_state(optimizer, model, checkpoint_dir)
-    from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
+    state = checkpoint.read_optimizer_state(checkpoint_dir)
+    if state is None:
+        return False
     path = Path(checkpoint_dir) / checkpoint.OPTIMIZER_FILE
-    if not path.exists():
-        return False
-    try:
-        saved = load_file(str(path))
-    except Exception as e:  # safetensors raises its own error type for a corrupt header
-        raise GrpoctlError(f"{path}: cannot read optimizer state: {e}") from None
-    if not saved:
-        return False
-    state: dict[str, dict] = {}
-    for key, tensor in saved.items():
-        name, _, state_key = key.rpartition(".")
-        state.setdefault(name, {})[state_key] = tensor
     name_of = {id(p): name for name, p in model.named_parameters()}
     groups = [{**{k: v for k, v in g.items() if k != "params"},
                "params": [name_of[id(p)] for p in g["params"]]} for g in optimizer.param_groups]

@@ -152,11 +152,17 @@ class LoopConfig:
             raise GrpoctlError("--group-size must be at least 2: GRPO contrasts completions of one prompt")
         if cfg.estimator == "pairwise" and cfg.group_size != 2:
             raise GrpoctlError("--estimator pairwise needs --group-size 2")
-        from grpoctl.lora import LoraSettings, check_save_mode
+        from grpoctl.lora import check_save_mode
 
         check_save_mode(cfg.save_lora)  # fail before a run directory is made
-        LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules).check()
+        cfg.lora_settings().check()
         return cfg
+
+    def lora_settings(self):
+        from grpoctl.lora import LoraSettings
+
+        return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout,
+                            self.lora_target_modules)
 
 
 def step_dir(run: Path, step: int) -> Path:
@@ -281,7 +287,6 @@ class Loop:
     # setup ---------------------------------------------------------------------
 
     def load(self, from_checkpoint: int) -> None:
-        from grpoctl.lora import LoraSettings
         from grpoctl.models import check_vocab, load_policy, load_tokenizer, load_training_policy
         from grpoctl.update import make_optimizer
 
@@ -296,10 +301,9 @@ class Loop:
             require_vllm(world_size=distributed.world()[1])
         source = checkpoint_dir(self.run, from_checkpoint) if from_checkpoint else cfg.model
         # A checkpoint with a LoRA adapter continues it; a fresh run attaches one if lora_r > 0
-        lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
         self.model = load_training_policy(source, cfg.dtype, cfg.device, cfg.trust_remote_code,
                                           cfg.attn_implementation, cfg.gradient_checkpointing,
-                                          lora, seed=cfg.seed)
+                                          cfg.lora_settings(), seed=cfg.seed)
         self.tokenizer = load_tokenizer(source, cfg.trust_remote_code)
         check_vocab(self.tokenizer, self.model, str(source))
         # torchrun: the same weights on every rank, or FSDP shards; the optimizer comes after
@@ -316,8 +320,8 @@ class Loop:
 
         c = self.cfg
         return UpdateConfig(lr=c.lr, warmup_steps=c.warmup_steps, weight_decay=c.weight_decay,
-                            betas=(c.beta1, c.beta2),
-                            clip_eps=c.clip_eps, clip_eps_high=c.clip_eps_high, loss_agg=c.loss_agg,
+                            betas=(c.beta1, c.beta2), clip_eps=c.clip_eps,
+                            clip_eps_high=c.clip_eps_high, loss_agg=c.loss_agg,
                             max_grad_norm=c.max_grad_norm, kl_coef=c.kl_coef,
                             micro_batch_size=c.micro_batch_size, is_cap=c.is_cap)
 

@@ -30,7 +30,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from grpoctl.errors import GrpoctlError
+from grpoctl.errors import GrpoctlError, first_line
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -127,7 +127,7 @@ def wrap_with_lora(model, settings: LoraSettings, seed: int = 0):
             wrapper = peft.get_peft_model(model, config)
         except ValueError as e:  # e.g. target modules not found in the model
             raise GrpoctlError(f"--lora-target-modules {settings.target_modules!r}: "
-                               f"{str(e).splitlines()[0]}") from None
+                               f"{first_line(e)}") from None
     # Saved adapters name their base by absolute path, so they load from any directory.
     wrapper.peft_config["default"].base_model_name_or_path = str(Path(model.name_or_path).resolve())
     return _unwrapped(wrapper)
@@ -209,8 +209,7 @@ def load_policy_with_adapter(path, dtype: str = "float32", device: str = "cpu",
             wrapper = peft.PeftModel.from_pretrained(base, str(path), is_trainable=True,
                                                      use_safetensors=True)
     except Exception as e:  # a corrupt or mismatched adapter
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise GrpoctlError(f"{path}: cannot load LoRA adapter: {reason}") from None
+        raise GrpoctlError(f"{path}: cannot load LoRA adapter: {first_line(e)}") from None
     return _unwrapped(wrapper.to(device))
 
 

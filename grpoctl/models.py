@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from grpoctl import lora as lora_lib  # light: peft is imported only when LoRA is used
-from grpoctl.errors import GrpoctlError
+from grpoctl.errors import GrpoctlError, first_line
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_MODEL = "default"  # the name users type for the embedded tiny model
@@ -61,7 +61,7 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as e:  # transformers raises many types for a bad directory
-        raise GrpoctlError(f"{path}: cannot load tokenizer: {str(e).splitlines()[0]}") from None
+        raise GrpoctlError(f"{path}: cannot load tokenizer: {first_line(e)}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
@@ -94,7 +94,7 @@ def load_policy(path: str | os.PathLike, dtype: str = "float32", device: str = "
     try:
         model = AutoModelForCausalLM.from_pretrained(str(p), **kwargs)
     except Exception as e:
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = first_line(e)
         if attn_implementation:
             reason += f" (--attn-implementation {attn_implementation})"
         raise GrpoctlError(f"{p}: cannot load model: {reason}") from None

@@ -33,7 +33,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from grpoctl.errors import GrpoctlError
+from grpoctl.errors import GrpoctlError, first_line
 from grpoctl.records import non_finite_path
 
 PROMPT_FIELDS = ("prompt", "problem", "question")  # tried in this order when none is given
@@ -106,7 +106,7 @@ def _read_parquet(path: str, source: str) -> list[tuple[str, dict]]:
             table = datasets.load_dataset("parquet", data_files=path, split="train",
                                           cache_dir=cache, keep_in_memory=True)
         except Exception as e:  # pyarrow and datasets raise many types for a bad file
-            raise GrpoctlError(f"{source}: cannot read parquet: {str(e).splitlines()[0]}") from None
+            raise GrpoctlError(f"{source}: cannot read parquet: {first_line(e)}") from None
         # Round-trip through JSON so meta holds only JSON values (dates become strings).
         return [(f"{source}: row {i}", json.loads(json.dumps(row, default=str)))
                 for i, row in enumerate(table, start=1)]

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from grpoctl import checkpoint, distributed, lora
-from grpoctl.errors import GrpoctlError
+from grpoctl.errors import GrpoctlError, first_line
 from grpoctl.logprobs import padded_completion_logprobs
 from grpoctl.losses import (LOSS_AGGREGATIONS, clipped_policy_loss, kl_k3, token_weights,
                             truncated_is_weights)
@@ -298,9 +298,9 @@ def update_step(model, optimizer: torch.optim.Optimizer, records: list[dict],
     # and each rank's metrics of its share into the whole file's.
     distributed.sum_gradients(model, params)
     totals = distributed.reduce_metrics(totals, "sum")
-    ratio_min = distributed.reduce_metrics({"x": ratio_min}, "min")["x"]
-    ratio_max = distributed.reduce_metrics({"x": ratio_max}, "max")["x"]
-    mismatch_max = distributed.reduce_metrics({"x": mismatch_max}, "max")["x"]
+    ratio_min = distributed.reduce_metrics({"ratio_min": ratio_min}, "min")["ratio_min"]
+    highs = distributed.reduce_metrics({"ratio_max": ratio_max, "mismatch_max": mismatch_max}, "max")
+    ratio_max, mismatch_max = highs["ratio_max"], highs["mismatch_max"]
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm and cfg.max_grad_norm > 0 else math.inf
     grad_norm = distributed.clip_grad_norm(params, max_norm)  # global norm, before clipping
     if not math.isfinite(grad_norm):
@@ -309,7 +309,7 @@ def update_step(model, optimizer: torch.optim.Optimizer, records: list[dict],
     try:
         optimizer.step()
     except RuntimeError as e:  # e.g. an lr that overflows the weights' dtype
-        _refuse(params, f"the optimizer step failed ({str(e).splitlines()[0]}) with lr "
+        _refuse(params, f"the optimizer step failed ({first_line(e)}) with lr "
                         f"{optimizer.param_groups[0]['lr']:g}")
     optimizer.zero_grad(set_to_none=True)
     if not all(torch.isfinite(p).all() for p in params):  # finite gradients, too large a step

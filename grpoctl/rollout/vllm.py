@@ -181,10 +181,8 @@ def sample_vllm(llm, prompts: list[dict], prompt_ids: list[list[int]], group_siz
     for out in outputs:  # vLLM returns outputs in request order
         c = out.outputs[0]
         ids = list(c.token_ids)
-        if not with_logprobs:
-            logprobs = []
-        else:
-            logprobs = [float(step[tok].logprob) for tok, step in zip(ids, c.logprobs)]
+        logprobs = ([float(step[tok].logprob) for tok, step in zip(ids, c.logprobs)]
+                    if with_logprobs else [])
         if with_logprobs and len(logprobs) != len(ids):
             raise RuntimeError(f"vLLM returned {len(logprobs)} log-probs for {len(ids)} tokens")
         if c.finish_reason not in ("stop", "length"):
@@ -241,10 +239,10 @@ def trainer_weights(model) -> Iterator[tuple[str, object]]:
     A model with a grpoctl LoRA adapter (lora.py) sends base + α/r·BA, computed
     aside (lora.merged_state_dict), so the trainer's base weights are not rounded.
     """
-    if "peft_wrapper" in getattr(model, "__dict__", {}):  # grpoctl.lora.has_lora
-        from grpoctl.lora import merged_state_dict
+    from grpoctl import lora
 
-        for name, tensor in merged_state_dict(model).items():
+    if lora.has_lora(model):
+        for name, tensor in lora.merged_state_dict(model).items():
             target = engine_weight_name(name)
             if target is not None:
                 yield target, tensor
