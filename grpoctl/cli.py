@@ -60,7 +60,11 @@ MaxNewTokens = Annotated[int, typer.Option(min=1, help="Generation budget per co
 Seed = Annotated[int, typer.Option(help="Random seed: the same seed gives the same output, byte for byte.")]
 BatchSize = Annotated[int, typer.Option(min=1, help="Sequences generated together.")]
 Backend = Annotated[str, typer.Option(help="Generation engine: `hf` (transformers) or `vllm` "
-                                      "(GPU, needs the vllm extra).")]
+                                      "(needs the vllm extra on a GPU, or vLLM's CPU build: "
+                                      "README, vLLM on CPU).")]
+EnforceEager = Annotated[bool, typer.Option("--enforce-eager", help="vLLM without its compile "
+                                            "step and CUDA graphs: starts sooner, samples slower "
+                                            "(--backend vllm).")]
 TensorParallel = Annotated[int, typer.Option(min=1, help="GPUs vLLM shards the model over "
                                              "(--backend vllm).")]
 GpuMemory = Annotated[float, typer.Option(min=0.01, max=1.0, help="Share of each GPU's memory vLLM "
@@ -162,6 +166,7 @@ def rollout(
     backend: Backend = "hf",
     tensor_parallel_size: TensorParallel = 1,
     gpu_memory_utilization: GpuMemory = 0.9,
+    enforce_eager: EnforceEager = False,
     dtype: Dtype = "float32",
     device: Device = "cpu",
     attn_implementation: AttnImplementation = None,
@@ -194,7 +199,7 @@ def rollout(
         use_chat_template=not no_chat_template, system=system, dtype=dtype, device=device,
         trust_remote_code=trust_remote_code, progress=_progress(quiet), log=not quiet,
         tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-        attn_implementation=attn_implementation,
+        attn_implementation=attn_implementation, enforce_eager=enforce_eager,
     )
 
 
@@ -386,6 +391,10 @@ def eval_(
     reward: Reward = None,
     by: Annotated[Optional[list[str]], typer.Option(help="Break down by this prompt-file column, "
                                                     "e.g. subject or level; repeatable.")] = None,
+    backend: Backend = "hf",
+    tensor_parallel_size: TensorParallel = 1,
+    gpu_memory_utilization: GpuMemory = 0.9,
+    enforce_eager: EnforceEager = False,
     dtype: Dtype = "float32",
     device: Device = "cpu",
     attn_implementation: AttnImplementation = None,
@@ -405,6 +414,8 @@ def eval_(
         grpoctl eval -m ckpt --prompts ../shared/data/math500.jsonl -k 8 --by subject --by level
 
         grpoctl eval --scored runs/r/step-000010/scored.jsonl
+
+        grpoctl eval -m ckpt --prompts ../shared/data/math500.jsonl -k 32 --backend vllm
     """
     from grpoctl.evaluate import run_eval
 
@@ -415,7 +426,9 @@ def eval_(
         pass_k=pass_k, greedy=greedy, temperature=temperature, top_p=top_p, top_k=top_k,
         max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, rewards=reward or ["math"],
         by=by or [], dtype=dtype, device=device, trust_remote_code=trust_remote_code, save=save,
-        progress=_progress(quiet), attn_implementation=attn_implementation)
+        progress=_progress(quiet), attn_implementation=attn_implementation, backend=backend,
+        tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
+        enforce_eager=enforce_eager)
     print(json.dumps(summary))
 
 
@@ -458,7 +471,8 @@ def loop(
                                                       "float32 [default: --dtype].")] = None,
     vllm_sleep: Annotated[bool, typer.Option("--vllm-sleep", help="Put the vLLM engine to sleep "
                                              "(weights to CPU, KV cache freed) during each "
-                                             "update.")] = False,
+                                             "update; GPU only.")] = False,
+    enforce_eager: EnforceEager = False,
     reward: Reward = None,
     workers: Workers = None,
     timeout: ScoreTimeout = 2.0,
@@ -545,7 +559,7 @@ def loop(
         top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, batch_size=batch_size,
         backend=backend, tensor_parallel_size=tensor_parallel_size,
         gpu_memory_utilization=gpu_memory_utilization, vllm_dtype=vllm_dtype, vllm_sleep=vllm_sleep,
-        rewards=reward or ["math"], score_workers=workers, score_timeout=timeout,
+        vllm_eager=enforce_eager, rewards=reward or ["math"], score_workers=workers, score_timeout=timeout,
         score_cmd=score_cmd, estimator=estimator, std=std, drop_zero=drop_zero,
         advantage_cmd=advantage_cmd, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
         clip_eps=clip_eps, clip_eps_high=clip_eps_high, loss_agg=loss_agg,

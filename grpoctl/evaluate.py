@@ -75,8 +75,12 @@ def evaluate_model(model, tokenizer, prompts: list[dict], samples: int, sampling
                    batch_size: int = 64, policy: dict | None = None, template: str = "{prompt}",
                    use_chat_template: bool = True, system: str | None = None,
                    workers: int | None = None, timeout: float = 2.0,
-                   progress: bool = False) -> list[dict]:
-    """Sample `samples` completions per prompt and score them: the records Mean@k is read from."""
+                   progress: bool = False, backend: str = "hf") -> list[dict]:
+    """Sample `samples` completions per prompt and score them: the records Mean@k is read from.
+
+    backend "vllm" takes a vllm.LLM as `model` and asks it for no log-probs, so the
+    paper's evaluation sampling (temperature 0.7 with top-p and top-k) runs on it.
+    """
     from grpoctl.prompts import render_prompt
     from grpoctl.rewards import parse_reward_specs, score_records
     from grpoctl.rollout import generate
@@ -84,7 +88,7 @@ def evaluate_model(model, tokenizer, prompts: list[dict], samples: int, sampling
     rendered = [dict(p, text=render_prompt(tokenizer, p["text"], template, use_chat_template, system))
                 for p in prompts]
     records = generate(model, tokenizer, rendered, samples, sampling, batch_size=batch_size,
-                       policy=policy, progress=progress)
+                       policy=policy, progress=progress, backend=backend, logprobs=False)
     scored, _ = score_records(records, parse_reward_specs(list(rewards)), workers=workers,
                               timeout=timeout, progress=False)
     return scored
@@ -115,8 +119,13 @@ def run_eval(model: str | None, scored: str | None, prompts_source: str, samples
              prompt_field=None, answer_field=None, answer_after=None, id_field=None, limit=None,
              template="{prompt}", use_chat_template=True, system=None, dtype="float32",
              device="cpu", trust_remote_code=False, progress=False,
-             attn_implementation=None) -> dict:
-    """`grpoctl eval`: sample and score (or read a scored file), print a table, return the summary."""
+             attn_implementation=None, backend="hf", tensor_parallel_size=1,
+             gpu_memory_utilization=0.9, enforce_eager=False) -> dict:
+    """`grpoctl eval`: sample and score (or read a scored file), print a table, return the summary.
+
+    backend "vllm" samples with a vLLM engine (rollout/vllm.py), which takes
+    tensor_parallel_size, gpu_memory_utilization and enforce_eager.
+    """
     from grpoctl.errors import GrpoctlError
     from grpoctl.records import NEEDS_ADVANTAGE, read_records, write_records
 
@@ -133,15 +142,28 @@ def run_eval(model: str | None, scored: str | None, prompts_source: str, samples
         prompts = load_prompts(prompts_source, prompt_field=prompt_field, answer_field=answer_field,
                                answer_after=answer_after, id_field=id_field, limit=limit)
         check_model_dir(model)  # "not a model directory" rather than a tokenizer error
-        tokenizer = load_tokenizer(model, trust_remote_code)
-        policy = load_policy(model, dtype, device, trust_remote_code, attn_implementation)
-        check_vocab(tokenizer, policy, model)
         sampling = SamplingParams(temperature=0.0 if greedy else temperature, top_p=top_p,
                                   top_k=top_k, max_new_tokens=max_new_tokens, seed=seed)
+        sampling.check()
+        if backend == "vllm":
+            from grpoctl.rollout.vllm import check_engine
+
+            check_engine(model)  # before loading anything
+        tokenizer = load_tokenizer(model, trust_remote_code)
+        if backend == "vllm":
+            from grpoctl.rollout.vllm import load_llm
+
+            policy = load_llm(model, sampling, dtype=dtype, trust_remote_code=trust_remote_code,
+                              logprobs=False, tensor_parallel_size=tensor_parallel_size,
+                              gpu_memory_utilization=gpu_memory_utilization,
+                              enforce_eager=enforce_eager)
+        else:
+            policy = load_policy(model, dtype, device, trust_remote_code, attn_implementation)
+            check_vocab(tokenizer, policy, model)
         records = evaluate_model(policy, tokenizer, prompts, 1 if greedy else samples, sampling,
                                  rewards, batch_size,
                                  {"path": str(model), "step": policy_step(model)}, template,
-                                 use_chat_template, system, progress=progress)
+                                 use_chat_template, system, progress=progress, backend=backend)
         title = f"{model} on {prompts_source}"
     summary = summarize(records, k=pass_k, by=by[0] if by else None)
     for extra in by[1:]:

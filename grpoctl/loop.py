@@ -84,6 +84,7 @@ class LoopConfig:
     gpu_memory_utilization: float = 0.4  # the engine's share of the GPU; the rest is the trainer's
     vllm_dtype: str | None = None  # None: --dtype
     vllm_sleep: bool = False  # free the engine's GPU memory during each update
+    vllm_eager: bool = False  # vLLM's enforce_eager: no compile/CUDA graphs (faster start, slower sampling)
     # score
     rewards: list[str] = field(default_factory=lambda: ["math"])
     score_workers: int | None = None
@@ -355,7 +356,7 @@ class Loop:
                                  trust_remote_code=c.trust_remote_code,
                                  tensor_parallel_size=c.tensor_parallel_size,
                                  gpu_memory_utilization=c.gpu_memory_utilization,
-                                 sleep_mode=c.vllm_sleep)
+                                 sleep_mode=c.vllm_sleep, enforce_eager=c.vllm_eager)
         self.engine.load_weights(self.model)
 
     def generate(self, prompts: list[dict], group_size: int, sampling, step: int,
@@ -519,6 +520,11 @@ def run_loop(cfg: LoopConfig, resume: bool = False, display=None) -> Path:
     from grpoctl.display import NullDisplay
 
     cfg = cfg.resolved()
+    if cfg.backend == "vllm":  # what the engine cannot do is refused before the run dir is touched
+        from grpoctl.rollout.vllm import check_engine, require_vllm
+
+        require_vllm(world_size=distributed.world()[1])
+        check_engine(cfg.model, cfg.vllm_sleep)
     distributed.init_if_launched(cfg.device)  # torchrun: join the other ranks
     # Under torchrun rank 0 shows progress and writes every file; the others compute.
     display = display if display and distributed.is_main() else NullDisplay()

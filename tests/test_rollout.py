@@ -320,23 +320,3 @@ def test_vllm_logprobs_mode_matches_our_definition():
     assert logprobs_mode(SamplingParams(temperature=0.7)) == "processed_logprobs"
     with pytest.raises(GrpoctlError, match="--backend vllm cannot record log-probs"):
         logprobs_mode(SamplingParams(temperature=0.7, top_p=0.8, top_k=20))
-
-
-@pytest.mark.skipif(not (HAS_VLLM and torch.cuda.is_available()),
-                    reason="needs vllm and a CUDA GPU (vllm is a CUDA-only optional extra)")
-def test_vllm_logprobs_equal_a_naive_forward_pass(tiny_model):  # pragma: no cover - GPU only
-    from grpoctl.models import load_policy, load_tokenizer
-    from grpoctl.rollout.vllm import load_llm
-
-    tok = load_tokenizer(tiny_model)
-    model = load_policy(tiny_model)
-    for sampling in (SamplingParams(max_new_tokens=16), SamplingParams(temperature=0.7,
-                                                                       max_new_tokens=16)):
-        llm = load_llm(tiny_model, sampling, dtype="float32", gpu_memory_utilization=0.2)
-        records = generate(llm, tok, PROMPTS, 2, sampling, backend="vllm", progress=False)
-        for r in records:
-            check_record(r, require=ROLLOUT_FIELDS)
-            expected = naive_logprobs(model, r["prompt_ids"], r["completion_ids"],
-                                      sampling.temperature)
-            assert torch.allclose(torch.tensor(r["logprobs"]), expected, atol=1e-4, rtol=0)
-        del llm

@@ -222,7 +222,8 @@ def run_rollout(model_dir: str, prompts_source: str, output: str = "-", group_si
                 dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,
                 progress: bool = True, tensor_parallel_size: int = 1,
                 gpu_memory_utilization: float = 0.9,
-                attn_implementation: str | None = None, log: bool = True) -> list[dict]:
+                attn_implementation: str | None = None, log: bool = True,
+                enforce_eager: bool = False) -> list[dict]:
     """`grpoctl rollout`: load prompts and a policy, generate, write records to `output`.
 
     `output` "-" is stdout.
@@ -231,7 +232,8 @@ def run_rollout(model_dir: str, prompts_source: str, output: str = "-", group_si
     in a second. The policy step comes from the model directory's
     trainer_state.json (0 for a base model). Returns the records written.
     tensor_parallel_size and gpu_memory_utilization go to vLLM (--backend vllm only;
-    vLLM's defaults, 1 GPU and 0.9 of its memory). attn_implementation: the hf
+    vLLM's defaults, 1 GPU and 0.9 of its memory); enforce_eager: vLLM without its
+    compile step (starts sooner, samples slower). attn_implementation: the hf
     backend's attention kernel (models.load_policy; None = transformers' choice).
     progress: the progress bar (a terminal only); log: a line on stderr when generation
     starts and one when the file is written.
@@ -247,6 +249,11 @@ def run_rollout(model_dir: str, prompts_source: str, output: str = "-", group_si
     prompts = load_prompts(prompts_source, prompt_field=prompt_field, answer_field=answer_field,
                            answer_after=answer_after, id_field=id_field, limit=limit, shard=shard)
     check_model_dir(model_dir)
+    if backend == "vllm":  # refuse what the engine cannot run before loading anything
+        from grpoctl.rollout.vllm import check_engine, logprobs_mode
+
+        logprobs_mode(sampling)
+        check_engine(model_dir)
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     rendered = [dict(p, text=render_prompt(tokenizer, p["text"], template, use_chat_template,
                                            system)) for p in prompts]
@@ -255,7 +262,8 @@ def run_rollout(model_dir: str, prompts_source: str, output: str = "-", group_si
 
         model = load_llm(model_dir, sampling, dtype=dtype, trust_remote_code=trust_remote_code,
                          tensor_parallel_size=tensor_parallel_size,
-                         gpu_memory_utilization=gpu_memory_utilization)
+                         gpu_memory_utilization=gpu_memory_utilization,
+                         enforce_eager=enforce_eager)
     else:
         model = load_policy(model_dir, dtype, device, trust_remote_code, attn_implementation)
         check_vocab(tokenizer, model, str(model_dir))

