@@ -3,6 +3,9 @@
     out_dir/
       config.json  generation_config.json  model.safetensors    (save_pretrained: loads with
                                                                   AutoModelForCausalLM.from_pretrained)
+      model.safetensors.index.json   which file holds each weight: loaders that read every
+                               *.safetensors of a directory without an index (vLLM) would
+                               otherwise take optimizer.safetensors for weights
       tokenizer.json  tokenizer_config.json  ...                 (tokenizer.save_pretrained)
       optimizer.safetensors    AdamW state per parameter NAME: "<name>.exp_avg",
                                "<name>.exp_avg_sq", "<name>.step" (no pickle anywhere)
@@ -30,6 +33,7 @@ import contextlib
 import ctypes
 import errno
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -42,6 +46,8 @@ from grpoctl.records import umask_mode
 
 OPTIMIZER_FILE = "optimizer.safetensors"
 TRAINER_STATE_FILE = "trainer_state.json"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
 
 
 # --- optimizer state <-> flat {name.key: tensor} ------------------------------
@@ -186,6 +192,7 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer: torch.optim.Optimizer,
                     json.dumps({"step": trainer_state["step"]}) + "\n", encoding="utf-8")
         else:
             model.save_pretrained(str(tmp), safe_serialization=True)
+            write_weights_index(tmp)
         tokenizer.save_pretrained(str(tmp))
         save_file(optimizer_tensors(optimizer, model), str(tmp / OPTIMIZER_FILE),
                   metadata={"format": "grpoctl-adamw", "keys": "<parameter name>.<state key>"})
@@ -206,6 +213,29 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer: torch.optim.Optimizer,
             raise GrpoctlError(f"{out}: cannot write checkpoint: {_reason(e)}") from None
         raise
     return out
+
+
+def write_weights_index(directory: Path) -> None:
+    """model.safetensors.index.json for a one-file model (sharded saves write their own)."""
+    from safetensors import safe_open
+
+    weights, index = directory / WEIGHTS_FILE, directory / WEIGHTS_INDEX_FILE
+    if not weights.is_file() or index.exists():
+        return
+    total, names = 0, []
+    with safe_open(str(weights), framework="pt") as f:
+        for name in f.keys():
+            piece = f.get_slice(name)
+            total += math.prod(piece.get_shape()) * _DTYPE_BYTES.get(piece.get_dtype(), 4)
+            names.append(name)
+    index.write_text(json.dumps({"metadata": {"total_size": total},
+                                 "weight_map": {n: WEIGHTS_FILE for n in sorted(names)}},
+                                indent=2) + "\n", encoding="utf-8")
+
+
+# Bytes per element of the safetensors dtypes a model is saved in (for total_size).
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+                "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def _move_into_place(tmp: Path, out: Path) -> None:

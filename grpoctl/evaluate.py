@@ -151,12 +151,17 @@ def run_eval(model: str | None, scored: str | None, prompts_source: str, samples
             check_engine(model)  # before loading anything
         tokenizer = load_tokenizer(model, trust_remote_code)
         if backend == "vllm":
-            from grpoctl.rollout.vllm import load_llm
+            from grpoctl.prompts import render_prompt
+            from grpoctl.rollout import tokenize_prompts
+            from grpoctl.rollout.vllm import context_length, load_llm
 
+            rendered = [dict(p, text=render_prompt(tokenizer, p["text"], template,
+                                                   use_chat_template, system)) for p in prompts]
+            length = context_length(model, tokenize_prompts(tokenizer, rendered), max_new_tokens)
             policy = load_llm(model, sampling, dtype=dtype, trust_remote_code=trust_remote_code,
                               logprobs=False, tensor_parallel_size=tensor_parallel_size,
                               gpu_memory_utilization=gpu_memory_utilization,
-                              enforce_eager=enforce_eager)
+                              enforce_eager=enforce_eager, max_model_len=length)
         else:
             policy = load_policy(model, dtype, device, trust_remote_code, attn_implementation)
             check_vocab(tokenizer, policy, model)

