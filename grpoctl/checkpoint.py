@@ -159,6 +159,32 @@ def read_trainer_state(checkpoint_dir) -> dict:
 # --- atomic directory writing ------------------------------------------------
 
 
+def is_checkpoint(path: Path) -> bool:
+    """A directory holding the files only save_checkpoint writes together."""
+    return path.is_dir() and (path / TRAINER_STATE_FILE).is_file() \
+        and (path / OPTIMIZER_FILE).is_file()
+
+
+def check_out_dir(out_dir, inputs=()) -> None:
+    """Refuse an out_dir whose replacement would destroy what grpoctl did not write.
+
+    An existing out_dir is replaced whole, so it must be a grpoctl checkpoint (e.g. the
+    policy being updated in place), and it must not hold any of `inputs` (the records
+    file, the policy or reference directory): `--out .` or a directory of one's own
+    files is refused, before anything is loaded.
+    """
+    out = Path(out_dir).resolve()
+    if out.exists() and not is_checkpoint(out):
+        kind = "directory" if out.is_dir() else "file"
+        raise GrpoctlError(f"{out_dir}: exists and is a {kind} that is not a grpoctl checkpoint; "
+                           f"--out only replaces a checkpoint: choose a new path")
+    for given in inputs:
+        if given is not None and Path(given).resolve().is_relative_to(out) \
+                and Path(given).resolve() != out:
+            raise GrpoctlError(f"{out_dir}: holds the input {given}, which replacing it would "
+                               f"delete: choose another --out")
+
+
 def save_checkpoint(out_dir, model, tokenizer, optimizer: torch.optim.Optimizer,
                     trainer_state: dict, save_lora: str = "adapter") -> Path:
     """Write a complete checkpoint to out_dir atomically (see the module docstring).

@@ -91,16 +91,43 @@ def load_policy(path: str | os.PathLike, dtype: str = "float32", device: str = "
               "trust_remote_code": trust_remote_code}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its page of load report; the one-line error below says it
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(p), **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(str(p), output_loading_info=True,
+                                                           **kwargs)
     except Exception as e:
         reason = first_line(e)
+        if "ignore_mismatched_sizes" in reason:  # it points at the report silenced above
+            reason = "the weights do not match the architecture in config.json: some have " \
+                     "another shape"
         if attn_implementation:
             reason += f" (--attn-implementation {attn_implementation})"
         raise GrpoctlError(f"{p}: cannot load model: {reason}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    check_loading_info(p, info)
     model.to(device)
     model.eval()  # RL updates run without dropout so log-probs match the sampler's
     return model
+
+
+def check_loading_info(path, info: dict) -> None:
+    """Refuse weights that do not fit config.json's architecture.
+
+    transformers initialises missing weights at random and only logs it: such a model
+    samples garbage, and `update --out` of it onto its own directory would overwrite
+    the real weights.
+    """
+    problems = []
+    for key, word in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"),
+                      ("mismatched_keys", "of another shape")):
+        names = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get(key) or ())
+        if names:
+            problems.append(f"{len(names)} {word} (first: {names[0]})")
+    if problems:
+        raise GrpoctlError(f"{path}: the weights do not match the architecture in config.json: "
+                           f"{'; '.join(problems)}")
 
 
 def load_training_policy(path: str | os.PathLike, dtype: str = "float32", device: str = "cpu",

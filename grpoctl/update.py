@@ -405,6 +405,8 @@ def run_update(adv_path: str, policy_dir, out_dir, cfg: UpdateConfig, ref_dir=No
 
     policy_dir = resolve_model_dir(policy_dir)  # `default` = the embedded model
     ref_dir = None if ref_dir is None else resolve_model_dir(ref_dir)
+    checkpoint.check_out_dir(out_dir, [None if adv_path == STDIO else adv_path, policy_dir,
+                                       ref_dir])
     source = source_name(adv_path)
     if adv_path == STDIO and distributed.launched():
         raise GrpoctlError("under torchrun every rank reads the whole file: give a path, not -")

@@ -1,0 +1,93 @@
+"""No command replaces what it did not write, and no weights load into the wrong model.
+
+`update --out DIR` replaces DIR whole (atomically). So an existing DIR may only be a
+grpoctl checkpoint, and never one that holds an input: a directory of the user's own
+files, the records file itself, `.`, or a parent of the records are refused with one
+line, exit 2, before any model is loaded, and left byte for byte as they were.
+
+A model directory whose weights do not fit the architecture its config.json names
+(missing, unexpected or reshaped tensors) is refused with one line: transformers
+would initialise what is missing at random and only log it, and `update --out` of
+such a model onto its own directory would overwrite the real weights.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import policy_records, run_cli
+
+from grpoctl.models import load_policy
+from grpoctl.records import write_records
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    """Every file under path (or path itself) with its bytes."""
+    if path.is_file():
+        return {path.name: path.read_bytes()}
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*"))
+            if f.is_file()}
+
+
+@pytest.fixture
+def workdir(tiny_model, tmp_path) -> Path:
+    records = policy_records(load_policy(tiny_model))
+    write_records(records, str(tmp_path / "adv.jsonl"))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("the user's own file\n")
+    return tmp_path
+
+
+def one_line_refusal(proc, *needles: str) -> None:
+    err = proc.stderr.decode()
+    assert proc.returncode == 2, err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert "Traceback" not in err and proc.stdout == b""
+    for needle in needles:
+        assert needle in err, err
+
+
+@pytest.mark.parametrize("out", ["mine", "adv.jsonl", ".", "ckpt"],
+                         ids=["own-directory", "the-records-file", "cwd", "checkpoint-holding-records"])
+def test_update_out_never_replaces_a_users_path(tiny_model, workdir, out):
+    if out == "ckpt":  # a real checkpoint, but the records were moved into it
+        run_cli("update", "adv.jsonl", "--policy", str(tiny_model), "--out", "ckpt",
+                cwd=workdir, check=True)
+        shutil.move(workdir / "adv.jsonl", workdir / "ckpt" / "adv.jsonl")
+    records = "ckpt/adv.jsonl" if out == "ckpt" else "adv.jsonl"
+    before = snapshot(workdir)
+    proc = run_cli("update", records, "--policy", str(tiny_model), "--out", out, cwd=workdir)
+    one_line_refusal(proc, "--out" if out != "ckpt" else "holds the input")
+    assert snapshot(workdir) == before  # nothing replaced, nothing left behind
+    assert not [p for p in workdir.iterdir() if p.name.startswith(".")]
+
+
+def test_update_out_replaces_a_checkpoint_and_updates_in_place(tiny_model, workdir):
+    run_cli("update", "adv.jsonl", "--policy", str(tiny_model), "--out", "ckpt", cwd=workdir,
+            check=True)
+    first = snapshot(workdir / "ckpt")
+    run_cli("update", "adv.jsonl", "--policy", "ckpt", "--out", "ckpt", cwd=workdir, check=True)
+    state = json.loads((workdir / "ckpt" / "trainer_state.json").read_text())
+    assert state["step"] == 2  # the checkpoint took its next step, in place
+    assert snapshot(workdir / "ckpt")["model.safetensors"] != first["model.safetensors"]
+
+
+@pytest.mark.parametrize("change", [{"num_hidden_layers": 3}, {"num_hidden_layers": 1},
+                                    {"intermediate_size": 128}],
+                         ids=["missing-weights", "unexpected-weights", "other-shapes"])
+def test_weights_that_do_not_fit_the_config_are_refused(tiny_model, workdir, change):
+    model = workdir / "model"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, **change}))
+    before = snapshot(model)
+    proc = run_cli("rollout", "--model", str(model), "--prompts", "arith:test", "--limit", "1",
+                   "-o", str(workdir / "r.jsonl"))
+    one_line_refusal(proc, "do not match the architecture in config.json")
+    assert not (workdir / "r.jsonl").exists()
+    proc = run_cli("update", "adv.jsonl", "--policy", "model", "--out", "model", cwd=workdir)
+    one_line_refusal(proc)
+    assert snapshot(model) == before
