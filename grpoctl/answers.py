@@ -4,7 +4,8 @@
 
     1. the content of the LAST complete `\\boxed{...}` (or `\\fbox{...}`), found by
        matching braces (not a regex), so `\\boxed{\\frac{1}{2}}` gives `\\frac{1}{2}`;
-       an empty last box means "no answer" (None);
+       an empty last box means "no answer" (None), and so does a box left unclosed
+       with no complete box before it (a completion cut off inside its answer);
     2. else, after the last `####` (GSM8K's convention): the first number on that line;
     3. else, after the last "answer is" / "answer:" (any case): the first inline math
        `$...$` / `\\(...\\)` on that line, else its first number, else the rest of the line;
@@ -46,6 +47,11 @@ def last_boxed(text: str) -> str | None:
     content after unwrapping: "5". An unclosed box (a truncated completion) is skipped.
     Returns "" for an empty last box.
     """
+    return _scan_boxes(text)[0]
+
+
+def _scan_boxes(text: str) -> tuple[str | None, bool]:
+    """(last_boxed's answer, whether a box is still open at the end of the text)."""
     tail = text[-MAX_SCAN_CHARS:]
     stack: list[tuple[bool, int]] = []  # (is a box, where its content starts)
     last: tuple[int, int] | None = None
@@ -60,14 +66,15 @@ def last_boxed(text: str) -> str | None:
                     last = (start, m.start())
         elif len(tok) > 2:  # \boxed{ or \fbox{
             stack.append((True, m.end()))
+    still_open = any(is_box for is_box, _ in stack)
     if last is None:
-        return None
+        return None, still_open
     content = tail[last[0]:last[1]].strip()
     while inner := _BOX_OPEN.match(content):  # \boxed{\boxed{x}} -> x
         if _group_end(content, inner.end()) != len(content) - 1:
             break  # \boxed{a} + \boxed{b}: not one box
         content = content[inner.end():-1].strip()
-    return content
+    return content, still_open
 
 
 def _group_end(s: str, start: int) -> int:
@@ -103,9 +110,11 @@ def _first_number(s: str) -> str | None:
 
 def extract_answer(text: str) -> str | None:
     """The final answer in a completion (see the module docstring for the rules), or None."""
-    boxed = last_boxed(text)
+    boxed, still_open = _scan_boxes(text)
     if boxed is not None:
         return boxed or None
+    if still_open:  # cut off inside its box: `\\boxed{3` of 35 is not the answer 3
+        return None
     tail = text[-MAX_SCAN_CHARS:]
     hashes = tail.rfind("####")
     if hashes >= 0:

@@ -84,7 +84,7 @@ class LoopConfig:
     gpu_memory_utilization: float = 0.4  # the engine's share of the GPU; the rest is the trainer's
     vllm_dtype: str | None = None  # None: --dtype
     vllm_sleep: bool = False  # free the engine's GPU memory during each update
-    vllm_eager: bool = False  # vLLM's enforce_eager: no compile/CUDA graphs (faster start, slower sampling)
+    vllm_eager: bool = False  # enforce_eager: no compile step (starts sooner, samples slower)
     # score
     rewards: list[str] = field(default_factory=lambda: ["math"])
     score_workers: int | None = None

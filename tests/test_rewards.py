@@ -32,6 +32,9 @@ from grpoctl.rewards import (format_reward, math_reward, parse_reward_spec, pars
     (r"\fbox{7}", "7"),
     (r"\boxed {8}", "8"),
     (r"\boxed{3} and then \boxed{12", "3"),                          # unclosed last box skipped
+    (r"so 17 + 18 = \boxed{3", None),                                # cut off inside its only box:
+    (r"x = 4 \boxed{\frac{1}{", None),                               # no number fallback
+    ("The answer is 3. Check: \\fbox{35", None),
     (r"\boxed{}", None),                                             # empty last box: no answer
     ("9 * 2 = $18.\n#### 18", "18"),                                 # GSM8K marker
     ("costs 1,000 + 1,125\n#### 2,125", "2125"),                     # thousands commas dropped

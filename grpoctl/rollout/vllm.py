@@ -55,8 +55,9 @@ q/k/v and gate/up and shards for tensor parallelism), and returns the names it
 wrote. Around the push, vLLM's in-place reload mode (model_loader/reload, the
 path of its own weight-transfer engines) runs each layer's post-load processing
 again, which the CPU build needs (it repacks linear weights after loading), and
-tied layers are processed again by hand (_worker_finish_reload). At tensor-parallel size 1 the worker lives in this process and gets the
-trainer's tensors with no copy; with several GPUs the workers are other
+tied layers are processed again by hand (_worker_finish_reload). At
+tensor-parallel size 1 the worker lives in this process and gets the trainer's
+tensors with no copy; with several GPUs the workers are other
 processes, so the weights travel as CPU tensors in ~1 GB buckets.
 
 How the sync is checked, after every push:
@@ -152,15 +153,17 @@ def head_size(model_dir) -> int | None:
     from grpoctl.models import resolve_model_dir
 
     try:
-        config = json.loads((resolve_model_dir(model_dir) / "config.json").read_text(encoding="utf-8"))
+        config = json.loads((resolve_model_dir(model_dir) / "config.json").read_text())
     except (OSError, ValueError):
         return None  # check_model_dir reports a missing or broken config
     config = config.get("text_config", config) if isinstance(config, dict) else {}
     size = config.get("head_dim")
-    if not isinstance(size, int):
-        hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
-        size = hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads else None
-    return size
+    if isinstance(size, int):
+        return size
+    hidden, heads = config.get("hidden_size"), config.get("num_attention_heads")
+    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0:
+        return hidden // heads
+    return None
 
 
 def check_engine(model_dir, sleep_mode: bool = False) -> None:
