@@ -9,6 +9,7 @@ and `trust_remote_code` stays off unless the user asks.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -40,10 +41,20 @@ def check_model_dir(path: str | os.PathLike) -> Path:
         return p
     if not (p / "config.json").is_file():
         raise GrpoctlError(f"{p}: not a model directory (no config.json)")
-    if not any(p.glob("*.safetensors")):
+    # optimizer.safetensors is a checkpoint's AdamW state (checkpoint.py), not weights
+    if not any(f.name != "optimizer.safetensors" for f in p.glob("*.safetensors")):
         pickles = [f.name for f in p.glob("*.bin")] + [f.name for f in p.glob("*.pt")]
         hint = f" (found {pickles[0]}: pickle weights are not loaded)" if pickles else ""
         raise GrpoctlError(f"{p}: no *.safetensors weights{hint}")
+    index = p / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise GrpoctlError(f"{index}: not a weights index (JSON with a weight_map)") from None
+        missing = sorted(str(s) for s in shards if not (p / str(s)).is_file())
+        if missing:
+            raise GrpoctlError(f"{p}: no {missing[0]}, which {index.name} names")
     return p
 
 

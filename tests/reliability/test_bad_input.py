@@ -503,7 +503,7 @@ RESUME_CASES = [  # (id, file of the run damaged, its new content or None to del
     ("resume-corrupt-weights", "checkpoints/step-000002/model.safetensors", b"\x00" * 16,
      "step-000002: cannot load model: Error while deserializing header"),
     ("resume-missing-weights", "checkpoints/step-000002/model.safetensors", None,
-     "step-000002: cannot load model: Error no file named model.safetensors found"),
+     "step-000002: no *.safetensors weights"),
     ("resume-corrupt-optimizer", "checkpoints/step-000002/optimizer.safetensors", b"garbage!!",
      "step-000002/optimizer.safetensors: cannot read optimizer state"),
     ("resume-corrupt-config", "config.json", b'{"model": ',
