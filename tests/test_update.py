@@ -426,12 +426,16 @@ def test_saved_checkpoint_loads_with_transformers_and_holds_no_pickle(tiny_qwen2
 def test_update_in_place(tiny_model, tmp_path):
     import shutil
 
-    ck = tmp_path / "ck"
-    shutil.copytree(tiny_model, ck)
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
     records = make_records(load_policy(tiny_model), seed=17)
     write_records(records, str(tmp_path / "adv.jsonl"))
     cfg = UpdateConfig(lr=1e-3)
-    run_update(str(tmp_path / "adv.jsonl"), ck, ck, cfg)
-    metrics = run_update(str(tmp_path / "adv.jsonl"), ck, ck, cfg)
+    # a model directory grpoctl did not write is never replaced, not even by its own update
+    with pytest.raises(GrpoctlError, match="not a grpoctl checkpoint"):
+        run_update(str(tmp_path / "adv.jsonl"), base, base, cfg)
+    ck = tmp_path / "ck"
+    run_update(str(tmp_path / "adv.jsonl"), base, ck, cfg)
+    metrics = run_update(str(tmp_path / "adv.jsonl"), ck, ck, cfg)  # a checkpoint: in place
     assert metrics["step"] == 2 and metrics["ratio_max"] != pytest.approx(1.0, abs=1e-6)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adv.jsonl", "ck"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adv.jsonl", "base", "ck"]
