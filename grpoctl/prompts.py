@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import re
 import sys
@@ -49,7 +50,9 @@ PLACEHOLDER = "{prompt}"
 
 def _read_jsonl(text: str, source: str) -> list[tuple[str, dict]]:
     rows = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # "\n" only: str.splitlines also splits at U+2028, U+2029, U+0085 and others, which
+    # JSON allows raw inside strings.
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -86,11 +89,17 @@ def _read_json(text: str, source: str) -> list[tuple[str, dict]]:
 
 
 def _read_csv(text: str, source: str) -> list[tuple[str, dict]]:
-    reader = csv.DictReader(text.splitlines(keepends=True))
+    # newline="" as the csv docs ask: rows end at \n, \r or \r\n only, never at U+2028.
+    # strict: a quote left open is an error, not the rest of the file swallowed into one field.
+    reader = csv.DictReader(io.StringIO(text, newline=""), strict=True)
     rows = []
-    for row in reader:
-        # line_num is the line the row ends on (a quoted field may span lines).
-        rows.append((f"{source}:{reader.line_num}", dict(row)))
+    try:
+        for row in reader:
+            # line_num is the line the row ends on (a quoted field may span lines).
+            rows.append((f"{source}:{reader.line_num}", dict(row)))
+    except csv.Error as e:  # an unclosed quote, a field over csv's size limit
+        # The bad row starts on the line after the last row read whole.
+        raise GrpoctlError(f"{source}:{reader.line_num + 1}: bad CSV row: {e}") from None
     return rows
 
 

@@ -22,6 +22,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -407,6 +408,9 @@ def run_update(adv_path: str, policy_dir, out_dir, cfg: UpdateConfig, ref_dir=No
     ref_dir = None if ref_dir is None else resolve_model_dir(ref_dir)
     checkpoint.check_out_dir(out_dir, [None if adv_path == STDIO else adv_path, policy_dir,
                                        ref_dir])
+    if metrics_path and not Path(metrics_path).absolute().parent.is_dir():  # not after the save
+        raise GrpoctlError(f"{metrics_path}: cannot write metrics: no such directory "
+                           f"{Path(metrics_path).absolute().parent}")
     source = source_name(adv_path)
     if adv_path == STDIO and distributed.launched():
         raise GrpoctlError("under torchrun every rank reads the whole file: give a path, not -")

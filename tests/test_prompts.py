@@ -208,3 +208,24 @@ def test_render_without_chat_template_adds_bos_like_the_tokenizer(tiny_model):
     assert text == "<|endoftext|>hi"
     # What the model reads (add_special_tokens=False) equals what the tokenizer would make.
     assert tok(text, add_special_tokens=False)["input_ids"] == tok("hi")["input_ids"]
+
+
+def test_only_newline_ends_a_row(tmp_path):
+    """U+2028, U+2029 and U+0085 are ordinary characters inside JSON strings and quoted
+    CSV fields; str.splitlines would cut rows there."""
+    text = "a\u2028b\u2029c\u0085d"
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text(json.dumps({"prompt": text, "answer": "1"}, ensure_ascii=False) + "\n",
+                     encoding="utf-8")
+    assert [p["text"] for p in load_prompts(str(jsonl))] == [text]
+    table = tmp_path / "p.csv"
+    table.write_text(f'prompt,answer\n"{text}",1\r\nsecond,2\n', encoding="utf-8")
+    assert [(p["text"], p["answer"]) for p in load_prompts(str(table))] == \
+        [(text, "1"), ("second", "2")]
+
+
+def test_a_csv_quote_left_open_is_an_error_not_a_swallowed_file(tmp_path):
+    table = tmp_path / "p.csv"
+    table.write_text('prompt,answer\nfirst,1\n"second,2\nthird,3\nfourth,4\n', encoding="utf-8")
+    with pytest.raises(GrpoctlError, match=r"p\.csv:3: bad CSV row: unexpected end of data"):
+        load_prompts(str(table))

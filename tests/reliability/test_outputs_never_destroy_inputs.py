@@ -120,3 +120,11 @@ def test_weights_that_do_not_fit_the_config_are_refused(tiny_model, workdir, cha
     proc = grpoctl("update", "adv.jsonl", "--policy", "model", "--out", "model2", cwd=workdir)
     one_line_refusal(proc, "do not match the architecture in config.json")
     assert snapshot(model) == before and not (workdir / "model2").exists()
+
+
+def test_update_metrics_into_a_missing_directory_writes_no_checkpoint(tiny_model, workdir,
+                                                                      grpoctl):
+    proc = grpoctl("update", "adv.jsonl", "--policy", str(tiny_model), "--out", "ckpt",
+                   "--metrics", "nowhere/metrics.jsonl", cwd=workdir)
+    one_line_refusal(proc, "nowhere/metrics.jsonl: cannot write metrics: no such directory")
+    assert not (workdir / "ckpt").exists()  # refused before the step, not after the save
