@@ -1,6 +1,6 @@
 """How fast do the light stages start, and how fast is the `math` reward?
 
-    python bench/bench_score.py [--data ../shared/data/math500.jsonl] [--workers N]
+    python bench/bench_score.py [--data data/math500.jsonl] [--workers N]
 
 First table, start-up (seconds, median of 5 runs, lower is better): `grpoctl --help`,
 `score --help` and `advantage --help` as new processes, against the baseline of a
@@ -90,7 +90,7 @@ def startup_table() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "math500.jsonl"))
+    parser.add_argument("--data", default=str(ROOT / "data" / "math500.jsonl"))
     parser.add_argument("--workers", type=int, default=None, help="default: os.cpu_count()")
     args = parser.parse_args()
     logging.getLogger("math_verify").setLevel(logging.CRITICAL)

@@ -3,11 +3,11 @@
 # Usage: examples/math500.sh MODEL_DIR [DATA_DIR]
 #   MODEL_DIR  a transformers causal LM directory with safetensors weights and a chat template,
 #              e.g. a local copy of Qwen2.5-Math-1.5B (grpoctl downloads nothing).
-#   DATA_DIR   holds math500.jsonl (default: ../shared/data).
+#   DATA_DIR   holds math500.jsonl (default: data, shipped with the repository).
 # Train on a GPU (--device cuda, or --backend vllm for rollouts); on a CPU this is a smoke test.
 set -euo pipefail
 model=${1:?usage: math500.sh MODEL_DIR [DATA_DIR]}
-data=${2:-../shared/data}
+data=${2:-data}
 device=${DEVICE:-cpu}
 steps=${STEPS:-2}
 

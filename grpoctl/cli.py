@@ -183,7 +183,7 @@ def rollout(
 
         grpoctl rollout --prompts arith:test --group-size 2 --limit 4
 
-        grpoctl rollout -m ./Qwen2.5-Math-1.5B --prompts ../shared/data/math500.jsonl -G 16 -o r.jsonl
+        grpoctl rollout -m ./Qwen2.5-Math-1.5B --prompts data/math500.jsonl -G 16 -o r.jsonl
 
         grpoctl rollout -m M --prompts gsm8k_test.jsonl --prompt-field question --answer-after '#### '
     """
@@ -411,11 +411,11 @@ def eval_(
 
         grpoctl eval --model default --prompts arith:test --samples 4 --max-new-tokens 32
 
-        grpoctl eval -m ckpt --prompts ../shared/data/math500.jsonl -k 8 --by subject --by level
+        grpoctl eval -m ckpt --prompts data/math500.jsonl -k 8 --by subject --by level
 
         grpoctl eval --scored runs/r/step-000010/scored.jsonl
 
-        grpoctl eval -m ckpt --prompts ../shared/data/math500.jsonl -k 32 --backend vllm
+        grpoctl eval -m ckpt --prompts data/math500.jsonl -k 32 --backend vllm
     """
     from grpoctl.evaluate import run_eval
 

@@ -8,7 +8,7 @@
 #   MATH_TRAIN  MATH's 7,500 training problems as JSONL or parquet with `problem` and
 #               `solution` columns (e.g. hendrycks/competition_math, train split); the gold
 #               answer is taken from the last \boxed{} of each solution
-# Environment: OUT (runs/qwen-math), DATA (../shared/data: math500.jsonl, aime2024.jsonl),
+# Environment: OUT (runs/qwen-math), DATA (data: math500.jsonl, aime2024.jsonl),
 #   SEED (0), EPOCHS (10), MAX_NEW_TOKENS (3072), EVAL_SAMPLES (32), GPU_MEM (0.3),
 #   MICRO_BATCH (2), SLEEP (0; 1 adds --vllm-sleep).
 # Runs on ONE 80 GB GPU (H100/A100) with the vllm extra: pip install -e '.[vllm]'.
@@ -18,7 +18,7 @@ model=${1:?usage: run.sh MODEL_DIR MATH_TRAIN [g2|g16|both]}
 train_src=${2:?usage: run.sh MODEL_DIR MATH_TRAIN [g2|g16|both]}
 which=${3:-both}
 out=${OUT:-runs/qwen-math}
-data=${DATA:-../shared/data}
+data=${DATA:-data}
 seed=${SEED:-0}
 mkdir -p "$out"
 
