@@ -145,10 +145,6 @@ def run_eval(model: str | None, scored: str | None, prompts_source: str, samples
         sampling = SamplingParams(temperature=0.0 if greedy else temperature, top_p=top_p,
                                   top_k=top_k, max_new_tokens=max_new_tokens, seed=seed)
         sampling.check()
-        if backend == "vllm":
-            from grpoctl.rollout.vllm import check_engine
-
-            check_engine(model)  # before loading anything
         tokenizer = load_tokenizer(model, trust_remote_code)
         if backend == "vllm":
             from grpoctl.prompts import render_prompt

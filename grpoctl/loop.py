@@ -296,10 +296,6 @@ class Loop:
         cfg = self.cfg
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        if cfg.backend == "vllm":  # fail before loading anything when the extra is missing
-            from grpoctl.rollout.vllm import require_vllm
-
-            require_vllm(world_size=distributed.world()[1])
         source = checkpoint_dir(self.run, from_checkpoint) if from_checkpoint else cfg.model
         # A checkpoint with a LoRA adapter continues it; a fresh run attaches one if lora_r > 0
         self.model = load_training_policy(source, cfg.dtype, cfg.device, cfg.trust_remote_code,

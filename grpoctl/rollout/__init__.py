@@ -249,11 +249,6 @@ def run_rollout(model_dir: str, prompts_source: str, output: str = "-", group_si
     prompts = load_prompts(prompts_source, prompt_field=prompt_field, answer_field=answer_field,
                            answer_after=answer_after, id_field=id_field, limit=limit, shard=shard)
     check_model_dir(model_dir)
-    if backend == "vllm":  # refuse what the engine cannot run before loading anything
-        from grpoctl.rollout.vllm import check_engine, logprobs_mode
-
-        logprobs_mode(sampling)
-        check_engine(model_dir)
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     rendered = [dict(p, text=render_prompt(tokenizer, p["text"], template, use_chat_template,
                                            system)) for p in prompts]

@@ -146,8 +146,9 @@ def stdout_to_stderr():
         os.close(saved)
 
 
-def head_size(model_dir) -> int | None:
-    """The attention head size in a checkpoint's config.json (None when it does not say)."""
+def _text_config(model_dir) -> dict:
+    """config.json of a checkpoint (its text_config for a multimodal one); {} if unreadable
+    (check_model_dir reports a missing or broken config)."""
     import json
 
     from grpoctl.models import resolve_model_dir
@@ -155,8 +156,14 @@ def head_size(model_dir) -> int | None:
     try:
         config = json.loads((resolve_model_dir(model_dir) / "config.json").read_text())
     except (OSError, ValueError):
-        return None  # check_model_dir reports a missing or broken config
+        return {}
     config = config.get("text_config", config) if isinstance(config, dict) else {}
+    return config if isinstance(config, dict) else {}
+
+
+def head_size(model_dir) -> int | None:
+    """The attention head size in a checkpoint's config.json (None when it does not say)."""
+    config = _text_config(model_dir)
     size = config.get("head_dim")
     if isinstance(size, int):
         return size
@@ -203,18 +210,10 @@ def context_length(model_dir, prompt_ids: list[list[int]], max_new_tokens: int) 
     and without chunked prefill (CPU) vLLM profiles and warms up a batch that long at
     start: 33 s on 2 cores for SmolLM2-135M. Capped at the model's own window.
     """
-    import json
-
-    from grpoctl.models import resolve_model_dir
-
     if not prompt_ids:
         return None
     wanted = max(map(len, prompt_ids)) + max_new_tokens + 1
-    try:
-        config = json.loads((resolve_model_dir(model_dir) / "config.json").read_text())
-        window = config.get("text_config", config).get("max_position_embeddings")
-    except (OSError, ValueError, AttributeError):
-        window = None
+    window = _text_config(model_dir).get("max_position_embeddings")
     return min(wanted, window) if isinstance(window, int) else wanted
 
 
