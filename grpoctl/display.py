@@ -6,6 +6,7 @@ stdout is never touched, so a loop can sit in a pipeline. `NullDisplay` is --qui
 from __future__ import annotations
 
 import sys
+import time
 
 SHOWN = (("reward_mean", "reward", "{:.3f}"), ("accuracy", "acc", "{:.3f}"),
          ("zero_adv_frac", "zero-adv", "{:.2f}"), ("loss", "loss", "{:+.4f}"),
@@ -52,18 +53,26 @@ class LogDisplay(NullDisplay):
 class RichDisplay(LogDisplay):
     """Progress bars for the steps and the stage in flight, and the latest metrics."""
 
-    def __init__(self):
+    def __init__(self, console=None):
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.console = Console(stderr=True)
+        self.console = console if console is not None else Console(stderr=True)
         self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
                                  MofNCompleteColumn(), TimeElapsedColumn(),
                                  TextColumn("{task.fields[info]}"), console=self.console)
         self.task = None
 
     def log(self, message: str) -> None:
-        self.console.log(message)
+        """One plain line, "HH:MM:SS message", above the progress bars.
+
+        Not console.log: that adds a column with this file's name and line on the
+        right, and reads the message as markup (a "[x]" in a path would vanish).
+        """
+        from rich.text import Text
+
+        self.console.print(Text.assemble((time.strftime("%H:%M:%S "), "log.time"), message),
+                           soft_wrap=True)
 
     def start(self, total: int, first: int = 0) -> None:
         self.total = total

@@ -538,7 +538,7 @@ def write_report(run_dirs: list[str], out_dir: str, labels: list[str] | None = N
     report_path = out / "report.md"
     with atomic_open(report_path) as f:
         f.write(report_markdown(rows, groups[base_index]["label"], baseline is None,
-                                [os.path.basename(p) for p in plots], note))
+                                [os.path.basename(p) for p in plots], note, out_dir=out))
     return {"report": str(report_path), "plots": plots, "rows": rows, "note": note}
 
 
@@ -559,9 +559,23 @@ def _plural(n: int, word: str) -> str:
     return f"{n} {word}" + ("" if n == 1 else "s")
 
 
+def relative_to(path: str, directory: str | os.PathLike) -> str:
+    """`path` as seen from `directory` (e.g. ../runs/g2-s0), so that report.md, moved or
+    copied with the runs beside it, still names them; the absolute path only where no
+    relative one exists (another drive on Windows)."""
+    try:
+        return os.path.relpath(os.path.realpath(path), os.path.realpath(directory))
+    except ValueError:
+        return os.path.realpath(path)
+
+
 def report_markdown(rows: list[dict], baseline_label: str, default_baseline: bool,
-                    plots: list[str], note: str | None) -> str:
-    """The text of report.md: the table, what its columns mean, the plots, the runs."""
+                    plots: list[str], note: str | None,
+                    out_dir: str | os.PathLike | None = None) -> str:
+    """The text of report.md: the table, what its columns mean, the plots, the runs.
+
+    out_dir: where report.md goes; the run directories are written relative to it.
+    """
     why = " (the largest group size; choose another with --baseline)" if default_baseline else ""
     parts = ["# grpoctl report\n",
              f"{_plural(sum(len(r['runs']) for r in rows), 'run')} in "
@@ -581,6 +595,9 @@ def report_markdown(rows: list[dict], baseline_label: str, default_baseline: boo
     if note:
         parts.append(f"_{note}_\n")
     parts.append("## Runs\n")
+    if out_dir is not None:
+        parts.append("Run directories, relative to this report's directory:\n")
     for row in rows:
-        parts.append(f"- {row['label']}: " + ", ".join(f"`{p}`" for p in row["runs"]))
+        paths = [relative_to(p, out_dir) if out_dir is not None else p for p in row["runs"]]
+        parts.append(f"- {row['label']}: " + ", ".join(f"`{p}`" for p in paths))
     return "\n".join(parts) + "\n"

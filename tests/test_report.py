@@ -1,4 +1,5 @@
-"""`report`: run directories written by hand (known numbers) -> table, PNGs, errors."""
+"""`report`: run directories written by hand (known numbers) -> table, PNGs, errors; and the
+live display's log lines (grpoctl/display.py)."""
 
 from __future__ import annotations
 
@@ -206,6 +207,43 @@ def test_baseline_option(paper_like, tmp_path):
         write_report(dirs[:2], str(tmp_path / "out"), baseline=paper_like["g2-s2"])
     with pytest.raises(GrpoctlError, match="given twice"):
         write_report([dirs[0], dirs[0] + "/"], str(tmp_path / "out"))
+
+
+def test_report_names_the_runs_relative_to_its_directory(paper_like, tmp_path, monkeypatch):
+    from grpoctl import report
+
+    monkeypatch.setattr(report, "_matplotlib_missing", lambda: "no plots")
+    # Absolute run paths, the output directory beside them.
+    text = Path(write_report(list(paper_like.values()), str(tmp_path / "out"))["report"]).read_text()
+    runs = text.split("## Runs")[1]
+    assert "`../g16-s0`, `../g16-s1`" in runs and "`../g2-s0`, `../g2-s1`, `../g2-s2`" in runs
+    assert str(tmp_path) not in text
+    # Relative run paths from another directory, the output two levels down.
+    monkeypatch.chdir(tmp_path)
+    result = write_report(["g16-s0", "./g2-s0/"], "reports/today")
+    text = (tmp_path / "reports" / "today" / "report.md").read_text()
+    assert "`../../g16-s0`" in text and "`../../g2-s0`" in text and str(tmp_path) not in text
+    assert result["rows"][0]["runs"] == ["g16-s0"]  # the API keeps the paths as given
+
+
+def test_the_live_display_prints_plain_lines_without_a_source_column():
+    import io
+
+    from rich.console import Console
+
+    from grpoctl.display import RichDisplay
+
+    console = Console(file=io.StringIO(), width=100, record=True, force_terminal=True)
+    display = RichDisplay(console=console)
+    display.log("run directory: runs/[g2]")
+    display.eval_done({"step": 3, "k": 4, "mean_at_k": 0.5, "pass_at_k": 0.75, "prompts": 2})
+    lines = console.export_text().splitlines()
+    assert len(lines) == 2, lines
+    assert all("display.py" not in line and line == line.rstrip() for line in lines), lines
+    # "HH:MM:SS message": the time, then the message as given (no markup read in it)
+    assert lines[0][:9].replace(":", "").strip().isdigit() and lines[0][8] == " "
+    assert lines[0][9:] == "run directory: runs/[g2]"
+    assert lines[1][9:] == "eval step 3: mean@4 0.500  pass@4 0.750  (2 prompts)"
 
 
 def test_runs_without_evaluations_show_dashes(tmp_path):
