@@ -6,8 +6,11 @@ The paper (and DeepSeekMath) write GRPO as a loss to minimise:
 
     ρ_it   = π_θ(o_it | q, o_i,<t) / π_old(o_it | q, o_i,<t) = exp(logp - old_logp)
     A_i    = the advantage of completion i, the same for each of its tokens
-    KL_it  = the k3 estimator of KL(π_θ || π_ref) at token t (Schulman, 2020)
+    KL_it  = the k3 estimate of KL(π_θ || π_ref) at token t (Schulman, 2020); as a loss its
+             expected gradient is that of KL(π_ref || π_θ) (see `kl_k3`)
     ε_low = ε_high = 0.2 in PPO/GRPO; DAPO's "clip-higher" raises ε_high to 0.28.
+
+Optionally, for A_i < 0, the dual clip caps the policy term at C·|A_i| (`dual_clip`).
 
 Shapes: per-token tensors are [B, T] (B sequences, T token columns); `mask` is
 a bool [B, T] that is True at real completion tokens. The 1/G Σ_i 1/|o_i| Σ_t
@@ -53,14 +56,74 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
     return loss, is_clipped & mask
 
 
-def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Per-token k3 estimate of KL(π_θ || π_ref): exp(r) - r - 1 with r = ref_logp - logp.
+def dual_clip(policy_loss: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+              clip_ratio_c: float = 3.0):
+    """Dual-clip PPO: for A < 0, cap the per-token policy loss at -C·A = C·|A|.
 
-    Non-negative, zero when the two agree, unbiased for samples from π_θ
-    (Schulman, "Approximating KL divergence", 2020; used by GRPO and TRL).
+        loss_dual = min(max(-ρA, -clip(ρ, 1-ε_low, 1+ε_high)A), -C·A)   where A < 0
+                  = the clipped loss unchanged                          where A >= 0
+
+    (max(-ρA, -clip(ρ)A) is `clipped_policy_loss`'s -min(ρA, clip(ρ)A).) With A < 0 the
+    ordinary clipped loss is ρ|A| for every ρ > 1 - ε_low, so one token whose ratio
+    has grown large (stale or off-policy samples) can dominate the batch; the dual clip
+    bounds it by C|A| and gives such a token no gradient (a constant). It acts only
+    where ρ > C (for C > 1 + ε_high). Ye et al. 2020, "Mastering Complex Control in
+    MOBA Games with Deep Reinforcement Learning" (arXiv 1912.09729); verl's
+    `clip_ratio_c` (default 3.0 there; it asserts C > 1), `compute_policy_loss_vanilla`.
+
+    Args:
+        policy_loss: the per-token loss of `clipped_policy_loss` [B, T].
+        advantages: A_i per sequence [B] (or per token [B, T]).
+        mask: True at real tokens [B, T].
+        clip_ratio_c: C > 1.
+
+    Returns (loss [B, T], dual_clipped [B, T] bool): `dual_clipped` marks the tokens
+    where the cap -C·A is the smaller value (verl's `pg_clipfrac_lower`).
     """
-    r = ref_logp - logp
-    return torch.exp(r) - r - 1.0
+    if not clip_ratio_c > 1.0:
+        raise ValueError(f"dual clip needs clip_ratio_c > 1, got {clip_ratio_c}")
+    if advantages.dim() == policy_loss.dim() - 1:
+        advantages = advantages.unsqueeze(-1)  # one A_i for every token of sequence i
+    cap = -clip_ratio_c * advantages
+    negative = advantages < 0
+    loss = torch.where(negative, torch.minimum(policy_loss, cap), policy_loss)
+    loss = torch.where(mask, loss, torch.zeros_like(loss))
+    return loss, negative & (policy_loss > cap) & mask
+
+
+# verl's clamps for its "low_var_kl" (= k3) estimator (verl/trainer/ppo/core_algos.py
+# `kl_penalty`, commit 012be9d): the log-ratio to [-20, 20], the estimate to [-10, 10].
+KL_LOG_RATIO_CLAMP = 20.0
+KL_VALUE_CLAMP = 10.0
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(π_θ || π_ref), clamped as verl clamps it:
+
+        r  = clamp(log π_ref - log π_θ, -20, 20)
+        k3 = clamp(exp(r) - r - 1, -10, 10)
+
+    The value: for tokens drawn from π_θ, E[exp(r) - r - 1] = KL(π_θ || π_ref); each
+    term is >= 0 and 0 where the two agree (Schulman, "Approximating KL divergence", 2020;
+    GRPO, TRL, verl's "low_var_kl").
+
+    The gradient is another matter. Differentiated as a loss with the sampled tokens
+    held fixed, ∇k3 = (1 - π_ref/π_θ) ∇log π_θ, whose expectation over o ~ π_θ is
+    -Σ_o π_ref(o) ∇log π_θ(o) = ∇ KL(π_ref || π_θ): the gradient of the other direction,
+    KL(π_ref || π_θ), not of KL(π_θ || π_ref) (Tang & Munos 2025, "On a few
+    pitfalls in KL divergence gradient estimation for RL", arXiv 2506.09477). It is also
+    taken token by token, so it ignores how a token changes the later tokens'
+    distributions (the same note's second point). Both pull π_θ towards π_ref, which is
+    what the penalty is for; neither is the exact gradient of the sequence KL. Off-policy
+    (tokens from π_old ≠ π_θ, e.g. mini-batches after the first) the expectation is
+    under π_old, which is neither of the two.
+
+    The clamps: without them a log-ratio of 100 gives exp(100) = inf in fp32, so one
+    token whose probability the reference gives as ~0 would make the loss infinite. A
+    token outside either clamp contributes the bound and no gradient.
+    """
+    r = torch.clamp(ref_logp - logp, -KL_LOG_RATIO_CLAMP, KL_LOG_RATIO_CLAMP)
+    return torch.clamp(torch.exp(r) - r - 1.0, -KL_VALUE_CLAMP, KL_VALUE_CLAMP)
 
 
 def token_weights(lengths: torch.Tensor, mode: str = "token-mean",

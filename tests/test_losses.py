@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from grpoctl.losses import aggregate, clipped_policy_loss, kl_k3, token_weights
+from grpoctl.losses import aggregate, clipped_policy_loss, dual_clip, kl_k3, token_weights
 
 
 def test_clipped_loss_and_its_gradient_by_hand():
@@ -80,6 +80,53 @@ def test_kl_k3_by_hand():
     ref = torch.tensor([math.log(0.25), math.log(0.4), -1.7])
     expected = torch.tensor([0.5 + math.log(2) - 1, 2 - math.log(2) - 1, 0.0])
     assert torch.allclose(kl_k3(logp, ref), expected, atol=1e-6)
+
+
+def test_dual_clip_by_hand():
+    # ε = 0.2 (clip range [0.8, 1.2]), C = 3: for A < 0 the loss is capped at C·|A|.
+    #   token  ρ     A    -min(ρA, clip(ρ)A)        dual: min(that, -C·A)   dual-clipped?  d loss/d logp
+    #   a      5     -1   -min(-5, -1.2) = 5        min(5, 3) = 3            yes            0
+    #   b      2     -1   -min(-2, -1.2) = 2        min(2, 3) = 2            no             -ρA = 2
+    #   c      5     +1   -min(5, 1.2) = -1.2       A > 0: -1.2 unchanged    no             0 (PPO clip)
+    #   d      4     -2   -min(-8, -2.4) = 8        min(8, 6) = 6            yes            0
+    #   e      0.5   -2   -min(-1, -1.6) = 1.6      min(1.6, 6) = 1.6        no             0 (PPO clip)
+    #   pad    9     -1   masked: 0                 0                        no             0
+    ratios = [5.0, 2.0, 5.0, 4.0, 0.5, 9.0]
+    logp = torch.tensor([[math.log(r) for r in ratios]], requires_grad=True)
+    old = torch.zeros(1, 6)
+    adv = torch.tensor([[-1.0, -1.0, 1.0, -2.0, -2.0, -1.0]])
+    mask = torch.tensor([[True, True, True, True, True, False]])
+
+    ppo, _ = clipped_policy_loss(logp, old, adv, mask, clip_eps=0.2)
+    loss, dual = dual_clip(ppo, adv, mask, clip_ratio_c=3.0)
+
+    assert torch.allclose(ppo, torch.tensor([[5.0, 2.0, -1.2, 8.0, 1.6, 0.0]]), atol=1e-6)
+    assert torch.allclose(loss, torch.tensor([[3.0, 2.0, -1.2, 6.0, 1.6, 0.0]]), atol=1e-6)
+    assert dual.tolist() == [[True, False, False, True, False, False]]
+    loss.sum().backward()
+    assert torch.allclose(logp.grad, torch.tensor([[0.0, 2.0, 0.0, 0.0, 0.0, 0.0]]), atol=1e-6)
+
+    # one advantage per sequence works too, and C must be > 1 (verl asserts the same)
+    seq_loss, seq_dual = dual_clip(ppo[:, :2].detach(), torch.tensor([-1.0]), mask[:, :2], 3.0)
+    assert seq_loss.tolist() == [[3.0, pytest.approx(2.0)]] and seq_dual.tolist() == [[True, False]]
+    with pytest.raises(ValueError, match="> 1"):
+        dual_clip(ppo, adv, mask, clip_ratio_c=1.0)
+
+
+def test_kl_k3_is_clamped_as_verl():
+    # r = log π_ref - log π_θ is clamped to [-20, 20] and k3 to [-10, 10]:
+    #   r = 100:  exp(20) - 20 - 1 = 4.85e8    -> 10   (unclamped: exp(100) = inf in fp32)
+    #   r = -100: exp(-20) + 20 - 1 = 19.0     -> 10
+    #   r = 3:    exp(3) - 3 - 1 = 16.09       -> 10
+    #   r = 1:    e - 2 = 0.71828              unchanged, gradient (1 - e^r)·dr/dlogp = e - 1
+    logp = torch.tensor([-100.0, 0.0, -5.0, -2.0], requires_grad=True)
+    ref = torch.tensor([0.0, -100.0, -2.0, -1.0])
+    kl = kl_k3(logp, ref)
+    assert torch.isfinite(kl).all()
+    assert torch.allclose(kl, torch.tensor([10.0, 10.0, 10.0, math.e - 2]), atol=1e-6)
+    kl.sum().backward()
+    # d k3 / d logp = (exp(r) - 1) · (-1); clamped tokens give none
+    assert torch.allclose(logp.grad, torch.tensor([0.0, 0.0, 0.0, 1 - math.e]), atol=1e-6)
 
 
 # A ragged batch: sequence 1 has losses 1, 2, 3; sequence 2 has one token, loss 4.
