@@ -17,12 +17,14 @@ import contextlib
 import json
 import math
 import os
+import stat
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
 from typing import IO, Any
 
 from grpoctl.errors import GrpoctlError
+from grpoctl.errors import first_line as first_line_of
 
 STDIO = "-"
 
@@ -43,12 +45,47 @@ class RecordError(GrpoctlError):
 # says which must be present for the stage at hand.
 
 
+# Limits that make every record that can be read also writable, and every number
+# safe to compute with: a record nested deeper than MAX_DEPTH is refused on reading
+# (json.loads accepts about 990 levels, but json.dumps deeper in the call stack fails
+# on fewer); rewards and advantages are at most MAX_MAGNITUDE in size, so sums of
+# millions of them, group means and deviations stay finite (1.5e308 + 1.5e308 is inf).
+MAX_DEPTH = 100
+MAX_MAGNITUDE = 1e100
+MAX_TOKEN_ID = 2**31 - 1  # no vocabulary is larger; torch and the samplers hold ids in int32/64
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_number(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+    """A finite int or float (an int of hundreds of digits has no float: not a number here)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    if isinstance(v, int):
+        return v.bit_length() <= 1023  # converts to a finite float
+    return math.isfinite(v)
+
+
+def shown(v: Any, limit: int = 60) -> str:
+    """repr(v) for a message, kept short: an int of 5,000 digits has no repr at all
+    (Python's 4,300-digit limit), and a long list or string would make a page."""
+    if isinstance(v, int) and not isinstance(v, bool) and v.bit_length() > 200:
+        return f"an integer of {len(str(abs(v))) if v.bit_length() < 14000 else 'over 4300'} digits"
+    try:
+        text = repr(v)
+    except Exception:  # a user object whose repr fails
+        return f"a {type(v).__name__}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_bounded(v: Any) -> str | None:
+    if not _is_number(v):
+        return f"expected a finite number, got {shown(v)}"
+    if abs(v) > MAX_MAGNITUDE:
+        return f"{shown(v)} is too large (at most {MAX_MAGNITUDE:g} in size)"
+    return None
 
 
 def _check_str(v: Any) -> str | None:
@@ -60,15 +97,15 @@ def _check_optional_str(v: Any) -> str | None:
 
 
 def _check_sample(v: Any) -> str | None:
-    return None if _is_int(v) and v >= 0 else f"expected an integer >= 0, got {v!r}"
+    return None if _is_int(v) and v >= 0 else f"expected an integer >= 0, got {shown(v)}"
 
 
 def _check_token_ids(v: Any) -> str | None:
     if not isinstance(v, list):
         return f"expected a list of token ids, got {_kind(v)}"
     for i, t in enumerate(v):
-        if not (_is_int(t) and t >= 0):
-            return f"item {i} is {t!r}, expected an integer token id >= 0"
+        if not (_is_int(t) and 0 <= t <= MAX_TOKEN_ID):
+            return f"item {i} is {shown(t)}, expected an integer token id >= 0 (and < 2**31)"
     return None
 
 
@@ -77,14 +114,10 @@ def _check_logprobs(v: Any) -> str | None:
         return f"expected a list of floats, got {_kind(v)}"
     for i, x in enumerate(v):
         if not _is_number(x):
-            return f"item {i} is {x!r}, expected a finite float"
+            return f"item {i} is {shown(x)}, expected a finite float"
         if x > 1e-4:  # a log-probability is <= 0; allow float noise
-            return f"item {i} is {x!r}, a log-probability must be <= 0"
+            return f"item {i} is {shown(x)}, a log-probability must be <= 0"
     return None
-
-
-def _check_finite(v: Any) -> str | None:
-    return None if _is_number(v) else f"expected a finite number, got {v!r}"
 
 
 def _check_reward_components(v: Any) -> str | None:
@@ -92,12 +125,14 @@ def _check_reward_components(v: Any) -> str | None:
         return f"expected an object of named rewards, got {_kind(v)}"
     for name, x in v.items():
         if not _is_number(x):
-            return f"component '{name}' is {x!r}, expected a finite number"
+            return f"component '{name}' is {shown(x)}, expected a finite number"
+        if abs(x) > MAX_MAGNITUDE:
+            return f"component '{name}' is {shown(x)}, too large (at most {MAX_MAGNITUDE:g} in size)"
     return None
 
 
 def _check_finish_reason(v: Any) -> str | None:
-    return None if v in ("stop", "length") else f"expected 'stop' or 'length', got {v!r}"
+    return None if v in ("stop", "length") else f"expected 'stop' or 'length', got {shown(v)}"
 
 
 def _check_dict(v: Any) -> str | None:
@@ -110,9 +145,9 @@ def _check_sampling(v: Any) -> str | None:
         return f"expected an object, got {_kind(v)}"
     t, m = v.get("temperature"), v.get("max_new_tokens")
     if t is not None and not (_is_number(t) and t >= 0):
-        return f"temperature is {t!r}, expected a number >= 0"
+        return f"temperature is {shown(t)}, expected a number >= 0"
     if m is not None and not (_is_int(m) and m >= 1):
-        return f"max_new_tokens is {m!r}, expected an integer >= 1"
+        return f"max_new_tokens is {shown(m)}, expected an integer >= 1"
     return None
 
 
@@ -128,9 +163,9 @@ FIELD_CHECKS = {
     "finish_reason": _check_finish_reason,
     "policy": _check_dict,
     "sampling": _check_sampling,
-    "reward": _check_finite,
+    "reward": _check_bounded,
     "rewards": _check_reward_components,
-    "advantage": _check_finite,
+    "advantage": _check_bounded,
 }
 
 # What each consuming stage needs to find in every record.
@@ -144,22 +179,44 @@ _NUMBERS_CHECKED = frozenset({"prompt_ids", "completion_ids", "logprobs", "rewar
                               "advantage"})
 
 
+def _child_path(path: str, key: Any) -> str:
+    return f"{path}.{key}" if isinstance(key, str) else f"{path}[{key}]"
+
+
+def first_unwritable(value: Any, path: str, max_depth: int = MAX_DEPTH) -> tuple[str, str] | None:
+    """(dotted path, reason) of the first value inside `value` that JSON output cannot hold
+    (NaN, infinity, nesting more than max_depth levels below `path`), or None.
+
+    Iterative, so a value nested 100,000 deep costs no recursion. json.loads accepts
+    NaN, Infinity and 1e999, and nesting of about 990 levels that json.dumps, called
+    deeper in the stack, can fail on.
+    """
+    stack = [(value, path, 0)]
+    while stack:
+        v, where, depth = stack.pop()
+        if isinstance(v, float):
+            if not math.isfinite(v):
+                return where, "NaN or infinity"
+            continue
+        if isinstance(v, dict):
+            items = list(v.items())
+        elif isinstance(v, list):
+            items = list(enumerate(v))
+        else:
+            continue
+        if depth >= max_depth:
+            return where, f"nested more than {max_depth} levels deep"
+        for key, child in reversed(items):  # reversed: the first problem in file order
+            if isinstance(child, (dict, list, float)):
+                stack.append((child, _child_path(where, key), depth + 1))
+    return None
+
+
 def non_finite_path(value: Any, path: str) -> str | None:
     """The dotted path of the first NaN or infinity inside value (json.loads accepts
     NaN, Infinity and 1e999), or None. JSON output cannot hold them."""
-    if isinstance(value, float):
-        return None if math.isfinite(value) else path
-    if isinstance(value, dict):
-        items = value.items()
-    elif isinstance(value, list):
-        items = enumerate(value)
-    else:
-        return None
-    for key, v in items:
-        found = non_finite_path(v, f"{path}.{key}" if isinstance(key, str) else f"{path}[{key}]")
-        if found:
-            return found
-    return None
+    found = first_unwritable(value, path, max_depth=10**9)
+    return found[0] if found else None
 
 
 def _kind(v: Any) -> str:
@@ -184,9 +241,14 @@ def check_record(record: dict, require: Iterable[str] = (), source: str = "<reco
             raise RecordError(source, line, "logprobs",
                               f"has {n_lp} values but completion_ids has {n_ids} tokens")
     for field, value in record.items():  # unknown fields too: they are written back out
-        bad = None if field in _NUMBERS_CHECKED else non_finite_path(value, field)
+        if field in _NUMBERS_CHECKED:
+            continue
+        bad = first_unwritable(value, field, MAX_DEPTH - 1)  # the record is the first level
+        if bad and bad[1] == "NaN or infinity":
+            raise RecordError(source, line, bad[0], "NaN or infinity; records hold finite numbers only")
         if bad:
-            raise RecordError(source, line, bad, "NaN or infinity; records hold finite numbers only")
+            raise RecordError(source, line, bad[0], f"JSON nested too deeply ({bad[1]}; "
+                              f"records may nest at most {MAX_DEPTH} levels)")
 
 
 # --- reading -----------------------------------------------------------------
@@ -224,6 +286,7 @@ def parse_records(data: bytes, source: str, require: Iterable[str] = ()) -> list
     require = tuple(require)
     records: list[dict] = []
     first_line: dict[tuple[str, int], int] = {}
+    group_first: dict[tuple[str, str], tuple[Any, int]] = {}
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
             continue
@@ -246,17 +309,42 @@ def parse_records(data: bytes, source: str, require: Iterable[str] = ()) -> list
                               f"invalid JSON ({e.msg}, column {e.colno})") from None
         except RecursionError:
             raise RecordError(source, lineno, None, "JSON nested too deeply") from None
+        except ValueError as e:  # an integer of more than 4,300 digits (Python's limit)
+            raise RecordError(source, lineno, None, f"a number JSON cannot hold here: "
+                              f"{first_line_of(e)}") from None
         if "prompt_id" in record and "sample" in record:
             key = (record["prompt_id"], record["sample"])
             if key in first_line:
                 raise RecordError(source, lineno, "sample",
-                                  f"duplicate (prompt_id, sample) = ({key[0]!r}, {key[1]}), "
-                                  f"first on line {first_line[key]}")
+                                  f"duplicate (prompt_id, sample) = ({shown(key[0])}, "
+                                  f"{shown(key[1])}), first on line {first_line[key]}")
             first_line[key] = lineno
+        if isinstance(record.get("prompt_id"), str):
+            _check_group_agrees(record, lineno, group_first, source)
         records.append(record)
     if not records:
         raise RecordError(source, None, None, "is empty: no records")
     return records
+
+
+# Fields every record of one group (one prompt_id) shares: a group is G samples of one
+# prompt, so records that disagree on them are two prompts under one id.
+GROUP_FIELDS = ("prompt", "answer")
+
+
+def _check_group_agrees(record: dict, lineno: int, group_first: dict, source: str) -> None:
+    for field in GROUP_FIELDS:
+        if field not in record:
+            continue
+        key = (record["prompt_id"], field)
+        if key not in group_first:
+            group_first[key] = (record[field], lineno)
+        elif record[field] != group_first[key][0]:
+            value, line = group_first[key]
+            raise RecordError(source, lineno, field,
+                              f"{shown(record[field])} differs from {shown(value)} on line {line}, "
+                              f"in the same group (prompt_id {shown(record['prompt_id'])}); "
+                              "records of one prompt_id must share prompt and answer")
 
 
 def group_by_prompt(records: list[dict]) -> dict[str, list[int]]:
@@ -270,13 +358,38 @@ def group_by_prompt(records: list[dict]) -> dict[str, list[int]]:
 # --- writing -----------------------------------------------------------------
 
 
+class UnwritableError(GrpoctlError):
+    """A computed value that JSON output cannot hold (NaN, infinity, an int of more than
+    4,300 digits, nesting too deep for json.dumps): raised before anything is written."""
+
+
+def _why_unwritable(obj: Any, error: BaseException) -> str:
+    fields = obj.items() if isinstance(obj, dict) else [("value", obj)]
+    for field, value in fields:
+        found = first_unwritable(value, str(field), max_depth=MAX_DEPTH)
+        if found:
+            return f"field '{found[0]}' is {found[1]}"
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    return first_line_of(error)
+
+
+def _json_text(obj: Any, **kwargs) -> str:
+    try:
+        return json.dumps(obj, allow_nan=False, **kwargs)
+    except (ValueError, RecursionError) as e:  # NaN/inf, an int over 4,300 digits, depth
+        raise UnwritableError(f"cannot write a computed value: {_why_unwritable(obj, e)}; "
+                              "JSON cannot hold it") from None
+
+
 def dumps(record: dict) -> str:
-    """One record as one line. NaN and inf are refused rather than written."""
-    text = json.dumps(record, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    """One record as one line. NaN, inf and other values JSON cannot hold raise
+    UnwritableError (a GrpoctlError, one line) rather than being written."""
+    text = _json_text(record, ensure_ascii=False, separators=(",", ":"))
     try:
         text.encode("utf-8")
-    except UnicodeEncodeError:  # a lone surrogate (read as "\\ud800") has no UTF-8 form:
-        text = json.dumps(record, allow_nan=False, separators=(",", ":"))  # keep it escaped
+    except UnicodeEncodeError:  # a lone surrogate (read as "\ud800") has no UTF-8 form:
+        text = _json_text(record, separators=(",", ":"))  # keep it escaped
     return text
 
 
@@ -288,6 +401,27 @@ def umask_mode(mode: int = 0o666) -> int:
     return mode & ~umask
 
 
+def _is_special_file(path: str) -> bool:
+    """A device or FIFO (`-o /dev/null`): renaming a temporary file over it would replace
+    the device with a plain file (as root) or fail."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
+
+
+@contextlib.contextmanager
+def _open_special(path: str, mode: str) -> Iterator[IO]:
+    try:
+        with open(path, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+    except OSError as e:
+        if isinstance(e, GrpoctlError):
+            raise
+        raise GrpoctlError(f"{path}: cannot write: {e.strerror or e}") from None
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     """Open a temporary file beside `path`; on success fsync and rename it to `path`.
@@ -296,6 +430,10 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
     old file or the complete new one, never a partial one.
     """
     path = os.fspath(path)
+    if _is_special_file(path):  # /dev/null, /dev/full, a FIFO: written in place, never replaced
+        with _open_special(path, mode) as f:
+            yield f
+        return
     directory = os.path.dirname(os.path.abspath(path))
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
@@ -317,11 +455,26 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
 
 
 def write_records(records: Iterable[dict], path: str) -> None:
-    """Write records as JSONL to `path` atomically, or to stdout when path is `-`."""
-    lines = [dumps(r) + "\n" for r in records]  # serialise first: a bad value writes nothing
+    """Write records as JSONL to `path` atomically, or to stdout when path is `-`.
+
+    Every record is serialised before a byte is written, so a record that cannot be
+    written (UnwritableError, naming the destination, the record and the field) leaves
+    no output at all.
+    """
+    lines = []
+    for i, r in enumerate(records):
+        try:
+            lines.append(dumps(r) + "\n")
+        except UnwritableError as e:
+            raise UnwritableError(f"{source_name(path)}: record {i + 1}: {e}") from None
     if path == STDIO:
-        sys.stdout.writelines(lines)
-        sys.stdout.flush()
+        try:
+            sys.stdout.writelines(lines)
+            sys.stdout.flush()
+        except BrokenPipeError:
+            raise  # the reader went away (`| head`): cli.main ends quietly
+        except OSError as e:  # `> /dev/full`, a closed stdout
+            raise GrpoctlError(f"<stdout>: cannot write: {e.strerror or e}") from None
         return
     with atomic_open(path) as f:
         f.writelines(lines)
@@ -329,6 +482,50 @@ def write_records(records: Iterable[dict], path: str) -> None:
 
 def write_json(obj: Any, path: str | os.PathLike) -> None:
     """Write one JSON document atomically (config.json, trainer_state.json)."""
-    text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    try:
+        text = _json_text(obj, indent=2, ensure_ascii=False) + "\n"
+    except UnwritableError as e:
+        raise UnwritableError(f"{path}: {e}") from None
     with atomic_open(path) as f:
         f.write(text)
+
+
+# --- a stage's output against its input -------------------------------------------
+
+# What makes a record the sample it is: a stage that scores or weighs samples
+# (`--score-cmd`, `--advantage-cmd`) adds fields and may change its own, never these.
+IDENTITY_FIELDS = ("prompt_id", "sample", "prompt", "completion", "answer", "prompt_ids",
+                   "completion_ids", "logprobs", "finish_reason", "policy", "sampling")
+
+
+def check_same_records(before: list[dict], after: list[dict], source: str,
+                       input_name: str = "its input") -> None:
+    """Raise RecordError unless `after` holds exactly the samples of `before`: the same
+    (prompt_id, sample) pairs, none dropped, added or duplicated (parse_records refuses
+    duplicates), and every IDENTITY_FIELDS field of the input kept and unchanged.
+    Lines of `after` are counted from 1 in its order (`source` names it)."""
+    by_key = {(r.get("prompt_id"), r.get("sample")): r for r in before}
+    seen = set()
+    for i, r in enumerate(after):
+        key = (r.get("prompt_id"), r.get("sample"))
+        original = by_key.get(key)
+        if original is None:
+            raise RecordError(source, i + 1, "prompt_id",
+                              f"(prompt_id, sample) = ({shown(key[0])}, {shown(key[1])}) is not "
+                              f"in {input_name}; a stage may not add or rename samples")
+        seen.add(key)
+        for field in IDENTITY_FIELDS:
+            if field in original and field not in r:
+                raise RecordError(source, i + 1, field, f"missing; {input_name} has it, and a "
+                                  "stage must keep every field it does not own")
+            if field in original and r[field] != original[field]:
+                raise RecordError(source, i + 1, field,
+                                  f"changed from {shown(original[field])} in {input_name} to "
+                                  f"{shown(r[field])}; a stage may not change a sample's identity")
+    missing = [k for k in by_key if k not in seen]
+    if missing:
+        k = missing[0]
+        raise RecordError(source, None, None,
+                          f"{len(missing)} of the {len(before)} samples of {input_name} are "
+                          f"missing, first (prompt_id, sample) = ({shown(k[0])}, {shown(k[1])}); "
+                          "a stage must return every record it was given")

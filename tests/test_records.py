@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from grpoctl.errors import GrpoctlError
 from grpoctl.records import (NEEDS_ADVANTAGE, NEEDS_UPDATE, RecordError, atomic_open,
                              group_by_prompt, parse_records, read_records, write_records)
 
@@ -72,7 +73,8 @@ def test_groups_found_wherever_lines_stand():
 
 def test_write_refuses_nan_and_leaves_no_file(tmp_path):
     path = tmp_path / "out.jsonl"
-    with pytest.raises(ValueError):
+    with pytest.raises(GrpoctlError, match=r"out.jsonl: record 2: cannot write a computed "
+                       r"value: field 'reward' is NaN or infinity"):
         write_records([GOOD, {"reward": float("nan")}], str(path))
     assert os.listdir(tmp_path) == []
 
