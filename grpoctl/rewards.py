@@ -9,9 +9,12 @@ A reward spec names one reward and, optionally, its weight: `NAME[=WEIGHT]` (wei
     format:REGEX    1.0 if re.search(REGEX, completion, re.DOTALL) matches, else 0.0
                     (^ and $ anchor the whole completion; e.g. 'format:^<think>.*</think>').
     path/to/f.py:fn a user function, loaded from a file (a name ending in .py or containing /)
-    module:fn       ... or from an importable module. Signature:
-                        fn(completion: str, answer: str | None, record: dict) -> float | dict
-                    A dict returns named components, each weighted by the spec's weight.
+    module:fn       ... or from an importable module. Called by keyword with the arguments
+                    it names among completion, answer, record and prompt (all four to a
+                    **kwargs), so TRL-style `def fn(completion, **kwargs)` works; a function
+                    whose parameters have other names gets (completion, answer, record) by
+                    position. Returns a finite number, or a dict of named components, each
+                    weighted by the spec's weight. What it prints goes to stderr.
 A target that itself ends in `=<number>` (a regex) needs an explicit weight: `format:a=1=1`.
 
 Each record gets `rewards` = {component name: unweighted value} and `reward` =
@@ -31,10 +34,14 @@ User rewards and `format` run in the calling process, without a time limit.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import numbers
+import os
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +49,7 @@ from dataclasses import dataclass, field
 from grpoctl import scoring_pool
 from grpoctl.answers import extract_answer, last_boxed, match_without_sympy
 from grpoctl.errors import GrpoctlError
-from grpoctl.records import RecordError
+from grpoctl.records import MAX_MAGNITUDE, RecordError, shown
 
 DEFAULT_SPECS = ("math",)
 DEFAULT_TIMEOUT_S = 2.0
@@ -63,6 +70,9 @@ class RewardSpec:
     kind: str
     pattern: re.Pattern | None = None  # format:REGEX
     fn: Callable | None = field(default=None, repr=False)  # user function
+    # The user function's keyword arguments (of USER_ARGUMENTS); None: (completion, answer,
+    # record) by position
+    keywords: tuple[str, ...] | None = None
 
 
 def parse_reward_spec(text: str) -> RewardSpec:
@@ -89,7 +99,8 @@ def parse_reward_spec(text: str) -> RewardSpec:
         return RewardSpec(text, "format", weight, "format", pattern=pattern)
     if ":" in target:
         fn = load_user_reward(target)
-        return RewardSpec(text, fn.__name__, weight, "user", fn=fn)
+        return RewardSpec(text, getattr(fn, "__name__", target.rpartition(":")[2]), weight,
+                          "user", fn=fn, keywords=reward_keywords(fn, target))
     raise GrpoctlError(f"unknown reward '{text}'; expected {SPEC_HELP}")
 
 
@@ -139,14 +150,44 @@ def load_user_reward(target: str) -> Callable:
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise GrpoctlError(f"reward '{target}': {where} has no function '{fn_name}'")
-    try:
-        inspect.signature(fn).bind("completion", "answer", {})
-    except TypeError:
-        raise GrpoctlError(f"reward '{target}': {fn_name} must accept "
-                           "(completion, answer, record)") from None
-    except ValueError:
-        pass  # a builtin without a signature: trust it
+    reward_keywords(fn, target)  # refuses a signature it cannot be called with
     return fn
+
+
+# What a user reward can ask for, by name.
+USER_ARGUMENTS = ("completion", "answer", "record", "prompt")
+
+
+def reward_keywords(fn: Callable, target: str = "") -> tuple[str, ...] | None:
+    """How to call a user reward: the USER_ARGUMENTS it takes by keyword (all four when it
+    has **kwargs), or None for (completion, answer, record) by position, the form for
+    functions whose parameters have other names (and builtins without a signature).
+    Raises GrpoctlError when neither fits."""
+    import inspect
+
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None  # a builtin without a signature: trust it
+    params = list(signature.parameters.values())
+    by_keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    required = [p for p in params if p.default is p.empty
+                and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        names = USER_ARGUMENTS
+    else:
+        names = tuple(n for n in USER_ARGUMENTS
+                      if n in signature.parameters and signature.parameters[n].kind in by_keyword)
+    if names and all(p.name in names and p.kind in by_keyword for p in required):
+        return names
+    try:
+        signature.bind("completion", "answer", {})
+        return None
+    except TypeError:
+        name = getattr(fn, "__name__", "the function")
+        raise GrpoctlError(f"reward '{target}': {name} must accept (completion, answer, record), "
+                           f"or keyword arguments among {', '.join(USER_ARGUMENTS)} "
+                           f"(e.g. def {name}(completion, **kwargs))") from None
 
 
 # --- the built-in rewards, one completion at a time -----------------------------
@@ -227,24 +268,108 @@ _VERDICT_CACHE_MAX_CHARS = 1_000  # per pair
 # --- scoring records ----------------------------------------------------------------
 
 
-def _user_value(spec: RewardSpec, record: dict, source: str, line: int) -> dict[str, float]:
-    """Call a user reward on one record; return its components, all finite floats."""
-    field_name = f"rewards.{spec.name}"
+class _SigintWatch:
+    """Tells a real Ctrl-C from a KeyboardInterrupt a user reward raised itself: while
+    user code runs on the main thread, SIGINT also sets `received`."""
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.getsignal(signal.SIGINT)
+            if callable(previous):  # Python's handler or the caller's own; not SIG_IGN/SIG_DFL
+                def handler(signum, frame):
+                    self.received = True
+                    previous(signum, frame)
+
+                self._previous = previous
+                signal.signal(signal.SIGINT, handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+@contextlib.contextmanager
+def stdout_to_stderr():
+    """While user code runs, what it prints goes to stderr: stdout may be carrying the
+    records (`grpoctl score | grpoctl advantage`). Both sys.stdout and file descriptor 1
+    (what C code and subprocesses write to) are redirected."""
+    with contextlib.suppress(Exception):  # a closed or broken stdout: flushed later, or not
+        sys.stdout.flush()
+    saved = None
     try:
-        out = spec.fn(record["completion"], record.get("answer"), record)
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # no fd 1 or 2: only the Python-level redirection
+        if saved is not None:
+            os.close(saved)
+        saved = None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+
+
+def _user_value(spec: RewardSpec, record: dict, source: str, line: int,
+                sigint: _SigintWatch | None = None) -> dict[str, float]:
+    """Call a user reward on one record; return its components, all finite floats of at
+    most MAX_MAGNITUDE. Anything else, and any exception or exit, is a RecordError naming
+    the reward and the record."""
+    field_name = f"rewards.{spec.name}"
+    where = f"reward '{spec.text}'"
+    try:
+        if spec.keywords is None:
+            out = spec.fn(record["completion"], record.get("answer"), record)
+        else:
+            available = {"completion": record["completion"], "answer": record.get("answer"),
+                         "record": record, "prompt": record.get("prompt")}
+            out = spec.fn(**{k: available[k] for k in spec.keywords})
     except Exception as e:
         raise RecordError(source, line, field_name,
-                          f"reward '{spec.text}' raised {type(e).__name__}: {e}") from None
+                          f"{where} raised {type(e).__name__}: {_message(e)}") from None
+    except BaseException as e:  # sys.exit(), KeyboardInterrupt, GeneratorExit ... from user code
+        if isinstance(e, KeyboardInterrupt) and (sigint is None or sigint.received):
+            raise  # a real Ctrl-C: the CLI says "interrupted"
+        what = (f"called sys.exit({shown(e.code)})" if isinstance(e, SystemExit)
+                else f"raised {type(e).__name__}" + (f": {_message(e)}" if str(e) else ""))
+        raise RecordError(source, line, field_name,
+                          f"{where} {what}; a reward must return a number") from None
     values = out if isinstance(out, dict) else {spec.name: out}
     components = {}
     for name, v in values.items():
-        if not isinstance(v, numbers.Real) or not math.isfinite(v):
-            shown = f"{{'{name}': {v!r}}}" if isinstance(out, dict) else repr(v)
-            raise RecordError(source, line, field_name,
-                              f"reward '{spec.text}' returned {shown}; "
-                              "a reward must be a finite number")
-        components[str(name)] = float(v)
+        problem = None
+        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+            problem = "a reward must be a finite number"
+        else:
+            try:
+                value = float(v)
+            except (OverflowError, ValueError, TypeError):
+                value = math.inf
+            if not math.isfinite(value):
+                problem = "a reward must be a finite number"
+            elif abs(value) > MAX_MAGNITUDE:
+                problem = f"a reward must be at most {MAX_MAGNITUDE:g} in size"
+        if problem:
+            returned = f"{{{shown(name)}: {shown(v)}}}" if isinstance(out, dict) else shown(v)
+            raise RecordError(source, line, field_name, f"{where} returned {returned}; {problem}")
+        components[str(name)] = value
     return components
+
+
+def _message(e: BaseException) -> str:
+    """An exception's message on one line, kept short."""
+    text = " ".join(str(e).split())
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _check_gold_answers(records: Sequence[dict], source: str) -> None:
@@ -396,7 +521,9 @@ def score_records(records: Sequence[dict], specs: Sequence[RewardSpec | str] | N
             per_spec[k] = [{spec.name: format_reward(r["completion"], spec.pattern)}
                            for r in records]
         elif spec.kind == "user":
-            per_spec[k] = [_user_value(spec, r, source, i + 1) for i, r in enumerate(records)]
+            with stdout_to_stderr(), _SigintWatch() as sigint:
+                per_spec[k] = [_user_value(spec, r, source, i + 1, sigint)
+                               for i, r in enumerate(records)]
     for k, spec in enumerate(specs):
         if spec.kind == "math":
             math_values = _judge_math(records, workers, timeout, reporter, source, stats)
@@ -415,6 +542,11 @@ def score_records(records: Sequence[dict], specs: Sequence[RewardSpec | str] | N
                                       "which another reward also writes")
                 components[name] = v
                 total += spec.weight * v
+        if not (math.isfinite(total) and abs(total) <= MAX_MAGNITUDE):
+            terms = " + ".join(f"{spec.weight:g} x {spec.name}" for spec in specs)
+            raise RecordError(source, i + 1, "reward",
+                              f"the weighted sum of the rewards ({terms}) is {total:g}; a reward "
+                              f"must be a finite number of at most {MAX_MAGNITUDE:g} in size")
         out.append({**r, "rewards": components, "reward": total})
 
     n = max(len(out), 1)

@@ -82,8 +82,21 @@ def _cap_memory(memory_mb: int | None) -> None:
         pass
 
 
+def _stdout_to_stderr() -> None:
+    """In a worker, stdout is the parent's record stream (`grpoctl score | ...`): whatever
+    the scored code prints, from Python or C, goes to stderr instead."""
+    import sys
+
+    try:
+        os.dup2(2, 1)
+    except OSError:
+        pass
+    sys.stdout = sys.stderr
+
+
 def _worker(conn, func: Callable, timeout: float, memory_mb: int | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _stdout_to_stderr()
     signal.signal(signal.SIGALRM, _raise_timeout)
     _cap_memory(memory_mb)
     try:
