@@ -1,15 +1,20 @@
-"""The `update` stage: one policy-gradient step from a file of records with advantages.
+"""The `update` stage: the policy-gradient step(s) of one file of records with advantages.
 
     records (prompt_ids, completion_ids, logprobs = log π_old, advantage)
       → recompute log π_θ of every completion token          (logprobs.py)
-      → clipped surrogate, optional k3 KL to a reference     (losses.py)
-      → aggregate with weights computed over the WHOLE file, backward per micro-batch
-      → clip the gradient norm, one AdamW step
+      → clipped surrogate (+ dual clip), optional k3 KL       (losses.py)
+      → aggregate with weights computed over the WHOLE batch, backward per micro-batch
+      → clip the gradient norm, one AdamW step                (update_step)
       → save policy + optimizer + trainer_state atomically   (checkpoint.py)
 
+By default the file is one batch and one optimizer step. `--mini-batches M` and
+`--update-epochs E` make it M × E optimizer steps (`update_batch`): E passes over
+the file, each in M mini-batches of whole prompt groups, all with π_old fixed at the
+behaviour policy, so the clipped ratio acts from the second optimizer step on.
+
 Gradient accumulation is exact: each token's weight in the loss (1/total tokens,
-1/(sequences × length), ...) is computed once over the whole file, so the sum of
-the micro-batch losses IS the full-batch loss, whatever the micro-batch size.
+1/(sequences × length), ...) is computed once over the whole (mini-)batch, so the
+sum of the micro-batch losses IS its full loss, whatever the micro-batch size.
 
 A step whose loss or gradient norm is not finite is refused with a GrpoctlError
 before `optimizer.step()`: the parameters and optimizer state are unchanged.
@@ -29,8 +34,8 @@ import torch
 from grpoctl import checkpoint, distributed, lora
 from grpoctl.errors import GrpoctlError, first_line
 from grpoctl.logprobs import padded_completion_logprobs
-from grpoctl.losses import (LOSS_AGGREGATIONS, clipped_policy_loss, kl_k3, token_weights,
-                            truncated_is_weights)
+from grpoctl.losses import (LOSS_AGGREGATIONS, clipped_policy_loss, dual_clip, kl_k3,
+                            token_weights, truncated_is_weights)
 from grpoctl.records import NEEDS_UPDATE, RecordError, STDIO, dumps, read_records, source_name
 
 
@@ -42,8 +47,10 @@ class UpdateConfig:
     """AdamW learning rate. 1e-6 is TRL's default and the paper's 16-GRPO setting (2-GRPO
     used 8e-6, scaled with prompts per batch). Tiny models need about 1e-4 (environment.md)."""
     warmup_steps: int = 0
-    """Linear learning-rate warm-up: step s (counted from 1) uses lr × min(1, s / warmup_steps).
-    0 = the constant lr from the first step. The paper's runs (verl) warm up over 10 steps."""
+    """Linear learning-rate warm-up from 0: rollout step s (counted from 1) uses
+    lr × (s - 1) / warmup_steps while s - 1 < warmup_steps, so step 1 runs at lr 0 as in
+    verl (`scheduled_lr`). 0 = the constant lr from the first step. The paper's runs
+    (verl) warm up over 10 steps."""
     weight_decay: float = 0.0
     """AdamW decoupled weight decay; 0.0 as in TRL's default."""
     betas: tuple[float, float] = (0.9, 0.999)
@@ -54,6 +61,11 @@ class UpdateConfig:
     """ε_low of the clipped ratio, 1 - ε_low; 0.2 as in PPO and GRPO."""
     clip_eps_high: float | None = None
     """ε_high, 1 + ε_high; None = clip_eps. DAPO's clip-higher (and the paper) use 0.28."""
+    clip_ratio_c: float | None = None
+    """Dual clip (Ye et al. 2020): for A < 0 the per-token policy loss is capped at C·|A|
+    (losses.dual_clip). None = off; must be > 1. verl's `clip_ratio_c` (always on there,
+    3.0). It only acts where ρ > C, i.e. off-policy: mini-batches, update epochs, replayed
+    rollouts, another sampling engine."""
     loss_agg: str = "token-mean"
     """How per-token losses become one number: "token-mean" (DAPO, TRL), "seq-mean" (the
     GRPO paper's 1/G Σ 1/|o_i| Σ_t, what the paper's verl runs used) or "constant"
@@ -65,6 +77,15 @@ class UpdateConfig:
     current default (the GRPO paper used 0.04). Needs a reference model when > 0."""
     micro_batch_size: int = 8
     """Sequences per forward/backward pass; changes memory, not the result."""
+    mini_batches: int = 1
+    """Optimizer steps per pass over the rollout batch: its prompt groups are split into
+    this many mini-batches of whole groups (`split_mini_batches`), one optimizer step
+    each. 1 = one step over the whole batch. verl: train_batch_size / ppo_mini_batch_size
+    (the paper: 512 rollouts per mini-batch); TRL: steps_per_generation."""
+    update_epochs: int = 1
+    """Passes over the rollout batch: M × E optimizer steps per rollout step, π_old fixed at
+    the behaviour policy throughout. verl's ppo_epochs, TRL's num_iterations (both 1 by
+    default). Not "epochs": `loop --epochs` already counts passes over the prompt set."""
     temperature: float | None = None
     """Temperature the log-probs are computed at; None = the records' sampling.temperature
     (1.0 when absent). 0 (greedy) is scored at 1.0, like the records' logprobs."""
@@ -114,9 +135,8 @@ def _one_value(records: list[dict], key: str, source: str, lines: list[int] | No
     return None if found is None else found[0]
 
 
-def resolve_config(records: list[dict], cfg: UpdateConfig, source: str = "<records>",
-                   lines: list[int] | None = None) -> UpdateConfig:
-    """cfg with temperature (and max_tokens for "constant") filled in from the records."""
+def check_config(cfg: UpdateConfig) -> None:
+    """Every setting in its range, or a one-line GrpoctlError naming the flag."""
     if cfg.loss_agg not in LOSS_AGGREGATIONS:
         raise GrpoctlError(f"--loss-agg: expected one of {', '.join(LOSS_AGGREGATIONS)}, "
                            f"got {cfg.loss_agg!r}")
@@ -131,6 +151,22 @@ def resolve_config(records: list[dict], cfg: UpdateConfig, source: str = "<recor
         raise GrpoctlError(f"--warmup-steps: must be >= 0, got {cfg.warmup_steps}")
     if cfg.is_cap is not None and not (math.isfinite(cfg.is_cap) and cfg.is_cap > 0):
         raise GrpoctlError(f"--is-cap: expected a finite number > 0, got {cfg.is_cap}")
+    for name in ("mini_batches", "update_epochs"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise GrpoctlError(f"--{name.replace('_', '-')}: must be a whole number >= 1, "
+                               f"got {value!r}")
+    if cfg.clip_ratio_c is not None and not (math.isfinite(cfg.clip_ratio_c)
+                                             and cfg.clip_ratio_c > 1):
+        raise GrpoctlError(f"--clip-ratio-c: must be a finite number > 1 (the dual clip caps "
+                           f"the loss of A < 0 at C·|A|; verl uses 3), got {cfg.clip_ratio_c}")
+
+
+def resolve_config(records: list[dict], cfg: UpdateConfig, source: str = "<records>",
+                   lines: list[int] | None = None) -> UpdateConfig:
+    """cfg, checked (`check_config`), with temperature (and max_tokens for "constant")
+    filled in from the records."""
+    check_config(cfg)
     temperature = cfg.temperature
     if temperature is None:
         temperature = _one_value(records, "temperature", source, lines)
@@ -144,7 +180,7 @@ def resolve_config(records: list[dict], cfg: UpdateConfig, source: str = "<recor
     return dataclasses.replace(cfg, temperature=temperature, max_tokens=max_tokens)
 
 
-# --- one step -------------------------------------------------------------------
+# --- one optimizer step ---------------------------------------------------------
 
 
 def _right_aligned(rows: list[list[float]], width: int) -> torch.Tensor:
@@ -176,6 +212,7 @@ def _trainer_old_logprobs(model, logp, prompts, completions, cfg: UpdateConfig) 
     values, detached, ARE a no-grad forward of π_old (TRL does the same for one
     iteration) and cost nothing. Only LoRA dropout makes that pass noisy: then π_old
     is a separate no-grad forward without dropout.
+    (Several optimizer steps per batch fix π_old once, before the first: `update_batch`.)
     """
     if not lora.has_dropout(model):
         return logp.detach()
@@ -186,21 +223,226 @@ def _trainer_old_logprobs(model, logp, prompts, completions, cfg: UpdateConfig) 
 
 
 def scheduled_lr(cfg: UpdateConfig, step: int) -> float:
-    """The learning rate of step `step` (from 1): linear warm-up to cfg.lr, then constant."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * step / cfg.warmup_steps
+    """The learning rate of rollout step `step` (counted from 1): linear warm-up from 0.
+
+        lr(s) = cfg.lr × (s - 1) / warmup_steps   while s - 1 < warmup_steps
+              = cfg.lr                             after
+
+    So the first step runs at lr 0 (AdamW still counts it and updates its moments) and
+    step warmup_steps + 1 is the first at the full lr, as verl's
+    get_constant_schedule_with_warmup, whose counter starts at 0. The schedule counts
+    rollout steps, not optimizer steps: every optimizer step of one rollout batch
+    (mini-batches, update epochs) uses the same lr, as verl steps its scheduler once per
+    `update_actor` call.
+    """
+    if cfg.warmup_steps and step - 1 < cfg.warmup_steps:
+        return cfg.lr * (step - 1) / cfg.warmup_steps
     return cfg.lr
 
 
+def _sequences_to_forward(records: list[dict], lengths: list[int], cfg: UpdateConfig,
+                          ref_model) -> list[int]:
+    """The indices of the records whose tokens go through the model, in forward order.
+
+    A sequence with advantage exactly 0 has policy loss and gradient exactly 0, so it is
+    skipped (it still counts in the normalisers). Not when a reference policy is
+    given: its KL term is not 0, and `kl` is then measured over every sequence, the
+    same number that β multiplies in the loss.
+    """
+    skip = cfg.skip_zero_advantage and ref_model is None
+    forward = [i for i, r in enumerate(records)
+               if lengths[i] > 0 and not (skip and r["advantage"] == 0)]
+    # A group's samples together (they share one prompt pass, logprobs.py), similar prompt
+    # lengths together (less padding); the result does not depend on the order.
+    forward.sort(key=lambda i: (len(records[i]["prompt_ids"]), records[i]["prompt_ids"]))
+    return forward
+
+
+@dataclass
+class _MicroBatchLoss:
+    """The per-token tensors of one micro-batch, [B, T] each (B sequences, T columns)."""
+
+    logp: torch.Tensor  # log π_θ, carries the gradient
+    old_logp: torch.Tensor  # the records' logprobs (the sampler's)
+    mask: torch.Tensor
+    entropy: torch.Tensor
+    policy_tok: torch.Tensor  # the policy term of the loss (after dual clip and TIS weight)
+    loss_tok: torch.Tensor  # policy_tok + β k3
+    kl_tok: torch.Tensor | None  # k3 to the reference; None without one
+    clipped: torch.Tensor
+    dual_clipped: torch.Tensor | None  # None without --clip-ratio-c
+    is_weight: torch.Tensor | None  # None without --is-cap
+    is_capped: torch.Tensor | None
+
+
+def _micro_batch_loss(model, records: list[dict], batch: list[int], cfg: UpdateConfig,
+                      ref_model, trainer_old: list | None) -> _MicroBatchLoss:
+    """The per-token GRPO loss of records[batch] (losses.py, symbol by symbol).
+
+    ρ is taken against the records' logprobs, or with TIS against the trainer's π_old:
+    `trainer_old` (one list per record, fixed for the whole rollout batch by
+    update_batch) or, when None, this pass's own detached values.
+    """
+    device = model.get_input_embeddings().weight.device
+    prompts = [records[i]["prompt_ids"] for i in batch]
+    completions = [records[i]["completion_ids"] for i in batch]
+    with lora.dropout_on(model):  # LoRA dropout, if any: in this gradient pass only
+        logp, entropy, mask = padded_completion_logprobs(
+            model, prompts, completions, cfg.temperature, pad_id=0, with_entropy=True)
+    width = mask.shape[1]
+    old_logp = _right_aligned([records[i]["logprobs"] for i in batch], width).to(device)
+    advantages = torch.tensor([float(records[i]["advantage"]) for i in batch], device=device)
+
+    is_weight = is_capped = None
+    if cfg.is_cap is None:  # the ratio against the sampler's log-probs
+        ratio_against = old_logp
+    else:  # TIS: the ratio against the trainer's π_old, times min(π_old/π_sampler, C)
+        if trainer_old is None:
+            ratio_against = _trainer_old_logprobs(model, logp, prompts, completions, cfg)
+        else:
+            ratio_against = _right_aligned([trainer_old[i] for i in batch], width).to(device)
+        is_weight, is_capped = truncated_is_weights(ratio_against, old_logp, mask, cfg.is_cap)
+    policy_tok, clipped = clipped_policy_loss(logp, ratio_against, advantages, mask,
+                                              cfg.clip_eps, cfg.clip_eps_high)
+    dual_clipped = None
+    if cfg.clip_ratio_c is not None:
+        policy_tok, dual_clipped = dual_clip(policy_tok, advantages, mask, cfg.clip_ratio_c)
+    if is_weight is not None:
+        policy_tok = policy_tok * is_weight
+
+    loss_tok, kl_tok = policy_tok, None
+    if ref_model is not None:
+        with torch.no_grad():
+            ref_logp, _, _ = padded_completion_logprobs(
+                ref_model, prompts, completions, cfg.temperature, pad_id=0)
+        kl_tok = torch.where(mask, kl_k3(logp, ref_logp.to(device)), torch.zeros_like(logp))
+        if cfg.kl_coef:
+            loss_tok = loss_tok + cfg.kl_coef * kl_tok
+    return _MicroBatchLoss(logp, old_logp, mask, entropy, policy_tok, loss_tok, kl_tok,
+                           clipped, dual_clipped, is_weight, is_capped)
+
+
+class _StepStatistics:
+    """Sums over a step's micro-batches (and, under torchrun, its ranks) → its metrics."""
+
+    def __init__(self):
+        self.totals = {"policy_loss": 0.0, "kl": 0.0, "clipped": 0, "entropy": 0.0,
+                       "ratio": 0.0, "tokens": 0, "is_weight": 0.0, "is_capped": 0,
+                       "dual_clipped": 0}
+        self.mismatch_max = 0.0  # max |log π_trainer - log π_sampler| over the forwarded tokens
+        self.ratio_min, self.ratio_max = math.inf, -math.inf
+
+    @torch.no_grad()
+    def add(self, mb: _MicroBatchLoss, w: torch.Tensor) -> None:
+        """One micro-batch; w = its sequences' token weights (over the whole step)."""
+        t, mask = self.totals, mb.mask
+        ratio = torch.exp(mb.logp - mb.old_logp)[mask]  # π_θ against the records' logprobs
+        t["policy_loss"] += (mb.policy_tok.sum(-1) * w).sum().item()
+        if mb.kl_tok is not None:
+            t["kl"] += (mb.kl_tok.sum(-1) * w).sum().item()
+        t["clipped"] += int(mb.clipped.sum().item())
+        if mb.dual_clipped is not None:
+            t["dual_clipped"] += int(mb.dual_clipped.sum().item())
+        if mb.is_weight is not None:
+            t["is_weight"] += mb.is_weight[mask].sum().item()
+            t["is_capped"] += int(mb.is_capped.sum().item())
+        t["entropy"] += mb.entropy[mask].sum().item()
+        t["ratio"] += ratio.sum().item()
+        t["tokens"] += int(mask.sum().item())
+        self.ratio_min = min(self.ratio_min, ratio.min().item())
+        self.ratio_max = max(self.ratio_max, ratio.max().item())
+        if mask.any():
+            mismatch = (mb.logp.detach() - mb.old_logp)[mask].abs().max().item()
+            self.mismatch_max = max(self.mismatch_max, mismatch)
+
+    def combine_ranks(self) -> None:
+        """torchrun: each rank's sums of its share → the whole step's (no-op in one process)."""
+        self.totals = distributed.reduce_metrics(self.totals, "sum")
+        lows = distributed.reduce_metrics({"ratio_min": self.ratio_min}, "min")
+        self.ratio_min = lows["ratio_min"]
+        highs = distributed.reduce_metrics({"ratio_max": self.ratio_max,
+                                            "mismatch_max": self.mismatch_max}, "max")
+        self.ratio_max, self.mismatch_max = highs["ratio_max"], highs["mismatch_max"]
+
+    def metrics(self, cfg: UpdateConfig, measured_kl: bool, grad_norm: float, lr: float,
+                lengths: list[int], forwarded: int) -> dict:
+        t = self.totals
+        n = t["tokens"]
+        kl = t["kl"] if measured_kl else None
+        metrics = {
+            "loss": t["policy_loss"] + cfg.kl_coef * (kl or 0.0),
+            "policy_loss": t["policy_loss"],
+            "kl": kl,
+            "clip_fraction": t["clipped"] / n if n else 0.0,
+            "entropy": t["entropy"] / n if n else None,
+            "ratio_mean": t["ratio"] / n if n else None,
+            "ratio_min": self.ratio_min if n else None,
+            "ratio_max": self.ratio_max if n else None,
+            "logp_mismatch_max": self.mismatch_max if n else None,
+            "is_weight_mean": t["is_weight"] / n if n and cfg.is_cap is not None else None,
+            "is_capped_fraction": (t["is_capped"] / n if n and cfg.is_cap is not None
+                                   else None),
+            "grad_norm": grad_norm,
+            "lr": lr,
+            "tokens": sum(lengths),
+            "tokens_forwarded": n,
+            "sequences": sum(1 for x in lengths if x > 0),
+            "sequences_forwarded": forwarded,
+        }
+        if cfg.clip_ratio_c is not None:  # only then: the default's keys stay as they were
+            metrics["dual_clip_fraction"] = t["dual_clipped"] / n if n else 0.0
+        return metrics
+
+
+def _optimizer_step(model, optimizer: torch.optim.Optimizer, params: list, cfg: UpdateConfig,
+                    policy_loss: float) -> float:
+    """Sum the ranks' gradients, clip their norm, one optimizer step; returns the norm
+    before clipping. A non-finite norm, a failing step or non-finite weights after it
+    are refused (GrpoctlError); the first two leave parameters and optimizer unchanged."""
+    # No sequence forwarded (all advantages 0): zero gradients, so AdamW still
+    # applies its momentum and weight decay exactly as if they had been computed.
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    # torchrun: the ranks' gradients are SUMMED (not averaged) into the full-batch gradient.
+    distributed.sum_gradients(model, params)
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm and cfg.max_grad_norm > 0 else math.inf
+    grad_norm = distributed.clip_grad_norm(params, max_norm)  # global norm, before clipping
+    if not math.isfinite(grad_norm):
+        _refuse(params, f"the gradient norm is {grad_norm} (the loss was finite: "
+                        f"{policy_loss:.6g}); check the scale of the advantages")
+    try:
+        optimizer.step()
+    except RuntimeError as e:  # e.g. an lr that overflows the weights' dtype
+        _refuse(params, f"the optimizer step failed ({first_line(e)}) with lr "
+                        f"{optimizer.param_groups[0]['lr']:g}")
+    optimizer.zero_grad(set_to_none=True)
+    if not all(torch.isfinite(p).all() for p in params):  # finite gradients, too large a step
+        raise GrpoctlError(f"update refused: the optimizer step (lr "
+                           f"{optimizer.param_groups[0]['lr']:g}, gradient norm {grad_norm:.3g}) "
+                           f"made parameters infinite or NaN; nothing was saved")
+    return grad_norm
+
+
 def update_step(model, optimizer: torch.optim.Optimizer, records: list[dict],
-                cfg: UpdateConfig, ref_model=None, step: int | None = None) -> dict:
-    """One policy-gradient step on `records` (each with prompt_ids, completion_ids,
-    logprobs, advantage); returns the step's metrics.
+                cfg: UpdateConfig, ref_model=None, step: int | None = None,
+                trainer_old: list | None = None) -> dict:
+    """One optimizer step on `records` (each with prompt_ids, completion_ids, logprobs,
+    advantage); returns the step's metrics.
+
+      1. token weights over ALL the records, so the micro-batch losses add up to the
+         full-batch loss (`token_weights`);
+      2. per micro-batch: the per-token loss (`_micro_batch_loss`), refused if not
+         finite, backward; its sums go into the step statistics (`_StepStatistics`);
+      3. the optimizer step with its refusals (`_optimizer_step`).
 
     ref_model: the reference policy for the KL penalty (needed when cfg.kl_coef > 0;
     when given with kl_coef 0 the KL is only measured).
-    step: the step's number (from 1), which sets the learning rate (`scheduled_lr`);
-    None leaves the optimizer's lr as it is.
+    step: the rollout step's number (from 1), which sets the learning rate
+    (`scheduled_lr`); None leaves the optimizer's lr as it is.
+    trainer_old: with TIS (cfg.is_cap), log π_old under the trainer for each record
+    (a list of floats, or None for one that is not forwarded), fixed by update_batch
+    for the whole rollout batch; None = this step's own detached log-probs.
     The model's mode is left as is (load_policy gives eval mode: no dropout, so the
     log-probs match the sampler's).
     """
@@ -214,136 +456,201 @@ def update_step(model, optimizer: torch.optim.Optimizer, records: list[dict],
         for group in optimizer.param_groups:
             group["lr"] = scheduled_lr(cfg, step)
 
-    # Token weights over the whole file: the micro-batches add up to the full-batch loss.
+    # Token weights over all of `records` (the file, or one mini-batch of it): the
+    # micro-batches add up to its full loss.
     lengths = [len(r["completion_ids"]) for r in records]
     weights = token_weights(torch.tensor(lengths), cfg.loss_agg, cfg.max_tokens)
-    skip = cfg.skip_zero_advantage and cfg.kl_coef == 0
-    forward = [i for i, r in enumerate(records)
-               if lengths[i] > 0 and not (skip and r["advantage"] == 0)]
-    # A group's samples together (they share one prompt pass, logprobs.py), similar prompt
-    # lengths together (less padding); the result does not depend on the order.
-    forward.sort(key=lambda i: (len(records[i]["prompt_ids"]), records[i]["prompt_ids"]))
+    forward = _sequences_to_forward(records, lengths, cfg, ref_model)
     # Under torchrun each rank forwards only its share of the prompt groups; the weights
-    # above are over the whole file, so the ranks' gradients ADD UP to the full one.
+    # above are over all the records, so the ranks' gradients ADD UP to the full one.
     mine = distributed.my_share(records, forward)  # all of `forward` in one process
 
     optimizer.zero_grad(set_to_none=True)
-    totals = {"policy_loss": 0.0, "kl": 0.0, "clipped": 0, "entropy": 0.0, "ratio": 0.0,
-              "tokens": 0, "is_weight": 0.0, "is_capped": 0}
-    mismatch_max = 0.0  # max |log π_trainer - log π_sampler| over the forwarded tokens
-    ratio_min, ratio_max = math.inf, -math.inf
+    stats = _StepStatistics()
     for first in range(0, len(mine), cfg.micro_batch_size):
         batch = mine[first:first + cfg.micro_batch_size]
-        prompts = [records[i]["prompt_ids"] for i in batch]
-        completions = [records[i]["completion_ids"] for i in batch]
-        with lora.dropout_on(model):  # LoRA dropout, if any: in this gradient pass only
-            logp, entropy, mask = padded_completion_logprobs(
-                model, prompts, completions, cfg.temperature, pad_id=0, with_entropy=True)
-        width = mask.shape[1]
-        old_logp = _right_aligned([records[i]["logprobs"] for i in batch], width).to(device)
-        advantages = torch.tensor([float(records[i]["advantage"]) for i in batch], device=device)
+        mb = _micro_batch_loss(model, records, batch, cfg, ref_model, trainer_old)
         w = weights[batch].to(device)
-
-        if cfg.is_cap is None:  # the ratio against the sampler's log-probs
-            policy_tok, clipped = clipped_policy_loss(logp, old_logp, advantages, mask,
-                                                      cfg.clip_eps, cfg.clip_eps_high)
-        else:  # TIS: the ratio against the trainer's π_old, times min(π_old/π_sampler, C)
-            trainer_old = _trainer_old_logprobs(model, logp, prompts, completions, cfg)
-            is_weight, is_capped = truncated_is_weights(trainer_old, old_logp, mask, cfg.is_cap)
-            policy_tok, clipped = clipped_policy_loss(logp, trainer_old, advantages, mask,
-                                                      cfg.clip_eps, cfg.clip_eps_high)
-            policy_tok = policy_tok * is_weight
-            totals["is_weight"] += is_weight[mask].sum().item()
-            totals["is_capped"] += int(is_capped.sum().item())
-        loss_tok = policy_tok
-        kl_tok = None
-        if ref_model is not None:
-            with torch.no_grad():
-                ref_logp, _, _ = padded_completion_logprobs(
-                    ref_model, prompts, completions, cfg.temperature, pad_id=0)
-            kl_tok = torch.where(mask, kl_k3(logp, ref_logp.to(device)), torch.zeros_like(logp))
-            if cfg.kl_coef:
-                loss_tok = loss_tok + cfg.kl_coef * kl_tok
-
-        per_sequence = loss_tok.sum(-1) * w  # this micro-batch's share of the full-batch loss
+        per_sequence = mb.loss_tok.sum(-1) * w  # this micro-batch's share of the full-batch loss
         bad = [batch[j] for j in torch.nonzero(~torch.isfinite(per_sequence)).flatten().tolist()]
         if bad:
-            ratio = torch.exp(logp - old_logp).detach()[mask]
+            ratio = torch.exp(mb.logp - mb.old_logp).detach()[mb.mask]
             _refuse(params, f"the loss is not finite ({per_sequence.sum().item()}) at "
                             f"{_describe(records, bad)}: the ratio π_θ/π_old reaches "
                             f"{ratio.max().item():.3g} (were the records' logprobs "
                             f"sampled from this policy?)")
         per_sequence.sum().backward()
+        stats.add(mb, w)
 
-        with torch.no_grad():
-            ratio = torch.exp(logp - old_logp)[mask]
-            totals["policy_loss"] += (policy_tok.sum(-1) * w).sum().item()
-            if kl_tok is not None:
-                totals["kl"] += (kl_tok.sum(-1) * w).sum().item()
-            totals["clipped"] += int(clipped.sum().item())
-            totals["entropy"] += entropy[mask].sum().item()
-            totals["ratio"] += ratio.sum().item()
-            totals["tokens"] += int(mask.sum().item())
-            ratio_min = min(ratio_min, ratio.min().item())
-            ratio_max = max(ratio_max, ratio.max().item())
-            if mask.any():
-                mismatch = (logp.detach() - old_logp)[mask].abs().max().item()
-                mismatch_max = max(mismatch_max, mismatch)
+    stats.combine_ranks()
+    grad_norm = _optimizer_step(model, optimizer, params, cfg, stats.totals["policy_loss"])
+    metrics = stats.metrics(cfg, ref_model is not None, grad_norm, optimizer.param_groups[0]["lr"],
+                            lengths, len(forward))
+    metrics["seconds"] = time.perf_counter() - start
+    return _json_safe(metrics)
 
-    # No sequence forwarded (all advantages 0): zero gradients, so AdamW still
-    # applies its momentum and weight decay exactly as if they had been computed.
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    # torchrun: the ranks' gradients are SUMMED (not averaged) into the full-batch gradient,
-    # and each rank's metrics of its share into the whole file's.
-    distributed.sum_gradients(model, params)
-    totals = distributed.reduce_metrics(totals, "sum")
-    ratio_min = distributed.reduce_metrics({"ratio_min": ratio_min}, "min")["ratio_min"]
-    highs = distributed.reduce_metrics({"ratio_max": ratio_max, "mismatch_max": mismatch_max}, "max")
-    ratio_max, mismatch_max = highs["ratio_max"], highs["mismatch_max"]
-    max_norm = cfg.max_grad_norm if cfg.max_grad_norm and cfg.max_grad_norm > 0 else math.inf
-    grad_norm = distributed.clip_grad_norm(params, max_norm)  # global norm, before clipping
-    if not math.isfinite(grad_norm):
-        _refuse(params, f"the gradient norm is {grad_norm} (the loss was finite: "
-                        f"{totals['policy_loss']:.6g}); check the scale of the advantages")
-    try:
-        optimizer.step()
-    except RuntimeError as e:  # e.g. an lr that overflows the weights' dtype
-        _refuse(params, f"the optimizer step failed ({first_line(e)}) with lr "
-                        f"{optimizer.param_groups[0]['lr']:g}")
-    optimizer.zero_grad(set_to_none=True)
-    if not all(torch.isfinite(p).all() for p in params):  # finite gradients, too large a step
-        raise GrpoctlError(f"update refused: the optimizer step (lr "
-                           f"{optimizer.param_groups[0]['lr']:g}, gradient norm {grad_norm:.3g}) "
-                           f"made parameters infinite or NaN; nothing was saved")
 
-    n = totals["tokens"]
-    kl = totals["kl"] if ref_model is not None else None
-    metrics = {
-        "loss": totals["policy_loss"] + cfg.kl_coef * (kl or 0.0),
-        "policy_loss": totals["policy_loss"],
-        "kl": kl,
-        "clip_fraction": totals["clipped"] / n if n else 0.0,
-        "entropy": totals["entropy"] / n if n else None,
-        "ratio_mean": totals["ratio"] / n if n else None,
-        "ratio_min": ratio_min if n else None,
-        "ratio_max": ratio_max if n else None,
-        "logp_mismatch_max": mismatch_max if n else None,
-        "is_weight_mean": totals["is_weight"] / n if n and cfg.is_cap is not None else None,
-        "is_capped_fraction": (totals["is_capped"] / n if n and cfg.is_cap is not None
-                               else None),
-        "grad_norm": grad_norm,
-        "lr": optimizer.param_groups[0]["lr"],
-        "tokens": sum(lengths),
-        "tokens_forwarded": n,
-        "sequences": sum(1 for x in lengths if x > 0),
-        "sequences_forwarded": len(forward),
-        "seconds": time.perf_counter() - start,
-    }
-    # JSON has no inf/nan: an overflowing diagnostic (e.g. ratio_max) is reported as null.
+def _json_safe(metrics: dict) -> dict:
+    """JSON has no inf/nan: an overflowing diagnostic (e.g. ratio_max) is reported as null."""
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v
             for k, v in metrics.items()}
+
+
+# --- several optimizer steps per rollout batch -----------------------------------
+
+
+def split_mini_batches(records: list[dict], count: int) -> list[list[int]]:
+    """The record indices of each mini-batch: whole prompt groups, in file order.
+
+    The groups (records sharing a prompt_id, ordered by their first record in the file)
+    are dealt into `count` contiguous runs as even as possible: with g groups the first
+    g mod count runs get one group more than the others. Fewer groups than `count`:
+    one group per mini-batch (fewer optimizer steps; `mini_batches` in the metrics says
+    how many). Deterministic, so every torchrun rank, and a resumed run, splits alike.
+    """
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        groups.setdefault(r["prompt_id"], []).append(i)
+    ordered = list(groups.values())
+    count = max(1, min(count, len(ordered)))  # no records at all: one (empty) step
+    size, extra = divmod(len(ordered), count)
+    out, first = [], 0
+    for k in range(count):
+        last = first + size + (1 if k < extra else 0)
+        out.append(sorted(i for members in ordered[first:last] for i in members))
+        first = last
+    return out
+
+
+def _fixed_trainer_old_logprobs(model, records: list[dict], mini_batches: list[list[int]],
+                                cfg: UpdateConfig, ref_model) -> list[list[float] | None]:
+    """TIS's π_old for the whole rollout batch: log π_θ of every record this rank will
+    forward in any mini-batch, taken once before the first optimizer step (no gradient,
+    no LoRA dropout). The policy moves between optimizer steps; re-taking π_old per
+    mini-batch would measure each ratio from a different policy and let the clip see
+    only one step's movement. None for records not forwarded.
+    """
+    mine = []
+    for indices in mini_batches:  # the shares update_step will forward, mini-batch by mini-batch
+        part = [records[i] for i in indices]
+        lengths = [len(r["completion_ids"]) for r in part]
+        forward = _sequences_to_forward(part, lengths, cfg, ref_model)
+        mine += [indices[j] for j in distributed.my_share(part, forward)]
+    mine.sort(key=lambda i: (len(records[i]["prompt_ids"]), records[i]["prompt_ids"]))
+    old: list[list[float] | None] = [None] * len(records)
+    distributed.gather_weights(model)  # FSDP: gather on every rank at the same point
+    with torch.no_grad():
+        for first in range(0, len(mine), cfg.micro_batch_size):
+            batch = mine[first:first + cfg.micro_batch_size]
+            logp, _, mask = padded_completion_logprobs(
+                model, [records[i]["prompt_ids"] for i in batch],
+                [records[i]["completion_ids"] for i in batch], cfg.temperature, pad_id=0)
+            width = mask.shape[1]
+            for row, i in enumerate(batch):
+                old[i] = logp[row, width - len(records[i]["completion_ids"]):].tolist()
+    return old
+
+
+def _rollout_step_metrics(steps: list[dict], records: list[dict], cfg: UpdateConfig) -> dict:
+    """One rollout step's metrics from its optimizer steps' (docs/update.md, Metrics).
+
+    Losses, KL and grad_norm: the mean over the optimizer steps (verl's convention).
+    Per-token fractions and means: over every token forwarded in every optimizer step.
+    ratio_min / ratio_max / logp_mismatch_max: the extremes over all of them.
+    """
+    def mean(key):
+        values = [s[key] for s in steps if s[key] is not None]
+        return sum(values) / len(values) if values else None
+
+    def token_mean(key, empty=None):
+        pairs = [(s[key], s["tokens_forwarded"]) for s in steps
+                 if s[key] is not None and s["tokens_forwarded"]]
+        n = sum(t for _, t in pairs)
+        return sum(v * t for v, t in pairs) / n if n else empty
+
+    def extreme(key, pick):
+        values = [s[key] for s in steps if s[key] is not None]
+        return pick(values) if values else None
+
+    lengths = [len(r["completion_ids"]) for r in records]
+    metrics = {
+        "loss": mean("loss"),
+        "policy_loss": mean("policy_loss"),
+        "kl": mean("kl"),
+        "clip_fraction": token_mean("clip_fraction", empty=0.0),
+        "entropy": token_mean("entropy"),
+        "ratio_mean": token_mean("ratio_mean"),
+        "ratio_min": extreme("ratio_min", min),
+        "ratio_max": extreme("ratio_max", max),
+        "logp_mismatch_max": extreme("logp_mismatch_max", max),
+        "is_weight_mean": token_mean("is_weight_mean"),
+        "is_capped_fraction": token_mean("is_capped_fraction"),
+        "grad_norm": mean("grad_norm"),
+        "lr": steps[0]["lr"],
+        "tokens": sum(lengths),
+        "tokens_forwarded": sum(s["tokens_forwarded"] for s in steps),
+        "sequences": sum(1 for x in lengths if x > 0),
+        "sequences_forwarded": sum(s["sequences_forwarded"] for s in steps),
+    }
+    if cfg.clip_ratio_c is not None:
+        metrics["dual_clip_fraction"] = token_mean("dual_clip_fraction", empty=0.0)
+    return metrics
+
+
+def update_batch(model, optimizer: torch.optim.Optimizer, records: list[dict],
+                 cfg: UpdateConfig, ref_model=None, step: int | None = None) -> dict:
+    """Every optimizer step of one rollout batch; returns the rollout step's metrics.
+
+    cfg.update_epochs passes over the batch, each split into cfg.mini_batches
+    mini-batches of whole prompt groups (`split_mini_batches`): M × E optimizer steps,
+    each an `update_step` over its mini-batch alone (its own token weights, so each
+    step's loss is exact under micro-batching). π_old stays the behaviour policy for
+    the whole batch: the records' logprobs, or with TIS the trainer's log-probs taken
+    once before the first step. So from the second optimizer step on ρ moves away
+    from 1 and PPO's clip (and the dual clip) act. The learning rate is the rollout
+    step's (`scheduled_lr(cfg, step)`) for all M × E steps.
+
+    M = E = 1 is exactly `update_step` over the whole batch, and returns its metrics.
+    Otherwise the metrics summarise the optimizer steps (`_rollout_step_metrics`) and
+    add mini_batches, update_epochs, optimizer_steps and per_optimizer_step: one dict
+    per optimizer step, in order, with `epoch` and `mini_batch` (both from 1) and that
+    step's update_step metrics.
+
+    A refused optimizer step raises GrpoctlError naming it; the steps before it have
+    already changed the model and optimizer in memory (nothing is saved).
+    """
+    cfg = resolve_config(records, cfg)
+    if cfg.mini_batches == 1 and cfg.update_epochs == 1:
+        return update_step(model, optimizer, records, cfg, ref_model, step)
+    start = time.perf_counter()
+    if cfg.kl_coef > 0 and ref_model is None:
+        raise GrpoctlError("--kl-coef > 0 needs a reference policy (--ref)")
+    mini_batches = split_mini_batches(records, cfg.mini_batches)
+    trainer_old = None
+    if cfg.is_cap is not None:
+        trainer_old = _fixed_trainer_old_logprobs(model, records, mini_batches, cfg, ref_model)
+
+    steps: list[dict] = []
+    total = len(mini_batches) * cfg.update_epochs
+    for epoch in range(1, cfg.update_epochs + 1):
+        for m, indices in enumerate(mini_batches, start=1):
+            part = [records[i] for i in indices]
+            old = None if trainer_old is None else [trainer_old[i] for i in indices]
+            try:
+                metrics = update_step(model, optimizer, part, cfg, ref_model, step, old)
+            except GrpoctlError as e:
+                before = len(steps)
+                taken = (f"; the {before} optimizer step(s) before it changed the model in "
+                         f"memory" if before else "")
+                raise GrpoctlError(f"optimizer step {before + 1}/{total} (epoch {epoch}, "
+                                   f"mini-batch {m}): {e}{taken}") from None
+            steps.append({"epoch": epoch, "mini_batch": m, **metrics})
+
+    metrics = _rollout_step_metrics(steps, records, cfg)
+    metrics["seconds"] = time.perf_counter() - start
+    metrics.update({"mini_batches": len(mini_batches), "update_epochs": cfg.update_epochs,
+                    "optimizer_steps": len(steps), "per_optimizer_step": steps})
+    return metrics
 
 
 # --- the stage, end to end ------------------------------------------------------
@@ -385,7 +692,8 @@ def run_update(adv_path: str, policy_dir, out_dir, cfg: UpdateConfig, ref_dir=No
                metrics_path: str | None = None, attn_implementation: str | None = None,
                gradient_checkpointing: bool = False, lora_settings=None,
                save_lora: str = "adapter", fsdp: bool = False) -> dict:
-    """`grpoctl update`: read records, take one step from policy_dir, save to out_dir.
+    """`grpoctl update`: read records, take the step's optimizer step(s) from policy_dir
+    (`update_batch`: one, or cfg.mini_batches × cfg.update_epochs), save to out_dir.
 
     The optimizer state is resumed from policy_dir when it holds one (a checkpoint
     this function wrote), and the step count continues from its trainer_state.json.
@@ -403,6 +711,7 @@ def run_update(adv_path: str, policy_dir, out_dir, cfg: UpdateConfig, ref_dir=No
                                 load_training_policy, resolve_model_dir)
 
     lora.check_save_mode(save_lora)  # before any model is loaded
+    check_config(cfg)  # and before anything is read
 
     policy_dir = resolve_model_dir(policy_dir)  # `default` = the embedded model
     ref_dir = None if ref_dir is None else resolve_model_dir(ref_dir)
@@ -439,7 +748,7 @@ def run_update(adv_path: str, policy_dir, out_dir, cfg: UpdateConfig, ref_dir=No
     step = checkpoint.read_trainer_state(policy_dir)["step"] + 1
 
     try:
-        metrics = {"step": step, **update_step(model, optimizer, records, cfg, ref_model, step)}
+        metrics = {"step": step, **update_batch(model, optimizer, records, cfg, ref_model, step)}
     except GrpoctlError as e:
         raise GrpoctlError(f"step {step} ({source}): {e}") from None
     trainer_state = {

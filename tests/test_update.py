@@ -13,8 +13,10 @@ import torch
 from grpoctl.errors import GrpoctlError
 from grpoctl.logprobs import completion_logprobs
 from grpoctl.models import load_policy, make_tiny_model
+from conftest import run_cli
 from grpoctl.records import write_records
-from grpoctl.update import UpdateConfig, make_optimizer, run_update, update_step
+from grpoctl.update import (UpdateConfig, make_optimizer, run_update, split_mini_batches,
+                            update_batch, update_step)
 
 VOCAB = 258  # the tiny models' byte-level vocabulary
 
@@ -116,14 +118,17 @@ def test_logprobs_carry_gradients_and_temperature_zero_means_one(tiny_model):
 # --- (2) the step's gradient is the gradient of the written-out objective ------------
 
 
-def reference_loss(model, records, mode, clip_eps, max_tokens):
-    """The GRPO loss written plainly, one unpadded sequence at a time."""
+def reference_loss(model, records, mode, clip_eps, max_tokens, clip_ratio_c=None):
+    """The GRPO loss written plainly, one unpadded sequence at a time (with the dual clip
+    min(loss, -C·A) for A < 0 when clip_ratio_c is given)."""
     per_sequence_sums, lengths = [], []
     for r in records:
         logp, _ = naive_logprobs(model, r["prompt_ids"], r["completion_ids"])
         ratio = torch.exp(logp - torch.tensor(r["logprobs"]))
         a = r["advantage"]
         token_loss = -torch.minimum(ratio * a, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * a)
+        if clip_ratio_c is not None and a < 0:
+            token_loss = torch.clamp(token_loss, max=-clip_ratio_c * a)
         per_sequence_sums.append(token_loss.sum())
         lengths.append(len(r["completion_ids"]))
     if mode == "token-mean":
@@ -245,6 +250,31 @@ def test_kl_to_the_reference_policy(tiny_model):
     assert second["loss"] == pytest.approx(second["policy_loss"] + 0.1 * second["kl"], rel=1e-6)
 
 
+def test_kl_metric_with_reference_and_no_penalty_covers_every_sequence(tiny_model, tmp_path):
+    # --ref with --kl-coef 0: zero-advantage sequences have no policy gradient, but their KL
+    # counts. Written out: token-mean k3 over every completion token of the file.
+    model = load_policy(tiny_model)
+    reference = load_policy(make_tiny_model(tmp_path / "ref", arch="llama", seed=7))
+    records = make_records(model, n_prompts=4, group=2, seed=24)
+    for r in records[:4]:
+        r["advantage"] = 0.0  # two tied pairs
+    cfg = UpdateConfig(lr=0.0)
+    metrics = update_step(model, make_optimizer(model, cfg), records, cfg, ref_model=reference)
+
+    k3_sum, tokens = 0.0, 0
+    with torch.no_grad():
+        for r in records:
+            logp, _ = naive_logprobs(model, r["prompt_ids"], r["completion_ids"])
+            ref_logp, _ = naive_logprobs(reference, r["prompt_ids"], r["completion_ids"])
+            log_ratio = ref_logp - logp
+            k3_sum += (torch.exp(log_ratio) - log_ratio - 1).sum().item()
+            tokens += len(r["completion_ids"])
+    assert metrics["sequences_forwarded"] == 8
+    assert metrics["kl"] == pytest.approx(k3_sum / tokens, rel=1e-5)
+    assert metrics["kl"] > 1e-3  # two different random models
+    assert metrics["loss"] == metrics["policy_loss"]  # β = 0: measured only
+
+
 # --- (4) resuming from a checkpoint is bit-exact -----------------------------------------
 
 
@@ -289,9 +319,11 @@ def test_warmup_scales_the_learning_rate_linearly(tiny_model, tmp_path):
     from grpoctl.update import scheduled_lr
 
     cfg = UpdateConfig(lr=1e-4, warmup_steps=4)
-    # written out: steps 1..4 climb by lr/4, then the lr holds
-    assert [scheduled_lr(cfg, s) for s in (1, 2, 3, 4, 5, 9)] == \
-        pytest.approx([2.5e-5, 5e-5, 7.5e-5, 1e-4, 1e-4, 1e-4], rel=1e-12)
+    # written out: step 1 at 0 (verl's counter starts at 0), steps 2..5 climb by lr/4,
+    # then the lr holds
+    assert [scheduled_lr(cfg, s) for s in (1, 2, 3, 4, 5, 6, 9)] == \
+        pytest.approx([0.0, 2.5e-5, 5e-5, 7.5e-5, 1e-4, 1e-4, 1e-4], rel=1e-12)
+    assert scheduled_lr(cfg, 1) == 0.0
     assert scheduled_lr(UpdateConfig(lr=1e-4), 1) == 1e-4  # 0 = no warm-up
 
     # Through the stage: two chained `update`s report (and use) the step's lr, and the
@@ -302,15 +334,25 @@ def test_warmup_scales_the_learning_rate_linearly(tiny_model, tmp_path):
     cfg = UpdateConfig(lr=1e-3, warmup_steps=4)
     m1 = run_update(str(tmp_path / "adv1.jsonl"), tiny_model, tmp_path / "A", cfg)
     m2 = run_update(str(tmp_path / "adv2.jsonl"), tmp_path / "A", tmp_path / "B", cfg)
-    assert (m1["lr"], m2["lr"]) == (pytest.approx(2.5e-4), pytest.approx(5e-4))
+    assert (m1["lr"], m2["lr"]) == (0.0, pytest.approx(2.5e-4))
+    # Step 1 at lr 0 leaves every weight as it was (AdamW: no step, no decay), but the
+    # optimizer has counted it and holds its moments, as in verl.
+    original = dict(load_policy(tiny_model).named_parameters())
+    assert all(torch.equal(p, original[n]) for n, p in load_policy(tmp_path / "A").named_parameters())
+    from grpoctl.checkpoint import load_optimizer_state
+    first = load_policy(tmp_path / "A")
+    optimizer = make_optimizer(first, cfg)
+    assert load_optimizer_state(optimizer, first, tmp_path / "A")
+    assert all(optimizer.state[p]["step"].item() == 1 for p in first.parameters())
 
-    # SGD makes the lr visible in the weights: the step at lr/4 moves them a quarter as far.
+    # SGD makes the lr visible in the weights: step 2 at lr/4 moves them a quarter as far.
     records = make_records(base, seed=5)
     moved = []
-    for c in (UpdateConfig(lr=1.0, max_grad_norm=0), UpdateConfig(lr=1.0, warmup_steps=4, max_grad_norm=0)):
+    for c, step in ((UpdateConfig(lr=1.0, max_grad_norm=0), 1),
+                    (UpdateConfig(lr=1.0, warmup_steps=4, max_grad_norm=0), 2)):
         model = load_policy(tiny_model)
         before = params_of(model)
-        update_step(model, torch.optim.SGD(model.parameters(), lr=1.0), records, c, step=1)
+        update_step(model, torch.optim.SGD(model.parameters(), lr=1.0), records, c, step=step)
         moved.append(torch.cat([(p.detach() - before[n]).flatten()
                                 for n, p in model.named_parameters()]))
     assert moved[0].abs().max() > 1e-3
@@ -439,3 +481,215 @@ def test_update_in_place(tiny_model, tmp_path):
     metrics = run_update(str(tmp_path / "adv.jsonl"), ck, ck, cfg)  # a checkpoint: in place
     assert metrics["step"] == 2 and metrics["ratio_max"] != pytest.approx(1.0, abs=1e-6)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adv.jsonl", "base", "ck"]
+
+
+# --- (8) several optimizer steps per rollout batch (mini-batches, update epochs) -----------
+
+DEFAULT_KEYS = ["loss", "policy_loss", "kl", "clip_fraction", "entropy", "ratio_mean",
+                "ratio_min", "ratio_max", "logp_mismatch_max", "is_weight_mean",
+                "is_capped_fraction", "grad_norm", "lr", "tokens", "tokens_forwarded",
+                "sequences", "sequences_forwarded", "seconds"]
+
+
+def optimizer_state(optimizer, model) -> list[dict]:
+    return [{k: v.clone() for k, v in optimizer.state[p].items()} for p in model.parameters()]
+
+
+@pytest.mark.parametrize("settings", [
+    {},
+    {"is_cap": 2.0, "loss_agg": "seq-mean", "micro_batch_size": 3},
+    {"kl_coef": 0.05, "warmup_steps": 2},
+    {"clip_ratio_c": 3.0, "clip_eps_high": 0.28},
+])
+def test_one_mini_batch_one_epoch_is_exactly_the_single_step(tiny_model, settings):
+    # M = E = 1 (the default) must be today's update_step: same weights, same optimizer
+    # state, same metrics, bit for bit, over two rollout steps.
+    base = load_policy(tiny_model)
+    batches = [make_records(base, n_prompts=3, group=2, seed=s) for s in (40, 41)]
+    cfg = UpdateConfig(lr=1e-3, **settings)
+    reference = base if cfg.kl_coef else None
+    runs = []
+    for fn in (update_step, update_batch):
+        model = load_policy(tiny_model)
+        optimizer = make_optimizer(model, cfg)
+        metrics = [fn(model, optimizer, records, cfg, reference, step)
+                   for step, records in enumerate(batches, start=1)]
+        runs.append((model, optimizer, metrics))
+    (m1, o1, metrics1), (m2, o2, metrics2) = runs
+    for (name, p), q in zip(m1.named_parameters(), m2.parameters()):
+        assert torch.equal(p, q), name
+    for s1, s2 in zip(optimizer_state(o1, m1), optimizer_state(o2, m2)):
+        assert s1.keys() == s2.keys() and all(torch.equal(s1[k], s2[k]) for k in s1)
+    for a, b in zip(metrics1, metrics2):
+        assert list(a) == list(b)
+        assert {k: v for k, v in a.items() if k != "seconds"} == \
+            {k: v for k, v in b.items() if k != "seconds"}
+    expected_keys = DEFAULT_KEYS[:-1] + (["dual_clip_fraction"] if cfg.clip_ratio_c else []) + ["seconds"]
+    assert list(metrics2[0]) == expected_keys  # no per-optimizer-step keys for one step
+
+
+def test_mini_batches_keep_prompt_groups_whole():
+    # Groups in order of first appearance: a (0, 1), b (2, 4), c (3, 5), d (6), e (7, 8).
+    records = [{"prompt_id": q} for q in "aabcbcdee"]
+    assert split_mini_batches(records, 1) == [list(range(9))]
+    # 5 groups into 2: the first mini-batch gets the extra group, a b c | d e
+    assert split_mini_batches(records, 2) == [[0, 1, 2, 3, 4, 5], [6, 7, 8]]
+    # into 3: a b | c d | e
+    assert split_mini_batches(records, 3) == [[0, 1, 2, 4], [3, 5, 6], [7, 8]]
+    # more mini-batches than groups: one group each
+    assert split_mini_batches(records, 9) == [[0, 1], [2, 4], [3, 5], [6], [7, 8]]
+    assert split_mini_batches([], 4) == [[]]  # nothing at all: one empty step, as update_step
+    for m in (2, 3, 4):
+        for part in split_mini_batches(records, m):
+            ids = {records[i]["prompt_id"] for i in part}
+            assert sorted(part) == [i for i, r in enumerate(records) if r["prompt_id"] in ids]
+
+
+def reference_clip_counts(model, records, clip_eps, clip_ratio_c=None) -> tuple[int, int, int]:
+    """(PPO-clipped tokens, dual-clipped tokens, tokens) of `records` under `model`,
+    against the records' logprobs, one unpadded sequence at a time."""
+    clipped = dual = tokens = 0
+    with torch.no_grad():
+        for r in records:
+            logp, _ = naive_logprobs(model, r["prompt_ids"], r["completion_ids"])
+            ratio = torch.exp(logp - torch.tensor(r["logprobs"]))
+            a = r["advantage"]
+            clipped += int(((ratio < 1 - clip_eps) & (a < 0) | (ratio > 1 + clip_eps) & (a > 0)).sum())
+            if clip_ratio_c is not None and a < 0:
+                dual += int((ratio > clip_ratio_c).sum())
+            tokens += len(r["completion_ids"])
+    return clipped, dual, tokens
+
+
+@pytest.mark.parametrize("clip_ratio_c", [None, 1.5])
+def test_two_mini_batches_equal_two_written_out_sgd_steps(tiny_model, clip_ratio_c):
+    # The crafted batch: logprobs from the policy itself (ρ = 1 at the first optimizer
+    # step) and SGD at lr 1, so the first mini-batch's step moves the ratio of the second
+    # past 1 ± ε. Written out: mini-batch 1 = q0, q1, then mini-batch 2 = q2, q3, each its
+    # own token-mean loss against the records' logprobs, w ← w - ∇L.
+    base = load_policy(tiny_model)
+    records = make_records(base, n_prompts=4, group=2, seed=30)
+    model = load_policy(tiny_model)
+    cfg = UpdateConfig(mini_batches=2, max_grad_norm=0.0, clip_ratio_c=clip_ratio_c)
+    metrics = update_batch(model, torch.optim.SGD(model.parameters(), lr=1.0), records, cfg)
+
+    reference = load_policy(tiny_model)
+    counts = []
+    for part in (records[:4], records[4:]):
+        counts.append(reference_clip_counts(reference, part, 0.2, clip_ratio_c))
+        reference.zero_grad()
+        loss = reference_loss(reference, part, "token-mean", 0.2, max_tokens=None,
+                              clip_ratio_c=clip_ratio_c)
+        loss.backward()
+        with torch.no_grad():
+            for p in reference.parameters():
+                p -= p.grad
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert torch.allclose(p, q, atol=2e-6, rtol=1e-4), name
+
+    first, second = metrics["per_optimizer_step"]
+    assert (first["mini_batch"], second["mini_batch"]) == (1, 2)
+    assert first["sequences"] == second["sequences"] == 4  # two whole groups each
+    assert first["clip_fraction"] == 0.0 and first["ratio_max"] == pytest.approx(1.0, abs=1e-5)
+    assert second["clip_fraction"] == counts[1][0] / counts[1][2] > 0
+    assert second["ratio_min"] < 0.8 or second["ratio_max"] > 1.2
+    assert metrics["clip_fraction"] == pytest.approx(counts[1][0] / (counts[0][2] + counts[1][2]))
+    if clip_ratio_c is None:
+        assert "dual_clip_fraction" not in metrics
+    else:
+        assert second["dual_clip_fraction"] == counts[1][1] / counts[1][2] > 0
+        assert first["dual_clip_fraction"] == 0.0
+
+
+def test_update_epochs_and_mini_batches_make_m_times_e_optimizer_steps(tiny_model):
+    base = load_policy(tiny_model)
+    records = make_records(base, n_prompts=3, group=2, seed=31)  # 3 groups: 2 + 1
+    model = load_policy(tiny_model)
+    cfg = UpdateConfig(lr=1e-2, mini_batches=2, update_epochs=2, warmup_steps=3)
+    optimizer = make_optimizer(model, cfg)
+    metrics = update_batch(model, optimizer, records, cfg, step=2)
+
+    assert all(optimizer.state[p]["step"].item() == 4 for p in model.parameters())
+    steps = metrics["per_optimizer_step"]
+    assert [(s["epoch"], s["mini_batch"], s["sequences"]) for s in steps] == \
+        [(1, 1, 4), (1, 2, 2), (2, 1, 4), (2, 2, 2)]
+    assert (metrics["mini_batches"], metrics["update_epochs"], metrics["optimizer_steps"]) == (2, 2, 4)
+    assert list(metrics)[-4:] == ["mini_batches", "update_epochs", "optimizer_steps",
+                                  "per_optimizer_step"]
+    for s in steps:
+        assert set(DEFAULT_KEYS) | {"epoch", "mini_batch"} == set(s)
+    # The schedule counts rollout steps: all four at rollout step 2's lr, 1e-2 × 1/3.
+    assert [s["lr"] for s in steps] == [pytest.approx(1e-2 / 3)] * 4 and metrics["lr"] == steps[0]["lr"]
+    # The second epoch sees the policy its first epoch moved: ρ is no longer 1.
+    assert steps[0]["ratio_max"] == pytest.approx(1.0, abs=1e-5)
+    assert max(abs(steps[2]["ratio_max"] - 1), abs(steps[2]["ratio_min"] - 1)) > 1e-2
+
+    # The rollout step's summary, recomputed from the per-step metrics.
+    tokens = [s["tokens_forwarded"] for s in steps]
+    assert metrics["tokens"] == sum(len(r["completion_ids"]) for r in records)
+    assert metrics["tokens_forwarded"] == sum(tokens) == 2 * metrics["tokens"]
+    assert metrics["sequences"] == 6 and metrics["sequences_forwarded"] == 12
+    for key in ("loss", "policy_loss", "grad_norm"):
+        assert metrics[key] == pytest.approx(sum(s[key] for s in steps) / 4, rel=1e-12)
+    for key in ("clip_fraction", "entropy", "ratio_mean"):
+        expected = sum(s[key] * t for s, t in zip(steps, tokens)) / sum(tokens)
+        assert metrics[key] == pytest.approx(expected, rel=1e-12)
+    assert metrics["ratio_min"] == min(s["ratio_min"] for s in steps)
+    assert metrics["ratio_max"] == max(s["ratio_max"] for s in steps)
+
+    # E = 2 alone: two optimizer steps over the whole batch.
+    model = load_policy(tiny_model)
+    cfg = UpdateConfig(lr=1e-2, update_epochs=2)
+    optimizer = make_optimizer(model, cfg)
+    metrics = update_batch(model, optimizer, records, cfg)
+    assert all(optimizer.state[p]["step"].item() == 2 for p in model.parameters())
+    assert [(s["epoch"], s["mini_batch"], s["sequences"]) for s in metrics["per_optimizer_step"]] == \
+        [(1, 1, 6), (2, 1, 6)]
+
+
+def test_tis_old_logprobs_are_fixed_for_the_whole_batch(tiny_model):
+    # With --is-cap, π_old is the trainer's log-probs taken ONCE before the first optimizer
+    # step. Here they equal the records' logprobs (same model), so the run is the plain
+    # one: the second mini-batch's ratio is measured from the policy before step 1 and
+    # clips. Re-taken per mini-batch, π_old would be the moved policy: ρ = 1, no clipping.
+    base = load_policy(tiny_model)
+    records = make_records(base, n_prompts=4, group=2, seed=30)
+    results = []
+    for is_cap in (None, 2.0):
+        model = load_policy(tiny_model)
+        cfg = UpdateConfig(mini_batches=2, max_grad_norm=0.0, is_cap=is_cap)
+        metrics = update_batch(model, torch.optim.SGD(model.parameters(), lr=1.0), records, cfg)
+        results.append((model, metrics["per_optimizer_step"][1]))
+    (plain_model, plain), (tis_model, tis) = results
+    assert tis["is_weight_mean"] == pytest.approx(1.0, abs=1e-5)
+    assert tis["clip_fraction"] == plain["clip_fraction"] > 0
+    for (name, p), q in zip(plain_model.named_parameters(), tis_model.parameters()):
+        assert torch.allclose(p, q, atol=1e-5, rtol=1e-4), name
+
+
+def test_update_command_with_mini_batches(tiny_model, tmp_path):
+    records = make_records(load_policy(tiny_model), n_prompts=4, group=2, seed=32)
+    write_records(records, str(tmp_path / "adv.jsonl"))
+    out, metrics_file = tmp_path / "out", tmp_path / "metrics.jsonl"
+    proc = run_cli("update", str(tmp_path / "adv.jsonl"), "--policy", str(tiny_model),
+                   "--out", str(out), "--lr", "1e-2", "--mini-batches", "2",
+                   "--clip-ratio-c", "3", "--metrics", str(metrics_file), check=True)
+    printed = json.loads(proc.stderr.decode().strip().splitlines()[-1])
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["update"]["mini_batches"] == 2 and state["update"]["update_epochs"] == 1
+    assert state["update"]["clip_ratio_c"] == 3.0
+    assert printed["optimizer_steps"] == 2 and len(printed["per_optimizer_step"]) == 2
+    assert state["metrics"] == printed == json.loads(metrics_file.read_text())
+    assert printed["per_optimizer_step"][1]["clip_fraction"] > 0
+
+    # Bad values: one line, exit status 2, before any model is loaded, nothing written.
+    for flag, value, message in (("--mini-batches", "0", "--mini-batches: must be a whole number >= 1"),
+                                 ("--update-epochs", "-1", "--update-epochs: must be"),
+                                 ("--clip-ratio-c", "1", "--clip-ratio-c: must be a finite number > 1")):
+        bad = run_cli("update", str(tmp_path / "adv.jsonl"), "--policy", str(tmp_path / "no-model"),
+                      "--out", str(tmp_path / "bad"), flag, value)
+        err = bad.stderr.decode()
+        assert bad.returncode == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+        assert message in err, err
+        assert not (tmp_path / "bad").exists()
+
