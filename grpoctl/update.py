@@ -68,7 +68,8 @@ class UpdateConfig:
     rollouts, another sampling engine."""
     loss_agg: str = "token-mean"
     """How per-token losses become one number: "token-mean" (DAPO, TRL), "seq-mean" (the
-    GRPO paper's 1/G Σ 1/|o_i| Σ_t, what the paper's verl runs used) or "constant"
+    GRPO paper's 1/G Σ 1/|o_i| Σ_t, the aggregation the 2-GRPO paper writes; which verl
+    mode its unpublished runs used is unverified) or "constant"
     (Dr. GRPO: sum / (sequences × max_tokens))."""
     max_grad_norm: float = 1.0
     """Clip the global gradient L2 norm to this; 1.0 as in TRL and verl. 0 = no clipping."""
