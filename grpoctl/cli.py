@@ -297,6 +297,19 @@ def update(
                                             "--clip-eps-high).")] = 0.2,
     clip_eps_high: Annotated[Optional[float], typer.Option(help="Clip range above 1 (DAPO's "
                                                            "clip-higher uses 0.28).")] = None,
+    clip_ratio_c: Annotated[Optional[float], typer.Option(
+        help="Dual clip (Ye et al. 2020; verl's clip_ratio_c, 3.0 there): for A < 0 cap each "
+        "token's loss at C·|A|, so a stale ratio ρ > C gives no gradient. Must be > 1 "
+        "[default: off].")] = None,
+    mini_batches: Annotated[int, typer.Option(
+        help="Optimizer steps per pass over the file: split its prompt groups (whole groups, "
+        "file order) into M mini-batches, one step each, all against the records' logprobs, "
+        "so the clip acts from the second step on (verl: train_batch_size / "
+        "ppo_mini_batch_size; TRL: steps_per_generation) [default: 1 = one step].")] = 1,
+    update_epochs: Annotated[int, typer.Option(
+        help="Passes over the file: M × E optimizer steps in all (verl ppo_epochs, TRL "
+        "num_iterations). Not --epochs, which in `loop` counts passes over the prompt set "
+        "[default: 1].")] = 1,
     loss_agg: Annotated[str, typer.Option(help="`token-mean` (DAPO), `seq-mean` (GRPO paper) or "
                                           "`constant` (Dr. GRPO).")] = "token-mean",
     max_grad_norm: Annotated[float, typer.Option(help="Clip the gradient norm to this (0 = off).")] = 1.0,
@@ -325,7 +338,8 @@ def update(
                                                    "JSON line) to this file.")] = None,
     fsdp: Fsdp = False,
 ):
-    """Take ONE clipped policy-gradient step over the whole file and save a checkpoint.
+    """Take ONE clipped policy-gradient step over the whole file (or M × E steps with
+    --mini-batches/--update-epochs) and save a checkpoint.
 
     The checkpoint holds safetensors weights, the tokenizer, the optimizer state
     (safetensors) and trainer_state.json; updating it again resumes the optimizer,
@@ -350,7 +364,8 @@ def update(
                        betas=(beta1, beta2), clip_eps=clip_eps, clip_eps_high=clip_eps_high,
                        loss_agg=loss_agg, max_grad_norm=max_grad_norm, kl_coef=kl_coef,
                        micro_batch_size=micro_batch_size, temperature=temperature,
-                       max_tokens=max_tokens, is_cap=is_cap)
+                       max_tokens=max_tokens, is_cap=is_cap, clip_ratio_c=clip_ratio_c,
+                       mini_batches=mini_batches, update_epochs=update_epochs)
     lora = LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
                         target_modules=lora_target_modules)
     result = run_update(records, policy, out, cfg, ref_dir=ref, dtype=dtype, device=device,

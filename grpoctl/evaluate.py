@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from math import comb
 
-from grpoctl.records import group_by_prompt
+from grpoctl.records import RecordError, _kind, group_by_prompt
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -34,11 +34,30 @@ def is_correct(record: dict) -> bool:
     return record["reward"] > 0
 
 
-def summarize(records: list[dict], k: int | None = None, by: str | None = None) -> dict:
+def breakdown_key(record: dict, by: str, source: str = "<records>", line: int | None = None):
+    """The value of `meta[by]` that `eval --by` groups a record under: a string, number,
+    boolean or null (absent). A `meta` that is not an object, or a value that is a list
+    or an object, is a RecordError naming the field."""
+    meta = record.get("meta")
+    if meta is None:
+        return None
+    if not isinstance(meta, dict):
+        raise RecordError(source, line, "meta", f"expected an object of the prompt's columns "
+                          f"(for --by {by}), got {_kind(meta)}")
+    value = meta.get(by)
+    if isinstance(value, (dict, list)):
+        raise RecordError(source, line, f"meta.{by}", f"expected a string or number to group by "
+                          f"(--by {by}), got {_kind(value)}")
+    return value
+
+
+def summarize(records: list[dict], k: int | None = None, by: str | None = None,
+              source: str = "<records>") -> dict:
     """Mean@k and Pass@k over scored records grouped by prompt_id.
 
     k defaults to the smallest group size. `by` names a `meta` field (e.g. `subject`,
-    `level`) for a per-value breakdown under "by".
+    `level`) for a per-value breakdown under "by". `source` names the records in
+    errors; record i is reported as line i + 1.
     """
     groups = group_by_prompt(records)
     n_min = min(len(ix) for ix in groups.values())
@@ -54,11 +73,14 @@ def summarize(records: list[dict], k: int | None = None, by: str | None = None) 
         per_prompt.append({
             "mean": sum(correct) / len(correct),
             "pass": pass_at_k(len(correct), sum(correct), min(k, len(correct))),
-            "key": (records[indices[0]].get("meta") or {}).get(by) if by else None,
+            "key": breakdown_key(records[indices[0]], by, source, indices[0] + 1) if by else None,
         })
     summary = _average(per_prompt)
     summary.update({"k": k, "prompts": len(groups), "samples": len(records)})
     if by:
+        for indices in groups.values():  # every record of a group, not only its first
+            for i in indices[1:]:
+                breakdown_key(records[i], by, source, i + 1)
         keys = sorted({p["key"] for p in per_prompt}, key=lambda v: (v is None, str(v)))
         summary["by"] = {by: {str(key): _average([p for p in per_prompt if p["key"] == key])
                               for key in keys}}
@@ -166,9 +188,10 @@ def run_eval(model: str | None, scored: str | None, prompts_source: str, samples
                                  {"path": str(model), "step": policy_step(model)}, template,
                                  use_chat_template, system, progress=progress, backend=backend)
         title = f"{model} on {prompts_source}"
-    summary = summarize(records, k=pass_k, by=by[0] if by else None)
+    source = scored if scored is not None else "<samples>"
+    summary = summarize(records, k=pass_k, by=by[0] if by else None, source=source)
     for extra in by[1:]:
-        summary["by"].update(summarize(records, k=pass_k, by=extra)["by"])
+        summary["by"].update(summarize(records, k=pass_k, by=extra, source=source)["by"])
     if save:  # after the summary, so a bad --pass-k writes nothing
         write_records(records, save)
     print_summary_table(summary, title)

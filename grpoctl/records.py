@@ -246,9 +246,9 @@ def check_record(record: dict, require: Iterable[str] = (), source: str = "<reco
         bad = first_unwritable(value, field, MAX_DEPTH - 1)  # the record is the first level
         if bad and bad[1] == "NaN or infinity":
             raise RecordError(source, line, bad[0], "NaN or infinity; records hold finite numbers only")
-        if bad:
-            raise RecordError(source, line, bad[0], f"JSON nested too deeply ({bad[1]}; "
-                              f"records may nest at most {MAX_DEPTH} levels)")
+        if bad:  # named by its top field: the path of the innermost value would be a page
+            raise RecordError(source, line, field, f"JSON nested too deeply (more than "
+                              f"{MAX_DEPTH} levels, counting the record)")
 
 
 # --- reading -----------------------------------------------------------------

@@ -128,6 +128,21 @@ def generic_cases(stage: str, argv: list[str], rows: list[dict]) -> list:
         (f"{stage}-sampling-temperature-text", argv,
          lines(with_line(rows, 3, sampling={"temperature": "hot"})),
          "in.jsonl:4: field 'sampling': temperature is 'hot'"),
+        # Values json.loads reads but json.dumps cannot write (or not from deep in a stage)
+        (f"{stage}-int-over-4300-digits", argv,
+         raw_line(rows, 1, json.dumps(rows[1]).encode()[:-1] + b', "big": ' + b"9" * 4400 + b"}"),
+         "in.jsonl:2: a number JSON cannot hold here"),
+        (f"{stage}-nesting-500-levels", argv,  # json.loads reads it; json.dumps deep in a stage may not
+         raw_line(rows, 2, json.dumps(rows[2]).encode()[:-1] + b', "x": ' + b"[" * 500
+                  + b"]" * 500 + b"}"), "in.jsonl:3: field 'x': JSON nested too deeply"),
+        (f"{stage}-nesting-101-levels", argv,
+         lines(with_line(rows, 0, x=json.loads("[" * 100 + "]" * 100))),
+         "in.jsonl:1: field 'x': JSON nested too deeply (more than 100 levels"),
+        (f"{stage}-group-disagrees-on-answer", argv, lines(with_line(rows, 3, answer="8")),
+         "in.jsonl:4: field 'answer': '8' differs from '7' on line 3, in the same group"),
+        (f"{stage}-group-disagrees-on-prompt", argv,
+         lines([dict(r, prompt=f"Q{r['prompt_id']}{r['sample']}") for r in rows]),
+         "in.jsonl:2: field 'prompt': 'Qp01' differs from 'Qp00' on line 1"),
     ]
 
 
@@ -142,11 +157,68 @@ LOOP = ["loop", "--model", "{model:tiny}", "--prompts", "{in}", "--eval-prompts"
 UPDATE = ["update", "{in}", "--policy", "{model:tiny}", "--out", "{out}"]
 
 USER_REWARDS = b'''
+import sys
+
 def nan_reward(completion, answer, record):
     return float("nan")
 
 def boom(completion, answer, record):
     raise KeyError("judge")
+
+def exits(completion, **kwargs):
+    sys.exit(3)
+
+def interrupts(completion):
+    raise KeyboardInterrupt
+
+def huge_int(completion, answer, record):
+    return 10 ** 400
+
+def too_large(completion):
+    return 1e300
+
+def word(completion):
+    return "high"
+
+def at_the_limit(completion):
+    return 1e100
+
+def two_names(text, gold):
+    return 1.0
+'''
+R = {"in.jsonl": lines(ROLLOUTS), "r.py": USER_REWARDS}
+
+# A stand-in for --score-cmd / --advantage-cmd that breaks its output in one way (argv[1])
+STAGE_SCRIPT = b'''
+import json, sys
+mode = sys.argv[1]
+rows = [json.loads(line) for line in sys.stdin if line.strip()]
+for r in rows:
+    r["reward"] = r.get("reward", float(r["sample"] == 0))
+    r["advantage"] = 1.0 if r["sample"] == 0 else -1.0
+if mode == "drop":
+    rows = rows[:-1]
+elif mode == "add":
+    rows.append(dict(rows[0], sample=7))
+elif mode == "rename":
+    rows[0]["prompt_id"] = "x" + rows[0]["prompt_id"]
+elif mode == "change-completion":
+    rows[0]["completion"] += " (edited)"
+elif mode == "drop-ids":
+    for r in rows:
+        del r["completion_ids"]
+elif mode == "no-reward":
+    for r in rows:
+        del r["reward"]
+elif mode == "shift-samples":
+    for r in rows:
+        r["sample"] += 2
+elif mode == "change-logprobs":
+    rows[0]["logprobs"] = [x - 1.0 for x in rows[0]["logprobs"]]
+elif mode == "split-group":
+    rows[1]["prompt"] += " (another prompt)"
+for r in rows:
+    print(json.dumps(r))
 '''
 
 # (id, argv, content of in.jsonl (or {file name: content}), fragment[, "torch"[, file]])
@@ -173,6 +245,23 @@ CASES = [
     ("score-user-reward-raises", [*SCORE, "--reward", "{dir}/r.py:boom"],
      {"in.jsonl": lines(ROLLOUTS), "r.py": USER_REWARDS},
      "in.jsonl:1: field 'rewards.boom': reward '{dir}/r.py:boom' raised KeyError"),
+    ("score-user-reward-exits", [*SCORE, "--reward", "{dir}/r.py:exits"], R,
+     "in.jsonl:1: field 'rewards.exits': reward '{dir}/r.py:exits' called sys.exit(3)"),
+    ("score-user-reward-raises-keyboard-interrupt", [*SCORE, "--reward", "{dir}/r.py:interrupts"],
+     R, "in.jsonl:1: field 'rewards.interrupts': reward '{dir}/r.py:interrupts' raised "
+        "KeyboardInterrupt"),
+    ("score-user-reward-returns-10-to-the-400", [*SCORE, "--reward", "{dir}/r.py:huge_int"], R,
+     "in.jsonl:1: field 'rewards.huge_int': reward '{dir}/r.py:huge_int' returned an integer "
+     "of 401 digits; a reward must be a finite number"),
+    ("score-user-reward-too-large", [*SCORE, "--reward", "{dir}/r.py:too_large"], R,
+     "reward '{dir}/r.py:too_large' returned 1e+300; a reward must be at most 1e+100"),
+    ("score-user-reward-not-a-number", [*SCORE, "--reward", "{dir}/r.py:word"], R,
+     "in.jsonl:1: field 'rewards.word': reward '{dir}/r.py:word' returned 'high'"),
+    ("score-weighted-sum-too-large", [*SCORE, "--reward", "{dir}/r.py:at_the_limit=3"], R,
+     "in.jsonl:1: field 'reward': the weighted sum of the rewards (3 x at_the_limit) is 3e+100"),
+    ("score-user-reward-signature", [*SCORE, "--reward", "{dir}/r.py:two_names"], R,
+     "two_names must accept (completion, answer, record), or keyword arguments among "
+     "completion, answer, record, prompt"),
     ("score-stdin-truncated", ["score", "-", "-o", "{out}"], {"<stdin>": lines(ROLLOUTS)[:-9]},
      "<stdin>:4: invalid JSON"),
 
@@ -193,6 +282,15 @@ CASES = [
      raw_line(SCORED, 1, b'{"prompt_id": "p0", "sample": 1, "reward": 0, '
                          b'"rewards": {"math": NaN}}'),
      "in.jsonl:2: field 'rewards': component 'math' is nan"),
+    ("advantage-reward-int-of-401-digits", ADVANTAGE,
+     lines(with_line(SCORED, 2, reward=10 ** 400)),
+     "in.jsonl:3: field 'reward': expected a finite number, got an integer of 401 digits"),
+    ("advantage-rewards-summing-to-infinity", ADVANTAGE,
+     lines(with_line(with_line(SCORED, 0, reward=1.5e308), 1, reward=1.5e308)),
+     "in.jsonl:1: field 'reward': 1.5e+308 is too large (at most 1e+100 in size)"),
+    ("advantage-component-too-large", ADVANTAGE,
+     lines(with_line(SCORED, 1, rewards={"math": -1e200})),
+     "in.jsonl:2: field 'rewards': component 'math' is -1e+200, too large"),
     ("advantage-unknown-estimator", [*ADVANTAGE, "--estimator", "ppo"], lines(SCORED),
      "--estimator must be one of group, pairwise, rloo; got 'ppo'"),
     ("advantage-unknown-std", [*ADVANTAGE, "--std", "sample"], lines(SCORED),
@@ -213,6 +311,18 @@ CASES = [
     *generic_cases("eval", EVAL, SCORED),
     ("eval-missing-reward", EVAL, lines(with_line(SCORED, 2, reward=...)),
      "in.jsonl:3: field 'reward': missing"),
+    ("eval-by-meta-not-an-object", [*EVAL, "--by", "subject"],
+     lines([dict(r, meta="algebra") for r in SCORED]),
+     "in.jsonl:1: field 'meta': expected an object of the prompt's columns (for --by subject), "
+     "got a string"),
+    ("eval-by-value-a-list", [*EVAL, "--by", "subject"],
+     lines([dict(r, meta={"subject": ["a", "b"]} if i == 3 else {"subject": "a"})
+            for i, r in enumerate(SCORED)]),
+     "in.jsonl:4: field 'meta.subject': expected a string or number to group by (--by subject), "
+     "got a list"),
+    ("eval-by-value-an-object", [*EVAL, "--by", "level", "--by", "subject"],
+     lines([dict(r, meta={"level": 1, "subject": {"name": "a"}}) for r in SCORED]),
+     "in.jsonl:1: field 'meta.subject': expected a string or number"),
     ("eval-pass-k-negative", [*EVAL, "--pass-k", "-1"], lines(SCORED),
      "Pass@k needs 1 <= k <= the samples per prompt (2 here), got k=-1"),
     ("eval-pass-k-above-samples", [*EVAL, "--pass-k", "8"], lines(SCORED),
@@ -283,6 +393,11 @@ CASES = [
      "in.jsonl:2: field 'prompt_ids': is empty"),
     ("update-negative-token-id", UPDATE, lines(with_line(ADVANTAGES, 0, prompt_ids=[5, -1])),
      "in.jsonl:1: field 'prompt_ids': item 1 is -1"),
+    ("update-token-id-beyond-int64", UPDATE, lines(with_line(ADVANTAGES, 1, completion_ids=[10 ** 30, 1])),
+     "in.jsonl:2: field 'completion_ids': item 0 is 1000000000000000000000000000000, expected an "
+     "integer token id >= 0"),
+    ("update-advantage-too-large", UPDATE, lines(with_line(ADVANTAGES, 0, advantage=1e300)),
+     "in.jsonl:1: field 'advantage': 1e+300 is too large"),
     ("update-mixed-temperatures", UPDATE,
      lines(with_line(ADVANTAGES, 2, sampling=dict(SAMPLING, temperature=0.7))),
      "in.jsonl:3: field 'sampling': temperature is 0.7 but 1.0 on line 1"),
@@ -337,6 +452,24 @@ CASES = [
                           b"    print(json.dumps(r))\n"},
      ":1: field 'advantage': expected a finite number, got nan", "torch",
      "step-000001/advantages.jsonl"),
+    # A swapped stage's output is checked against its input before anything is written
+    *[(f"loop-{kind}-cmd-{mode}", [*LOOP, f"--{kind}-cmd", f"{sys.executable} {{dir}}/stage.py {mode}"],
+       {"in.jsonl": lines(PROMPTS), "stage.py": STAGE_SCRIPT}, fragment, "torch",
+       f"step-000001/{'scored' if kind == 'score' else 'advantages'}.jsonl")
+      for kind, mode, fragment in [
+          ("score", "drop", "stage.py drop': 1 of the 4 samples of "),
+          ("score", "add", "stage.py add':5: field 'prompt_id': (prompt_id, sample) = ("),
+          ("score", "rename", "stage.py rename':1: field 'prompt_id': (prompt_id, sample) = ('x"),
+          ("score", "change-completion", "stage.py change-completion':1: field 'completion': "
+                                         "changed from "),
+          ("score", "drop-ids", "stage.py drop-ids':1: field 'completion_ids': missing; "),
+          ("score", "no-reward", "stage.py no-reward':1: field 'reward': missing"),
+          ("advantage", "shift-samples", "stage.py shift-samples':1: field 'prompt_id': "
+                                         "(prompt_id, sample) = ("),
+          ("advantage", "change-logprobs", "stage.py change-logprobs':1: field 'logprobs': "
+                                           "changed from "),
+          ("advantage", "split-group", "stage.py split-group':2: field 'prompt': "),
+      ]],
     # Flags the command line itself rejects: the same one line as every other error.
     ("score-workers-not-a-number", [*SCORE, "--workers", "two"], lines(ROLLOUTS),
      "error: grpoctl score: Invalid value for '--workers'"),
