@@ -348,7 +348,7 @@ def _user_value(spec: RewardSpec, record: dict, source: str, line: int,
     components = {}
     for name, v in values.items():
         problem = None
-        if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        if not isinstance(v, numbers.Real):  # int, float, numpy scalars; a bool is 0 or 1
             problem = "a reward must be a finite number"
         else:
             try:
