@@ -363,12 +363,16 @@ class UnwritableError(GrpoctlError):
     4,300 digits, nesting too deep for json.dumps): raised before anything is written."""
 
 
+def _short_path(path: str, limit: int = 60) -> str:
+    return path if len(path) <= limit else path[: limit - 3] + "..."
+
+
 def _why_unwritable(obj: Any, error: BaseException) -> str:
     fields = obj.items() if isinstance(obj, dict) else [("value", obj)]
     for field, value in fields:
         found = first_unwritable(value, str(field), max_depth=MAX_DEPTH)
         if found:
-            return f"field '{found[0]}' is {found[1]}"
+            return f"field '{_short_path(found[0])}' is {found[1]}"
     if isinstance(error, RecursionError):
         return "nested too deeply"
     return first_line_of(error)
@@ -378,7 +382,7 @@ def _json_text(obj: Any, **kwargs) -> str:
     try:
         return json.dumps(obj, allow_nan=False, **kwargs)
     except (ValueError, RecursionError) as e:  # NaN/inf, an int over 4,300 digits, depth
-        raise UnwritableError(f"cannot write a computed value: {_why_unwritable(obj, e)}; "
+        raise UnwritableError(f"cannot write it: {_why_unwritable(obj, e)}; "
                               "JSON cannot hold it") from None
 
 
@@ -454,6 +458,19 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         raise
 
 
+def _check_depth(record: dict) -> None:
+    """What a stage writes, the next can read: nesting within MAX_DEPTH (a prompt file's
+    column nested deeper would otherwise reach a rollout file that `score` refuses)."""
+    for field, value in record.items():
+        if field in _NUMBERS_CHECKED or not isinstance(value, (dict, list)):
+            continue
+        found = first_unwritable(value, field, MAX_DEPTH - 1)
+        if found and found[1] != "NaN or infinity":
+            raise UnwritableError(f"cannot write it: field '{field}' is nested more than "
+                                  f"{MAX_DEPTH} levels deep (counting the record); records "
+                                  "may not nest deeper")
+
+
 def write_records(records: Iterable[dict], path: str) -> None:
     """Write records as JSONL to `path` atomically, or to stdout when path is `-`.
 
@@ -464,6 +481,7 @@ def write_records(records: Iterable[dict], path: str) -> None:
     lines = []
     for i, r in enumerate(records):
         try:
+            _check_depth(r)
             lines.append(dumps(r) + "\n")
         except UnwritableError as e:
             raise UnwritableError(f"{source_name(path)}: record {i + 1}: {e}") from None

@@ -73,8 +73,8 @@ def test_groups_found_wherever_lines_stand():
 
 def test_write_refuses_nan_and_leaves_no_file(tmp_path):
     path = tmp_path / "out.jsonl"
-    with pytest.raises(GrpoctlError, match=r"out.jsonl: record 2: cannot write a computed "
-                       r"value: field 'reward' is NaN or infinity"):
+    with pytest.raises(GrpoctlError, match=r"out.jsonl: record 2: cannot write it: "
+                       r"field 'reward' is NaN or infinity"):
         write_records([GOOD, {"reward": float("nan")}], str(path))
     assert os.listdir(tmp_path) == []
 
@@ -101,3 +101,43 @@ def test_atomic_writes_get_the_permissions_open_would_give(tmp_path):
         assert (tmp_path / "private.jsonl").stat().st_mode & 0o777 == 0o600
     finally:
         os.umask(old)
+
+
+def test_what_can_be_read_can_be_written(tmp_path):
+    """The limits at reading (nesting, number size) match what writing can hold."""
+    def nested(levels: int):
+        value: list = []
+        for _ in range(levels - 1):
+            value = [value]
+        return value
+
+    path = tmp_path / "out.jsonl"
+    ok = dict(GOOD, meta=nested(99), big=10 ** 4000)  # the record is level 1: 100 in all
+    write_records([ok], str(path))
+    assert read_records(str(path)) == [ok]
+    with pytest.raises(RecordError, match=r"out.jsonl:1: field 'meta': JSON nested too deeply"):
+        parse_records(json.dumps(dict(GOOD, meta=nested(100))).encode(), "out.jsonl")
+    with pytest.raises(GrpoctlError, match=r"x.jsonl: record 1: cannot write it: field 'meta' "
+                       r"is nested more than 100 levels"):
+        write_records([dict(GOOD, meta=nested(100))], str(tmp_path / "x.jsonl"))
+    with pytest.raises(RecordError, match=r"in.jsonl:1: a number JSON cannot hold here"):
+        parse_records(b'{"x": ' + b"9" * 4301 + b"}", "in.jsonl")
+    assert os.listdir(tmp_path) == ["out.jsonl"]
+
+
+def test_check_same_records():
+    from grpoctl.records import check_same_records
+
+    before = [dict(GOOD, sample=s, completion_ids=[1, 2]) for s in range(2)]
+    after = [dict(r, reward=1.0, extra="kept") for r in before]
+    check_same_records(before, after[::-1], "out")  # order and added fields are free
+    for changed, message in [
+        (after[:1], "1 of the 2 samples of its input are missing"),
+        (after + [dict(after[0], sample=5)], "out:3: field 'prompt_id': (prompt_id, sample)"),
+        ([after[0], dict(after[1], completion_ids=[1])], "out:2: field 'completion_ids': changed"),
+        ([after[0], {k: v for k, v in after[1].items() if k != "completion"}],
+         "out:2: field 'completion': missing"),
+    ]:
+        with pytest.raises(RecordError) as err:
+            check_same_records(before, changed, "out")
+        assert message in str(err.value)

@@ -426,6 +426,10 @@ CASES = [
      "--loss-agg: expected one of token-mean, seq-mean, constant, got 'sum'", "torch"),
     ("update-lr-nan", [*UPDATE, "--lr", "nan"], lines(ADVANTAGES),
      "--lr: expected a finite number >= 0, got nan", "torch"),
+    ("update-temperature-negative", [*UPDATE, "--temperature", "-1"], lines(ADVANTAGES),
+     "--temperature: expected a finite number >= 0"),
+    ("update-temperature-nan", [*UPDATE, "--temperature", "nan"], lines(ADVANTAGES),
+     "--temperature: expected a finite number >= 0"),
     ("update-kl-without-reference", [*UPDATE, "--kl-coef", "0.1"], lines(ADVANTAGES),
      "--kl-coef > 0 needs a reference policy (--ref)", "torch"),
 
