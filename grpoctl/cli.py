@@ -11,8 +11,9 @@ Errors the user can fix (`GrpoctlError`) print one line, `error: ...`, and exit 
 from __future__ import annotations
 
 import json
+import os
 import sys
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
@@ -35,82 +36,113 @@ app = typer.Typer(
 
 Output = Annotated[str, typer.Option("--output", "-o", help="Output file; `-` is stdout.")]
 Model = Annotated[str, typer.Option("--model", "-m",
-                                    help="Model directory (any transformers causal LM), or `default` "
+                                    rich_help_panel="Model", help="Model directory (any transformers causal LM), or `default` "
                                     "for the embedded tiny model.")]
-Prompts = Annotated[str, typer.Option(help="Prompt file (JSONL, JSON, CSV, parquet; `-` = JSONL on "
+Prompts = Annotated[str, typer.Option(rich_help_panel="Prompts", help="Prompt file (JSONL, JSON, CSV, parquet; `-` = JSONL on "
                                       "stdin) or a built-in task split: `arith:train`, `arith:test`.")]
-PromptField = Annotated[Optional[str], typer.Option(help="Column holding the prompt [default: first of "
+PromptField = Annotated[Optional[str], typer.Option(rich_help_panel="Prompts", help="Column holding the prompt [default: first of "
                                                     "prompt, problem, question].")]
-AnswerField = Annotated[Optional[str], typer.Option(help="Column holding the gold answer [default: answer].")]
-AnswerAfter = Annotated[Optional[str], typer.Option(help="Keep only the text after the last occurrence of "
+AnswerField = Annotated[Optional[str], typer.Option(rich_help_panel="Prompts", help="Column holding the gold answer [default: answer].")]
+AnswerAfter = Annotated[Optional[str], typer.Option(rich_help_panel="Prompts", help="Keep only the text after the last occurrence of "
                                                     "this marker in the answer, e.g. '#### ' for GSM8K.")]
-IdField = Annotated[Optional[str], typer.Option(help="Column holding a stable prompt id [default: a hash "
+IdField = Annotated[Optional[str], typer.Option(rich_help_panel="Prompts", help="Column holding a stable prompt id [default: a hash "
                                                 "of the prompt text].")]
-Limit = Annotated[Optional[int], typer.Option(help="Use only the first N prompts.")]
-Template = Annotated[str, typer.Option(help="Prompt template; `{prompt}` is replaced by the prompt text.")]
+Limit = Annotated[Optional[int], typer.Option(rich_help_panel="Prompts", help="Use only the first N prompts.")]
+Template = Annotated[str, typer.Option(rich_help_panel="Prompts", help="Prompt template; `{prompt}` is replaced by the prompt text.")]
 NoChatTemplate = Annotated[bool, typer.Option("--no-chat-template",
-                                              help="Do not apply the tokenizer's chat template.")]
-System = Annotated[Optional[str], typer.Option(help="System message for the chat template.")]
-GroupSize = Annotated[int, typer.Option("--group-size", "-G", min=1,
+                                              rich_help_panel="Prompts", help="Do not apply the tokenizer's chat template.")]
+System = Annotated[Optional[str], typer.Option(rich_help_panel="Prompts", help="System message for the chat template.")]
+GroupSize = Annotated[int, typer.Option("--group-size", "-G", rich_help_panel="Sampling", min=1,
                                         help="Completions per prompt (G). 2 is 2-GRPO.")]
-Temperature = Annotated[float, typer.Option(min=0.0, help="Sampling temperature (0 = greedy).")]
-TopP = Annotated[float, typer.Option(min=0.0, max=1.0, help="Nucleus sampling mass.")]
-TopK = Annotated[int, typer.Option(min=0, help="Keep the K most likely tokens (0 = off).")]
-MaxNewTokens = Annotated[int, typer.Option(min=1, help="Generation budget per completion, in tokens.")]
-Seed = Annotated[int, typer.Option(help="Random seed: the same seed gives the same output, byte for byte.")]
-BatchSize = Annotated[int, typer.Option(min=1, help="Sequences generated together.")]
-Backend = Annotated[str, typer.Option(help="Generation engine: `hf` (transformers) or `vllm` "
+Temperature = Annotated[float, typer.Option(rich_help_panel="Sampling", min=0.0, help="Sampling temperature (0 = greedy).")]
+TopP = Annotated[float, typer.Option(rich_help_panel="Sampling", min=0.0, max=1.0, help="Nucleus sampling mass.")]
+TopK = Annotated[int, typer.Option(rich_help_panel="Sampling", min=0, help="Keep the K most likely tokens (0 = off).")]
+MaxNewTokens = Annotated[int, typer.Option(rich_help_panel="Sampling", min=1, help="Generation budget per completion, in tokens.")]
+Seed = Annotated[int, typer.Option(rich_help_panel="Sampling", help="Random seed: the same seed gives the same output, byte for byte.")]
+BatchSize = Annotated[int, typer.Option(rich_help_panel="Sampling", min=1, help="Sequences generated together.")]
+Backend = Annotated[Literal["hf", "vllm"], typer.Option(rich_help_panel="Sampling", help="Generation engine: `hf` (transformers) or `vllm` "
                                       "(needs the vllm extra on a GPU, or vLLM's CPU build: "
                                       "README, vLLM on CPU).")]
-EnforceEager = Annotated[bool, typer.Option("--enforce-eager", help="vLLM without its compile "
+EnforceEager = Annotated[bool, typer.Option("--enforce-eager", rich_help_panel="vLLM", help="vLLM without its compile "
                                             "step and CUDA graphs: starts sooner, samples slower "
                                             "(--backend vllm).")]
-TensorParallel = Annotated[int, typer.Option(min=1, help="GPUs vLLM shards the model over "
+TensorParallel = Annotated[int, typer.Option(rich_help_panel="vLLM", min=1, help="GPUs vLLM shards the model over "
                                              "(--backend vllm).")]
-GpuMemory = Annotated[float, typer.Option(min=0.01, max=1.0, help="Share of each GPU's memory vLLM "
+GpuMemory = Annotated[float, typer.Option(rich_help_panel="vLLM", min=0.01, max=1.0, help="Share of each GPU's memory vLLM "
                                           "takes for weights and KV cache (--backend vllm).")]
-Dtype = Annotated[str, typer.Option(help="Weights dtype: float32, bfloat16 or float16.")]
-WarmupSteps = Annotated[int, typer.Option(min=0, help="Linear learning-rate warm-up over the "
+Dtype = Annotated[Literal["float32", "bfloat16", "float16"], typer.Option(rich_help_panel="Model", help="Weights dtype.")]
+WarmupSteps = Annotated[int, typer.Option(rich_help_panel="Update", min=0, help="Linear learning-rate warm-up over the "
                                           "first N steps (the paper: 10); 0 = constant lr.")]
-Device = Annotated[str, typer.Option(help="Torch device, e.g. cpu or cuda.")]
+Device = Annotated[str, typer.Option(rich_help_panel="Model", help="Torch device, e.g. cpu or cuda.")]
 TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code",
-                                               help="Allow model code from the checkpoint directory "
+                                               rich_help_panel="Model", help="Allow model code from the checkpoint directory "
                                                "(off: only transformers' own architectures run).")]
 Reward = Annotated[Optional[list[str]], typer.Option(
-    "--reward", "-r",
-    help="Reward as NAME[=WEIGHT], repeatable: `math`, `format`, `path/file.py:fn`, `module:fn` "
+    "--reward", "-r", rich_help_panel="Score", help="Reward as NAME[=WEIGHT], repeatable: `math`, `format`, `path/file.py:fn`, `module:fn` "
     "[default: math].")]
-Workers = Annotated[Optional[int], typer.Option(min=1, help="Scoring processes [default: all cores].")]
-ScoreTimeout = Annotated[float, typer.Option("--timeout", min=0.01,
+Workers = Annotated[Optional[int], typer.Option(rich_help_panel="Score", min=1, help="Scoring processes [default: all cores].")]
+ScoreTimeout = Annotated[float, typer.Option("--timeout", rich_help_panel="Score", min=0.01,
                                              help="Seconds allowed per completion; over it scores 0.")]
-Estimator = Annotated[str, typer.Option(help="`group` (GRPO), `pairwise` (2-GRPO) or `rloo`.")]
-Std = Annotated[str, typer.Option(help="`group` (GRPO), `batch`, or `none` (Dr. GRPO). "
-                                  "Used by --estimator group.")]
+Estimator = Annotated[Literal["group", "pairwise", "rloo"],
+                      typer.Option(rich_help_panel="Advantage", help="`group` (GRPO), `pairwise` (2-GRPO) or `rloo`.")]
+Std = Annotated[Literal["group", "batch", "none"],
+                typer.Option(rich_help_panel="Advantage", help="`group` (GRPO), `batch`, or `none` (Dr. GRPO). "
+                             "Used by --estimator group.")]
+AdvEps = Annotated[float, typer.Option(rich_help_panel="Advantage", min=0.0, help="ε added to the std before dividing "
+                                       "(--estimator group).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
-Fsdp = Annotated[bool, typer.Option("--fsdp", help="Under torchrun: shard the optimizer state and "
+Fsdp = Annotated[bool, typer.Option("--fsdp", rich_help_panel="Model", help="Under torchrun: shard the optimizer state and "
                                     "the summed gradients across ranks with FSDP2 (default: every "
                                     "rank holds the whole model and optimizer, DDP-style). No "
                                     "effect in a single process.")]
-AttnImplementation = Annotated[Optional[str], typer.Option(
+AttnImplementation = Annotated[Optional[str], typer.Option(rich_help_panel="Model", 
     help="Attention kernel: eager, sdpa, flash_attention_2 (GPU, needs flash-attn) "
     "[default: transformers' choice, sdpa].")]
 GradientCheckpointing = Annotated[bool, typer.Option(
-    "--gradient-checkpointing", help="Recompute each layer's activations in the backward pass: "
+    "--gradient-checkpointing", rich_help_panel="Model", help="Recompute each layer's activations in the backward pass: "
     "far less memory, about one more forward pass of time. Same gradients.")]
-LoraR = Annotated[int, typer.Option(min=0, help="Train a LoRA adapter of this rank instead of every "
+LoraR = Annotated[int, typer.Option(rich_help_panel="LoRA", min=0, help="Train a LoRA adapter of this rank instead of every "
                                     "weight (needs the lora extra); 0 = off. A --policy that holds "
                                     "an adapter continues it.")]
-LoraAlpha = Annotated[Optional[float], typer.Option(help="LoRA scale α (update = α/r · BA) "
+LoraAlpha = Annotated[Optional[float], typer.Option(rich_help_panel="LoRA", help="LoRA scale α (update = α/r · BA) "
                                                     "[default: 2 × --lora-r, as TRL].")]
-LoraDropout = Annotated[float, typer.Option(min=0.0, max=0.99, help="Dropout on the LoRA input "
+LoraDropout = Annotated[float, typer.Option(rich_help_panel="LoRA", min=0.0, max=0.99, help="Dropout on the LoRA input "
                                             "during the update (peft's default 0).")]
-LoraTargetModules = Annotated[str, typer.Option(help="Layers that get adapters: `all-linear` (every "
+LoraTargetModules = Annotated[str, typer.Option(rich_help_panel="LoRA", help="Layers that get adapters: `all-linear` (every "
                                                 "linear layer but the output head) or names, "
                                                 "e.g. `q_proj,v_proj`.")]
-SaveLora = Annotated[str, typer.Option(help="With --lora-r: `adapter` saves the adapter (it names "
+SaveLora = Annotated[Literal["adapter", "merged"], typer.Option(rich_help_panel="LoRA", help="With --lora-r: `adapter` saves the adapter (it names "
                                        "the base model's path); `merged` also writes merged/, the "
                                        "merged weights as a plain model directory.")]
-IsCap = Annotated[Optional[float], typer.Option(help="Truncated importance sampling: weight each "
+# The update's knobs, shared by `update` and `loop` (defaults and sources: update.UpdateConfig).
+WeightDecay = Annotated[float, typer.Option(rich_help_panel="Update", help="AdamW decoupled weight decay.")]
+Beta1 = Annotated[float, typer.Option(rich_help_panel="Update", help="AdamW β1 (first-moment decay), in [0, 1).")]
+Beta2 = Annotated[float, typer.Option(rich_help_panel="Update", help="AdamW β2 (second-moment decay), in [0, 1).")]
+ClipEps = Annotated[float, typer.Option(rich_help_panel="Update", help="PPO/GRPO clip range ε below 1 (and above, unless "
+                                        "--clip-eps-high).")]
+ClipEpsHigh = Annotated[Optional[float], typer.Option(rich_help_panel="Update", help="Clip range above 1 (DAPO's "
+                                                      "clip-higher uses 0.28) [default: "
+                                                      "--clip-eps].")]
+ClipRatioC = Annotated[Optional[float], typer.Option(rich_help_panel="Update", 
+    help="Dual clip (Ye et al. 2020; verl's clip_ratio_c, 3.0 there): for A < 0 cap each "
+    "token's loss at C·|A|, so a stale ratio ρ > C gives no gradient. Must be > 1 "
+    "[default: off].")]
+MiniBatches = Annotated[int, typer.Option(rich_help_panel="Update", 
+    help="Optimizer steps per pass over the rollouts: their prompt groups (whole groups, file "
+    "order) split into M mini-batches, one step each, all against the sampler's log-probs, "
+    "so the clip acts from the second step on (verl: train_batch_size / ppo_mini_batch_size; "
+    "TRL: steps_per_generation).")]
+UpdateEpochs = Annotated[int, typer.Option(rich_help_panel="Update", 
+    help="Passes over the rollouts: M × E optimizer steps in all (verl ppo_epochs, TRL "
+    "num_iterations). Not --epochs, which in `loop` counts passes over the prompt set.")]
+LossAgg = Annotated[Literal["token-mean", "seq-mean", "constant"], typer.Option(rich_help_panel="Update", 
+    help="Per-token losses to one number: `token-mean` (DAPO, TRL), `seq-mean` (the GRPO "
+    "paper) or `constant` (Dr. GRPO).")]
+MaxGradNorm = Annotated[float, typer.Option(rich_help_panel="Update", help="Clip the gradient norm to this (0 = off).")]
+KlCoef = Annotated[float, typer.Option(rich_help_panel="Update", help="Weight β of the k3 KL penalty to --ref (needs "
+                                       "--ref).")]
+Ref = Annotated[Optional[str], typer.Option(rich_help_panel="Update", help="Reference model directory for the KL penalty.")]
+IsCap = Annotated[Optional[float], typer.Option(rich_help_panel="Update", help="Truncated importance sampling: weight each "
                                                 "token's loss by min(π_trainer/π_sampler, CAP), "
                                                 "correcting the sampler's (e.g. vLLM's) log-prob "
                                                 "mismatch; 2.0 is usual [default: off].")]
@@ -290,32 +322,18 @@ def update(
     out: Annotated[str, typer.Option(help="Directory for the updated checkpoint.")] = ...,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-6,
     warmup_steps: WarmupSteps = 0,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
-    beta1: Annotated[float, typer.Option(help="AdamW beta1.")] = 0.9,
-    beta2: Annotated[float, typer.Option(help="AdamW beta2.")] = 0.999,
-    clip_eps: Annotated[float, typer.Option(help="PPO clip range below 1 (and above, unless "
-                                            "--clip-eps-high).")] = 0.2,
-    clip_eps_high: Annotated[Optional[float], typer.Option(help="Clip range above 1 (DAPO's "
-                                                           "clip-higher uses 0.28).")] = None,
-    clip_ratio_c: Annotated[Optional[float], typer.Option(
-        help="Dual clip (Ye et al. 2020; verl's clip_ratio_c, 3.0 there): for A < 0 cap each "
-        "token's loss at C·|A|, so a stale ratio ρ > C gives no gradient. Must be > 1 "
-        "[default: off].")] = None,
-    mini_batches: Annotated[int, typer.Option(
-        help="Optimizer steps per pass over the file: split its prompt groups (whole groups, "
-        "file order) into M mini-batches, one step each, all against the records' logprobs, "
-        "so the clip acts from the second step on (verl: train_batch_size / "
-        "ppo_mini_batch_size; TRL: steps_per_generation) [default: 1 = one step].")] = 1,
-    update_epochs: Annotated[int, typer.Option(
-        help="Passes over the file: M × E optimizer steps in all (verl ppo_epochs, TRL "
-        "num_iterations). Not --epochs, which in `loop` counts passes over the prompt set "
-        "[default: 1].")] = 1,
-    loss_agg: Annotated[str, typer.Option(help="`token-mean` (DAPO), `seq-mean` (GRPO paper) or "
-                                          "`constant` (Dr. GRPO).")] = "token-mean",
-    max_grad_norm: Annotated[float, typer.Option(help="Clip the gradient norm to this (0 = off).")] = 1.0,
-    kl_coef: Annotated[float, typer.Option(help="Weight of the k3 KL penalty to --ref.")] = 0.0,
-    ref: Annotated[Optional[str], typer.Option(help="Reference model directory for the KL "
-                                               "penalty.")] = None,
+    weight_decay: WeightDecay = 0.0,
+    beta1: Beta1 = 0.9,
+    beta2: Beta2 = 0.999,
+    clip_eps: ClipEps = 0.2,
+    clip_eps_high: ClipEpsHigh = None,
+    clip_ratio_c: ClipRatioC = None,
+    mini_batches: MiniBatches = 1,
+    update_epochs: UpdateEpochs = 1,
+    loss_agg: LossAgg = "token-mean",
+    max_grad_norm: MaxGradNorm = 1.0,
+    kl_coef: KlCoef = 0.0,
+    ref: Ref = None,
     micro_batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward/backward; "
                                                   "gradients accumulate over the file.")] = 8,
     temperature: Annotated[Optional[float], typer.Option(help="Divide logits by this [default: "
@@ -356,6 +374,9 @@ def update(
 
         grpoctl update adv.jsonl --policy ./Qwen2.5-Math-1.5B --out ckpt-1 --dtype bfloat16 \\
             --lora-r 16 --gradient-checkpointing --is-cap 2
+
+        grpoctl update adv.jsonl --policy ckpt-1 --out ckpt-2 --mini-batches 4 \\
+            --update-epochs 2 --clip-ratio-c 3
     """
     from grpoctl.lora import LoraSettings
     from grpoctl.update import UpdateConfig, run_update
@@ -460,56 +481,70 @@ def loop(
     no_chat_template: NoChatTemplate = False,
     system: System = None,
     group_size: GroupSize = 2,
-    prompts_per_step: Annotated[Optional[int], typer.Option(min=1, help="Prompts per step; each gives "
+    prompts_per_step: Annotated[Optional[int], typer.Option(rich_help_panel="Sampling", min=1, help="Prompts per step; each gives "
                                                             "G rollouts [default: 64 for the embedded "
                                                             "model, else 32].")] = None,
-    steps: Annotated[Optional[int], typer.Option(min=1, help="Optimizer steps [default: 100, or from "
+    steps: Annotated[Optional[int], typer.Option(rich_help_panel="Run", min=1, help="Optimizer steps [default: 100, or from "
                                                  "--epochs].")] = None,
-    epochs: Annotated[Optional[float], typer.Option(help="Passes over the prompts (instead of "
+    epochs: Annotated[Optional[float], typer.Option(rich_help_panel="Run", help="Passes over the prompts (instead of "
                                                     "--steps).")] = None,
     temperature: Temperature = 1.0,
     top_p: TopP = 1.0,
     top_k: TopK = 0,
-    max_new_tokens: Annotated[Optional[int], typer.Option(min=1, help="Generation budget per "
+    max_new_tokens: Annotated[Optional[int], typer.Option(rich_help_panel="Sampling", min=1, help="Generation budget per "
                                                           "completion [default: 32 for the embedded "
                                                           "model, else 1024].")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Sequences generated together "
+    batch_size: Annotated[Optional[int], typer.Option(rich_help_panel="Sampling", min=1, help="Sequences generated together "
                                                       "[default: 256 for the embedded model, else 64]."
                                                       )] = None,
     backend: Backend = "hf",
     tensor_parallel_size: TensorParallel = 1,
-    gpu_memory_utilization: Annotated[float, typer.Option(
+    gpu_memory_utilization: Annotated[float, typer.Option(rich_help_panel="vLLM", 
         min=0.01, max=1.0, help="Share of the GPU's memory the vLLM engine takes for weights and "
         "KV cache; the rest is the trainer's (--backend vllm).")] = 0.4,
-    vllm_dtype: Annotated[Optional[str], typer.Option(help="Weights dtype of the vLLM engine, "
+    vllm_dtype: Annotated[Optional[str], typer.Option(rich_help_panel="vLLM", help="Weights dtype of the vLLM engine, "
                                                       "e.g. bfloat16 while the trainer keeps "
                                                       "float32 [default: --dtype].")] = None,
-    vllm_sleep: Annotated[bool, typer.Option("--vllm-sleep", help="Put the vLLM engine to sleep "
+    vllm_sleep: Annotated[bool, typer.Option("--vllm-sleep", rich_help_panel="vLLM", help="Put the vLLM engine to sleep "
                                              "(weights to CPU, KV cache freed) during each "
                                              "update; GPU only.")] = False,
     enforce_eager: EnforceEager = False,
     reward: Reward = None,
     workers: Workers = None,
     timeout: ScoreTimeout = 2.0,
-    score_cmd: Annotated[Optional[str], typer.Option(help="Shell command that replaces `score`: "
+    score_cmd: Annotated[Optional[str], typer.Option(rich_help_panel="Score", help="Shell command that replaces `score`: "
                                                      "rollout records on stdin, scored on stdout.")] = None,
     estimator: Estimator = "group",
     std: Std = "group",
-    drop_zero: Annotated[bool, typer.Option("--drop-zero", help="Drop all-tied groups before the "
+    drop_zero: Annotated[bool, typer.Option("--drop-zero", rich_help_panel="Advantage", help="Drop all-tied groups before the "
                                             "update.")] = False,
-    advantage_cmd: Annotated[Optional[str], typer.Option(help="Shell command that replaces "
+    adv_eps: AdvEps = 1e-6,
+    refill: Annotated[bool, typer.Option("--refill", rich_help_panel="Advantage", help="2-GRPO+RS / DAPO dynamic sampling: "
+                                         "replace tied groups by groups of fresh prompts until "
+                                         "the step has --prompts-per-step contrastive groups or "
+                                         "--max-rollouts-per-step is spent; every attempt's "
+                                         "files stay in the step directory.")] = False,
+    max_rollouts_per_step: Annotated[Optional[int], typer.Option(rich_help_panel="Advantage", 
+        min=1, help="--refill's rollout budget per step, discarded rollouts included "
+        "[default: 16 × --prompts-per-step, what 16-GRPO spends on those prompts].")] = None,
+    advantage_cmd: Annotated[Optional[str], typer.Option(rich_help_panel="Advantage", help="Shell command that replaces "
                                                          "`advantage`.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="AdamW learning rate [default: 1e-4 for the "
+    lr: Annotated[Optional[float], typer.Option(rich_help_panel="Update", help="AdamW learning rate [default: 1e-4 for the "
                                                 "embedded model, else 1e-6 (the paper's 16-GRPO)].")] = None,
     warmup_steps: WarmupSteps = 0,
-    weight_decay: Annotated[float, typer.Option(help="AdamW weight decay.")] = 0.0,
-    clip_eps: Annotated[float, typer.Option(help="PPO clip range.")] = 0.2,
-    clip_eps_high: Annotated[Optional[float], typer.Option(help="Upper clip range (DAPO: 0.28).")] = None,
-    loss_agg: Annotated[str, typer.Option(help="token-mean, seq-mean or constant.")] = "token-mean",
-    max_grad_norm: Annotated[float, typer.Option(help="Gradient-norm clip (0 = off).")] = 1.0,
-    kl_coef: Annotated[float, typer.Option(help="k3 KL penalty weight (needs --ref).")] = 0.0,
-    ref: Annotated[Optional[str], typer.Option(help="Reference model for the KL penalty.")] = None,
-    micro_batch_size: Annotated[Optional[int], typer.Option(min=1, help="Sequences per forward/"
+    weight_decay: WeightDecay = 0.0,
+    beta1: Beta1 = 0.9,
+    beta2: Beta2 = 0.999,
+    clip_eps: ClipEps = 0.2,
+    clip_eps_high: ClipEpsHigh = None,
+    clip_ratio_c: ClipRatioC = None,
+    mini_batches: MiniBatches = 1,
+    update_epochs: UpdateEpochs = 1,
+    loss_agg: LossAgg = "token-mean",
+    max_grad_norm: MaxGradNorm = 1.0,
+    kl_coef: KlCoef = 0.0,
+    ref: Ref = None,
+    micro_batch_size: Annotated[Optional[int], typer.Option(rich_help_panel="Update", min=1, help="Sequences per forward/"
                                                             "backward [default: 256 for the embedded "
                                                             "model, else 8].")] = None,
     is_cap: IsCap = None,
@@ -522,27 +557,33 @@ def loop(
     device: Device = "cpu",
     attn_implementation: AttnImplementation = None,
     gradient_checkpointing: GradientCheckpointing = False,
-    threads: Annotated[Optional[int], typer.Option(min=0, help="CPU threads for torch (0 = torch's "
+    threads: Annotated[Optional[int], typer.Option(rich_help_panel="Model", min=0, help="CPU threads for torch (0 = torch's "
                                                    "choice) [default: 1 for the embedded model, "
                                                    "else 0].")] = None,
     fsdp: Fsdp = False,
     trust_remote_code: TrustRemoteCode = False,
-    eval_prompts: Annotated[Optional[str], typer.Option(help="Held-out prompts, or `none` "
+    eval_prompts: Annotated[Optional[str], typer.Option(rich_help_panel="Evaluation", help="Held-out prompts, or `none` "
                                                         "[default: arith:test].")] = "arith:test",
-    eval_every: Annotated[int, typer.Option(min=1, help="Evaluate every N steps (and at the "
+    eval_every: Annotated[int, typer.Option(rich_help_panel="Evaluation", min=1, help="Evaluate every N steps (and at the "
                                             "start and end).")] = 50,
-    eval_samples: Annotated[int, typer.Option(min=1, help="Samples per held-out prompt: k of "
+    eval_samples: Annotated[int, typer.Option(rich_help_panel="Evaluation", min=1, help="Samples per held-out prompt: k of "
                                               "Mean@k and Pass@k.")] = 4,
-    eval_limit: Annotated[Optional[int], typer.Option(help="Evaluate on the first N held-out "
+    eval_limit: Annotated[Optional[int], typer.Option(rich_help_panel="Evaluation", help="Evaluate on the first N held-out "
                                                       "prompts.")] = None,
-    run_dir: Annotated[Optional[str], typer.Option(help="Run directory [default: "
+    eval_temperature: Annotated[float, typer.Option(rich_help_panel="Evaluation", min=0.0, help="Evaluation sampling "
+                                                    "temperature (the paper's 0.7).")] = 0.7,
+    eval_top_p: Annotated[float, typer.Option(rich_help_panel="Evaluation", min=0.0, max=1.0, help="Evaluation nucleus mass "
+                                              "(the paper's 0.8).")] = 0.8,
+    eval_top_k: Annotated[int, typer.Option(rich_help_panel="Evaluation", min=0, help="Evaluation top-k (the paper's 20; "
+                                            "0 = off).")] = 20,
+    run_dir: Annotated[Optional[str], typer.Option(rich_help_panel="Run", help="Run directory [default: "
                                                    "runs/DATE-TIME-gG-sSEED].")] = None,
     seed: Seed = 0,
-    save_every: Annotated[int, typer.Option(min=1, help="Checkpoint every N steps (and at the end).")] = 25,
-    keep_last: Annotated[int, typer.Option(min=1, help="Checkpoints to keep.")] = 2,
-    rollouts_from: Annotated[Optional[str], typer.Option(help="Reuse the rollouts of another run "
+    save_every: Annotated[int, typer.Option(rich_help_panel="Run", min=1, help="Checkpoint every N steps (and at the end).")] = 25,
+    keep_last: Annotated[int, typer.Option(rich_help_panel="Run", min=1, help="Checkpoints to keep.")] = 2,
+    rollouts_from: Annotated[Optional[str], typer.Option(rich_help_panel="Run", help="Reuse the rollouts of another run "
                                                          "directory instead of sampling.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --run-dir (or the "
+    resume: Annotated[bool, typer.Option("--resume", rich_help_panel="Run", help="Continue the run in --run-dir (or the "
                                          "newest under runs/) where it stopped.")] = False,
     quiet: Quiet = False,
 ):
@@ -575,13 +616,18 @@ def loop(
         backend=backend, tensor_parallel_size=tensor_parallel_size,
         gpu_memory_utilization=gpu_memory_utilization, vllm_dtype=vllm_dtype, vllm_sleep=vllm_sleep,
         vllm_eager=enforce_eager, rewards=reward or ["math"], score_workers=workers, score_timeout=timeout,
-        score_cmd=score_cmd, estimator=estimator, std=std, drop_zero=drop_zero,
+        score_cmd=score_cmd, estimator=estimator, std=std, drop_zero=drop_zero, adv_eps=adv_eps,
+        refill=refill, max_rollouts_per_step=max_rollouts_per_step,
         advantage_cmd=advantage_cmd, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
-        clip_eps=clip_eps, clip_eps_high=clip_eps_high, loss_agg=loss_agg,
+        beta1=beta1, beta2=beta2, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
+        clip_ratio_c=clip_ratio_c, mini_batches=mini_batches, update_epochs=update_epochs,
+        loss_agg=loss_agg,
         max_grad_norm=max_grad_norm, kl_coef=kl_coef, ref=ref, micro_batch_size=micro_batch_size,
         dtype=dtype, device=device, threads=threads, trust_remote_code=trust_remote_code,
         eval_prompts=None if eval_prompts in (None, "none") else eval_prompts,
-        eval_every=eval_every, eval_samples=eval_samples, eval_limit=eval_limit, run_dir=run_dir,
+        eval_every=eval_every, eval_samples=eval_samples, eval_limit=eval_limit,
+        eval_temperature=eval_temperature, eval_top_p=eval_top_p, eval_top_k=eval_top_k,
+        run_dir=run_dir,
         seed=seed, save_every=save_every, keep_last=keep_last, rollouts_from=rollouts_from,
         fsdp=fsdp, is_cap=is_cap, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
         lora_target_modules=lora_target_modules, save_lora=save_lora,

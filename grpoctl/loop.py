@@ -96,6 +96,8 @@ class LoopConfig:
     adv_eps: float = 1e-6
     drop_zero: bool = False
     advantage_cmd: str | None = None
+    refill: bool = False  # 2-GRPO+RS / dynamic sampling: tied groups replaced (refill.py)
+    max_rollouts_per_step: int | None = None  # --refill's cap; None: 16 x prompts_per_step
     # update
     lr: float | None = None  # None: 1e-4 for the embedded model, else 1e-6 (the paper's 16-GRPO)
     warmup_steps: int = 0  # linear lr warm-up over the first N steps; 0 = constant lr
@@ -104,6 +106,9 @@ class LoopConfig:
     beta2: float = 0.999
     clip_eps: float = 0.2
     clip_eps_high: float | None = None
+    clip_ratio_c: float | None = None  # dual clip; None = off (verl uses 3.0)
+    mini_batches: int = 1  # optimizer steps per pass over the step's groups
+    update_epochs: int = 1  # passes over the step's rollouts
     loss_agg: str = "token-mean"
     max_grad_norm: float = 1.0
     kl_coef: float = 0.0
@@ -153,11 +158,44 @@ class LoopConfig:
             raise GrpoctlError("--group-size must be at least 2: GRPO contrasts completions of one prompt")
         if cfg.estimator == "pairwise" and cfg.group_size != 2:
             raise GrpoctlError("--estimator pairwise needs --group-size 2")
+        from grpoctl.advantages import ESTIMATORS, STD_MODES
+        from grpoctl.rollout import BACKENDS
+
+        for name, allowed in (("estimator", ESTIMATORS), ("std", STD_MODES),
+                              ("backend", BACKENDS)):
+            if getattr(cfg, name) not in allowed:
+                raise GrpoctlError(f"--{name}: expected one of {', '.join(allowed)}, "
+                                   f"got {getattr(cfg, name)!r}")
+        if cfg.kl_coef > 0 and not cfg.ref:
+            raise GrpoctlError("--kl-coef > 0 needs a reference policy (--ref)")
+        if cfg.refill and cfg.rollouts_from:
+            raise GrpoctlError("--refill samples fresh prompts; it cannot reuse --rollouts-from")
+        if cfg.max_rollouts_per_step is not None and (
+                cfg.max_rollouts_per_step < cfg.prompts_per_step * cfg.group_size):
+            raise GrpoctlError(f"--max-rollouts-per-step {cfg.max_rollouts_per_step} is less than "
+                               f"one step's own rollouts ({cfg.prompts_per_step} prompts x "
+                               f"{cfg.group_size})")
+        from grpoctl.update import check_config
+
+        check_config(cfg.update_config())  # bad update settings, before a run directory is made
         from grpoctl.lora import check_save_mode
 
         check_save_mode(cfg.save_lora)  # fail before a run directory is made
         cfg.lora_settings().check()
         return cfg
+
+    def update_config(self):
+        """The update stage's settings (update.UpdateConfig) from this run's."""
+        from grpoctl.update import UpdateConfig
+
+        c = self
+        return UpdateConfig(lr=c.lr, warmup_steps=c.warmup_steps, weight_decay=c.weight_decay,
+                            betas=(c.beta1, c.beta2), clip_eps=c.clip_eps,
+                            clip_eps_high=c.clip_eps_high, clip_ratio_c=c.clip_ratio_c,
+                            loss_agg=c.loss_agg, max_grad_norm=c.max_grad_norm,
+                            kl_coef=c.kl_coef, micro_batch_size=c.micro_batch_size,
+                            is_cap=c.is_cap, mini_batches=c.mini_batches,
+                            update_epochs=c.update_epochs)
 
     def lora_settings(self):
         from grpoctl.lora import LoraSettings
@@ -170,8 +208,16 @@ def step_dir(run: Path, step: int) -> Path:
     return run / f"step-{step:06d}"
 
 
+def attempt_dir(run: Path, step: int, attempt: int) -> Path:
+    """Where --refill's attempt k of a step keeps its files (attempt 0: the step's own)."""
+    return step_dir(run, step) / f"refill-{attempt:02d}" if attempt else step_dir(run, step)
+
+
 def checkpoint_dir(run: Path, step: int) -> Path:
     return run / "checkpoints" / f"step-{step:06d}"
+
+
+REFILL_SALT = 1000  # step_seed salts: 0 the step's rollouts, 1 its evaluation, 1000 + k refills
 
 
 def step_seed(seed: int, step: int, salt: int = 0) -> int:
@@ -313,14 +359,7 @@ class Loop:
                                          cfg.attn_implementation)
 
     def update_config(self):
-        from grpoctl.update import UpdateConfig
-
-        c = self.cfg
-        return UpdateConfig(lr=c.lr, warmup_steps=c.warmup_steps, weight_decay=c.weight_decay,
-                            betas=(c.beta1, c.beta2), clip_eps=c.clip_eps,
-                            clip_eps_high=c.clip_eps_high, loss_agg=c.loss_agg,
-                            max_grad_norm=c.max_grad_norm, kl_coef=c.kl_coef,
-                            micro_batch_size=c.micro_batch_size, is_cap=c.is_cap)
+        return self.cfg.update_config()
 
     def load_prompts(self, source: str, limit: int | None = None) -> list[dict]:
         from grpoctl.prompts import load_prompts
@@ -384,25 +423,28 @@ class Loop:
 
     # one step -----------------------------------------------------------------------
 
-    def rollout_stage(self, step: int, prompts: list[dict]) -> list[dict]:
-        path = step_dir(self.run, step) / "rollouts.jsonl"
+    def rollout_stage(self, step: int, prompts: list[dict], attempt: int = 0) -> list[dict]:
+        """The step's rollouts; attempt k > 0 is --refill's k-th draw of fresh prompts,
+        in its own directory and with its own seed."""
+        path = attempt_dir(self.run, step, attempt) / "rollouts.jsonl"
         if path.is_file():
             return read_records(str(path))
         if self.cfg.rollouts_from:
             source = step_dir(Path(self.cfg.rollouts_from), step) / "rollouts.jsonl"
             records = read_records(str(source))
         else:
-            records = self.generate(prompts, self.cfg.group_size,
-                                    self.sampling(step_seed(self.cfg.seed, step)), step - 1)
+            seed = step_seed(self.cfg.seed, step, salt=REFILL_SALT + attempt if attempt else 0)
+            records = self.generate(prompts, self.cfg.group_size, self.sampling(seed), step - 1)
         if distributed.is_main():  # torchrun: rank 0 writes the files
+            path.parent.mkdir(exist_ok=True)
             write_records(records, str(path))
         return records
 
     @distributed.main_only  # torchrun: rank 0 scores and writes; every rank gets the records
-    def score_stage(self, step: int, records: list[dict]) -> list[dict]:
+    def score_stage(self, step: int, records: list[dict], attempt: int = 0) -> list[dict]:
         from grpoctl.rewards import parse_reward_specs, score_records
 
-        directory = step_dir(self.run, step)
+        directory = attempt_dir(self.run, step, attempt)
         path = directory / "scored.jsonl"
         if path.is_file():
             return read_records(str(path), NEEDS_ADVANTAGE)
@@ -416,7 +458,9 @@ class Loop:
         return scored
 
     @distributed.main_only  # ... and the advantages: each rank then updates on its share
-    def advantage_stage(self, step: int, scored: list[dict]) -> tuple[list[dict], dict]:
+    def advantage_stage(self, step: int, scored: list[dict],
+                        input_name: str = "scored.jsonl") -> list[dict]:
+        """Advantages of `scored`, the step directory's `input_name` (kept.jsonl with --refill)."""
         from grpoctl.advantages import compute_advantages
 
         directory = step_dir(self.run, step)
@@ -424,25 +468,63 @@ class Loop:
         if path.is_file():
             records = read_advantages(path)
         elif self.cfg.advantage_cmd:
-            records = _external_stage(self.cfg.advantage_cmd, directory / "scored.jsonl", path,
+            records = _external_stage(self.cfg.advantage_cmd, directory / input_name, path,
                                       NEEDS_UPDATE)
         else:
             records, _ = compute_advantages(scored, estimator=self.cfg.estimator, std=self.cfg.std,
                                             eps=self.cfg.adv_eps, drop_zero=self.cfg.drop_zero,
-                                            source=str(directory / "scored.jsonl"))
+                                            source=str(directory / input_name))
             write_records(records, str(path))
-        return records, group_stats(scored, records)
+        return records
+
+    def refill_stage(self, step: int, prompts: list[dict], batch: list[dict],
+                     records: list[dict], scored: list[dict]):
+        """--refill (refill.py): sample fresh prompts for the tied groups of attempt 0
+        (`records`/`scored`, the step's own `batch`) until prompts_per_step contrastive
+        groups are kept or the rollout cap is reached. Each attempt's files are in
+        refill-KK/, the kept groups' scored records in kept.jsonl.
+        Returns (every attempt's records, every attempt's scored records, the kept
+        scored records, the refill metrics)."""
+        from grpoctl.refill import contrastive_prompts, fresh_prompts, refill_size
+
+        c = self.cfg
+        wanted, cap = c.prompts_per_step, c.max_rollouts_per_step or 16 * c.prompts_per_step
+        used = {p["prompt_id"] for p in batch}
+        kept_ids = contrastive_prompts(scored)[:wanted]
+        all_records, all_scored, attempt = list(records), list(scored), 0
+        while len(kept_ids) < wanted:
+            budget = (cap - len(all_records)) // c.group_size
+            count = refill_size(wanted - len(kept_ids), len(kept_ids), len(used), budget)
+            fresh = fresh_prompts(prompts, used, count,
+                                  step_seed(c.seed, step, salt=REFILL_SALT + attempt + 1))
+            if not fresh:  # the cap is reached, or every prompt was used in this step
+                break
+            attempt += 1
+            self.display.stage(step, f"refill {attempt}")
+            records = self.rollout_stage(step, fresh, attempt)
+            scored = self.score_stage(step, records, attempt)
+            used.update(p["prompt_id"] for p in fresh)
+            kept_ids += contrastive_prompts(scored)[:wanted - len(kept_ids)]
+            all_records += records
+            all_scored += scored
+        kept = set(kept_ids)
+        kept_scored = [r for r in all_scored if r["prompt_id"] in kept]
+        if distributed.is_main():
+            write_records(kept_scored, str(step_dir(self.run, step) / "kept.jsonl"))
+        metrics = {"refill_attempts": attempt, "groups_sampled": len(used),
+                   "groups_kept": len(kept), "discard_rate": 1 - len(kept) / len(used)}
+        return all_records, all_scored, kept_scored, metrics
 
     def update_stage(self, step: int, records: list[dict]) -> dict:
-        from grpoctl.update import update_step
+        from grpoctl.update import update_batch
 
         if not records:  # every group tied and --drop-zero removed them: no gradient this step
             return {"loss": 0.0, "tokens": 0, "skipped": True}
         try:
             if self.engine is not None and self.cfg.vllm_sleep:
                 self.engine.sleep()  # the engine's weights to CPU, its KV cache freed
-            metrics = update_step(self.model, self.optimizer, records, self.update_config(),
-                                  ref_model=self.ref_model, step=step)
+            metrics = update_batch(self.model, self.optimizer, records, self.update_config(),
+                                   ref_model=self.ref_model, step=step)
             if self.engine is not None:  # new weights into the live engine, checked on this step
                 metrics.update(self.engine.sync_weights(self.model, records))
             return metrics
@@ -581,8 +663,15 @@ def run_loop(cfg: LoopConfig, resume: bool = False, display=None) -> Path:
         display.stage(step, "score")
         scored = loop.score_stage(step, records)
         times["score_s"] = time.perf_counter() - t0 - sum(times.values())
+        refill = {}
+        kept, kept_name = scored, "scored.jsonl"
+        if cfg.refill:
+            records, scored, kept, refill = loop.refill_stage(step, prompts, batch, records, scored)
+            kept_name = "kept.jsonl"
+            times["refill_s"] = time.perf_counter() - t0 - sum(times.values())
         display.stage(step, "advantage")
-        advantaged, stats = loop.advantage_stage(step, scored)
+        advantaged = loop.advantage_stage(step, kept, kept_name) if kept else []
+        stats = {**group_stats(scored, advantaged), **refill}
         times["advantage_s"] = time.perf_counter() - t0 - sum(times.values())
         display.stage(step, "update")
         update_metrics = loop.update_stage(step, advantaged)

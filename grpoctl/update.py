@@ -146,6 +146,17 @@ def check_config(cfg: UpdateConfig) -> None:
         if not (math.isfinite(value) and value >= 0):
             raise GrpoctlError(f"--{name.replace('_', '-')}: expected a finite number >= 0, "
                                f"got {value}")
+    if cfg.temperature is not None and not (math.isfinite(cfg.temperature)
+                                            and cfg.temperature >= 0):  # as rollout refuses it
+        raise GrpoctlError(f"--temperature: expected a finite number >= 0 (0 = greedy, scored "
+                           f"at 1), got {cfg.temperature}")
+    for flag, beta in zip(("--beta1", "--beta2"), cfg.betas):
+        if not (math.isfinite(beta) and 0 <= beta < 1):  # AdamW's moment decay rates
+            raise GrpoctlError(f"{flag}: expected a number in [0, 1), got {beta}")
+    if cfg.clip_eps_high is not None and not (math.isfinite(cfg.clip_eps_high)
+                                              and cfg.clip_eps_high >= 0):
+        raise GrpoctlError(f"--clip-eps-high: expected a finite number >= 0, got "
+                           f"{cfg.clip_eps_high}")
     if cfg.micro_batch_size < 1:
         raise GrpoctlError(f"--micro-batch-size: must be >= 1, got {cfg.micro_batch_size}")
     if cfg.warmup_steps < 0:

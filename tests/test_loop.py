@@ -145,3 +145,24 @@ def test_step_batches_never_repeat_a_prompt_and_cover_each_epoch():
     assert batches[0] != batches[2]  # the next epoch is shuffled differently
     assert batches == [[p["prompt_id"] for p in prompts_for_step(prompts, s, 4, seed=0)]
                        for s in range(1, 7)]  # a function of (seed, step) alone
+
+
+def test_mini_batches_and_update_epochs_take_m_times_e_optimizer_steps_and_the_clip_acts(tmp_path):
+    """--mini-batches 2 --update-epochs 2: four AdamW steps per rollout step, all against the
+    sampler's log-probs, so the later ones see ρ away from 1 and PPO's clip cuts in."""
+    from safetensors import safe_open
+
+    run = tmp_path / "run"
+    run_cli("loop", "-G", "2", "--prompts-per-step", "8", "--steps", "2", "--lr", "1e-3",
+            "--mini-batches", "2", "--update-epochs", "2", "--eval-prompts", "none",
+            "--seed", "0", "--quiet", "--run-dir", str(run), check=True)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for m in metrics:
+        assert m["optimizer_steps"] == 4 and len(m["per_optimizer_step"]) == 4
+        assert [(s["epoch"], s["mini_batch"]) for s in m["per_optimizer_step"]] == \
+            [(1, 1), (1, 2), (2, 1), (2, 2)]
+        assert m["per_optimizer_step"][0]["clip_fraction"] == 0.0  # ρ = 1 before any step
+    assert metrics[0]["clip_fraction"] > 0  # seed 0: later mini-batches are clipped
+    with safe_open(run / "checkpoints" / "step-000002" / "optimizer.safetensors", "pt") as f:
+        steps = {f.get_tensor(k).item() for k in f.keys() if k.endswith(".step")}
+    assert steps == {8.0}  # 2 rollout steps x 4
