@@ -34,118 +34,134 @@ app = typer.Typer(
 # --- options shared by several commands ----------------------------------------
 # Each is an Annotated type so `rollout`, `loop` and `eval` spell a knob the same way.
 
+
+def option(panel: str, *names: str, **kwargs):
+    """typer.Option shown in the `panel` section of --help (loop has some 80 options)."""
+    return typer.Option(*names, rich_help_panel=panel, **kwargs)
+
+
 Output = Annotated[str, typer.Option("--output", "-o", help="Output file; `-` is stdout.")]
-Model = Annotated[str, typer.Option("--model", "-m",
-                                    rich_help_panel="Model", help="Model directory (any transformers causal LM), or `default` "
-                                    "for the embedded tiny model.")]
-Prompts = Annotated[str, typer.Option(rich_help_panel="Prompts", help="Prompt file (JSONL, JSON, CSV, parquet; `-` = JSONL on "
-                                      "stdin) or a built-in task split: `arith:train`, `arith:test`.")]
-PromptField = Annotated[Optional[str], typer.Option(rich_help_panel="Prompts", help="Column holding the prompt [default: first of "
-                                                    "prompt, problem, question].")]
-AnswerField = Annotated[Optional[str], typer.Option(rich_help_panel="Prompts", help="Column holding the gold answer [default: answer].")]
-AnswerAfter = Annotated[Optional[str], typer.Option(rich_help_panel="Prompts", help="Keep only the text after the last occurrence of "
-                                                    "this marker in the answer, e.g. '#### ' for GSM8K.")]
-IdField = Annotated[Optional[str], typer.Option(rich_help_panel="Prompts", help="Column holding a stable prompt id [default: a hash "
-                                                "of the prompt text].")]
-Limit = Annotated[Optional[int], typer.Option(rich_help_panel="Prompts", help="Use only the first N prompts.")]
-Template = Annotated[str, typer.Option(rich_help_panel="Prompts", help="Prompt template; `{prompt}` is replaced by the prompt text.")]
-NoChatTemplate = Annotated[bool, typer.Option("--no-chat-template",
-                                              rich_help_panel="Prompts", help="Do not apply the tokenizer's chat template.")]
-System = Annotated[Optional[str], typer.Option(rich_help_panel="Prompts", help="System message for the chat template.")]
-GroupSize = Annotated[int, typer.Option("--group-size", "-G", rich_help_panel="Sampling", min=1,
-                                        help="Completions per prompt (G). 2 is 2-GRPO.")]
-Temperature = Annotated[float, typer.Option(rich_help_panel="Sampling", min=0.0, help="Sampling temperature (0 = greedy).")]
-TopP = Annotated[float, typer.Option(rich_help_panel="Sampling", min=0.0, max=1.0, help="Nucleus sampling mass.")]
-TopK = Annotated[int, typer.Option(rich_help_panel="Sampling", min=0, help="Keep the K most likely tokens (0 = off).")]
-MaxNewTokens = Annotated[int, typer.Option(rich_help_panel="Sampling", min=1, help="Generation budget per completion, in tokens.")]
-Seed = Annotated[int, typer.Option(rich_help_panel="Sampling", help="Random seed: the same seed gives the same output, byte for byte.")]
-BatchSize = Annotated[int, typer.Option(rich_help_panel="Sampling", min=1, help="Sequences generated together.")]
-Backend = Annotated[Literal["hf", "vllm"], typer.Option(rich_help_panel="Sampling", help="Generation engine: `hf` (transformers) or `vllm` "
-                                      "(needs the vllm extra on a GPU, or vLLM's CPU build: "
-                                      "README, vLLM on CPU).")]
-EnforceEager = Annotated[bool, typer.Option("--enforce-eager", rich_help_panel="vLLM", help="vLLM without its compile "
-                                            "step and CUDA graphs: starts sooner, samples slower "
-                                            "(--backend vllm).")]
-TensorParallel = Annotated[int, typer.Option(rich_help_panel="vLLM", min=1, help="GPUs vLLM shards the model over "
-                                             "(--backend vllm).")]
-GpuMemory = Annotated[float, typer.Option(rich_help_panel="vLLM", min=0.01, max=1.0, help="Share of each GPU's memory vLLM "
-                                          "takes for weights and KV cache (--backend vllm).")]
-Dtype = Annotated[Literal["float32", "bfloat16", "float16"], typer.Option(rich_help_panel="Model", help="Weights dtype.")]
-WarmupSteps = Annotated[int, typer.Option(rich_help_panel="Update", min=0, help="Linear learning-rate warm-up over the "
-                                          "first N steps (the paper: 10); 0 = constant lr.")]
-Device = Annotated[str, typer.Option(rich_help_panel="Model", help="Torch device, e.g. cpu or cuda.")]
-TrustRemoteCode = Annotated[bool, typer.Option("--trust-remote-code",
-                                               rich_help_panel="Model", help="Allow model code from the checkpoint directory "
-                                               "(off: only transformers' own architectures run).")]
-Reward = Annotated[Optional[list[str]], typer.Option(
-    "--reward", "-r", rich_help_panel="Score", help="Reward as NAME[=WEIGHT], repeatable: `math`, `format`, `path/file.py:fn`, `module:fn` "
-    "[default: math].")]
-Workers = Annotated[Optional[int], typer.Option(rich_help_panel="Score", min=1, help="Scoring processes [default: all cores].")]
-ScoreTimeout = Annotated[float, typer.Option("--timeout", rich_help_panel="Score", min=0.01,
-                                             help="Seconds allowed per completion; over it scores 0.")]
-Estimator = Annotated[Literal["group", "pairwise", "rloo"],
-                      typer.Option(rich_help_panel="Advantage", help="`group` (GRPO), `pairwise` (2-GRPO) or `rloo`.")]
-Std = Annotated[Literal["group", "batch", "none"],
-                typer.Option(rich_help_panel="Advantage", help="`group` (GRPO), `batch`, or `none` (Dr. GRPO). "
-                             "Used by --estimator group.")]
-AdvEps = Annotated[float, typer.Option(rich_help_panel="Advantage", min=0.0, help="ε added to the std before dividing "
-                                       "(--estimator group).")]
+Model = Annotated[str, option(
+    "Model", "--model", "-m", help="Model directory (any transformers causal LM), "
+    "or `default` for the embedded tiny model.")]
+Prompts = Annotated[str, option(
+    "Prompts", help="Prompt file (JSONL, JSON, CSV, parquet; `-` = JSONL on stdin) or a built-in "
+    "task split: `arith:train`, `arith:test`.")]
+PromptField = Annotated[Optional[str], option(
+    "Prompts", help="Column holding the prompt [default: first of prompt, problem, question].")]
+AnswerField = Annotated[Optional[str], option(
+    "Prompts", help="Column holding the gold answer [default: answer].")]
+AnswerAfter = Annotated[Optional[str], option(
+    "Prompts", help="Keep only the text after the last occurrence of this marker in the answer, "
+    "e.g. '#### ' for GSM8K.")]
+IdField = Annotated[Optional[str], option(
+    "Prompts", help="Column holding a stable prompt id [default: a hash of the prompt text].")]
+Limit = Annotated[Optional[int], option("Prompts", help="Use only the first N prompts.")]
+Template = Annotated[str, option(
+    "Prompts", help="Prompt template; `{prompt}` is replaced by the prompt text.")]
+NoChatTemplate = Annotated[bool, option(
+    "Prompts", "--no-chat-template", help="Do not apply the tokenizer's chat "
+    "template.")]
+System = Annotated[Optional[str], option("Prompts", help="System message for the chat template.")]
+GroupSize = Annotated[int, option(
+    "Sampling", "--group-size", "-G", min=1, help="Completions per prompt (G). 2 is 2-GRPO.")]
+Temperature = Annotated[float, option(
+    "Sampling", min=0.0, help="Sampling temperature (0 = greedy).")]
+TopP = Annotated[float, option("Sampling", min=0.0, max=1.0, help="Nucleus sampling mass.")]
+TopK = Annotated[int, option("Sampling", min=0, help="Keep the K most likely tokens (0 = off).")]
+MaxNewTokens = Annotated[int, option(
+    "Sampling", min=1, help="Generation budget per completion, in tokens.")]
+Seed = Annotated[int, option(
+    "Sampling", help="Random seed: the same seed gives the same output, byte for byte.")]
+BatchSize = Annotated[int, option("Sampling", min=1, help="Sequences generated together.")]
+Backend = Annotated[Literal["hf", "vllm"], option(
+    "Sampling", help="Generation engine: `hf` (transformers) or `vllm` (needs the vllm extra on a "
+    "GPU, or vLLM's CPU build: README, vLLM on CPU).")]
+EnforceEager = Annotated[bool, option(
+    "vLLM", "--enforce-eager", help="vLLM without its compile step and CUDA graphs: starts sooner, "
+    "samples slower (--backend vllm).")]
+TensorParallel = Annotated[int, option(
+    "vLLM", min=1, help="GPUs vLLM shards the model over (--backend vllm).")]
+GpuMemory = Annotated[float, option(
+    "vLLM", min=0.01, max=1.0, help="Share of each GPU's memory vLLM takes for weights and KV "
+    "cache (--backend vllm).")]
+Dtype = Annotated[Literal["float32", "bfloat16", "float16"], option("Model", help="Weights dtype.")]
+WarmupSteps = Annotated[int, option(
+    "Update", min=0, help="Linear learning-rate warm-up over the first N steps (the paper: 10); 0 "
+    "= constant lr.")]
+Device = Annotated[str, option("Model", help="Torch device, e.g. cpu or cuda.")]
+TrustRemoteCode = Annotated[bool, option(
+    "Model", "--trust-remote-code", help="Allow model code from the checkpoint "
+    "directory (off: only transformers' own architectures run).")]
+Reward = Annotated[Optional[list[str]], option(
+    "Score", "--reward", "-r", help="Reward as NAME[=WEIGHT], repeatable: `math`, `format`, "
+    "`path/file.py:fn`, `module:fn` [default: math].")]
+Workers = Annotated[Optional[int], option(
+    "Score", min=1, help="Scoring processes [default: all cores].")]
+ScoreTimeout = Annotated[float, option(
+    "Score", "--timeout", min=0.01, help="Seconds allowed per completion; over it scores 0.")]
+Estimator = Annotated[Literal["group", "pairwise", "rloo"], option(
+    "Advantage", help="`group` (GRPO), `pairwise` (2-GRPO) or `rloo`.")]
+Std = Annotated[Literal["group", "batch", "none"], option(
+    "Advantage", help="`group` (GRPO), `batch`, or `none` (Dr. GRPO). Used by --estimator group.")]
+AdvEps = Annotated[float, option(
+    "Advantage", min=0.0, help="ε added to the std before dividing (--estimator group).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
-Fsdp = Annotated[bool, typer.Option("--fsdp", rich_help_panel="Model", help="Under torchrun: shard the optimizer state and "
-                                    "the summed gradients across ranks with FSDP2 (default: every "
-                                    "rank holds the whole model and optimizer, DDP-style). No "
-                                    "effect in a single process.")]
-AttnImplementation = Annotated[Optional[str], typer.Option(rich_help_panel="Model", 
-    help="Attention kernel: eager, sdpa, flash_attention_2 (GPU, needs flash-attn) "
+Fsdp = Annotated[bool, option(
+    "Model", "--fsdp", help="Under torchrun: shard the optimizer state and the summed gradients "
+    "across ranks with FSDP2 (default: every rank holds the whole model and optimizer, "
+    "DDP-style). No effect in a single process.")]
+AttnImplementation = Annotated[Optional[str], option(
+    "Model", help="Attention kernel: eager, sdpa, flash_attention_2 (GPU, needs flash-attn) "
     "[default: transformers' choice, sdpa].")]
-GradientCheckpointing = Annotated[bool, typer.Option(
-    "--gradient-checkpointing", rich_help_panel="Model", help="Recompute each layer's activations in the backward pass: "
-    "far less memory, about one more forward pass of time. Same gradients.")]
-LoraR = Annotated[int, typer.Option(rich_help_panel="LoRA", min=0, help="Train a LoRA adapter of this rank instead of every "
-                                    "weight (needs the lora extra); 0 = off. A --policy that holds "
-                                    "an adapter continues it.")]
-LoraAlpha = Annotated[Optional[float], typer.Option(rich_help_panel="LoRA", help="LoRA scale α (update = α/r · BA) "
-                                                    "[default: 2 × --lora-r, as TRL].")]
-LoraDropout = Annotated[float, typer.Option(rich_help_panel="LoRA", min=0.0, max=0.99, help="Dropout on the LoRA input "
-                                            "during the update (peft's default 0).")]
-LoraTargetModules = Annotated[str, typer.Option(rich_help_panel="LoRA", help="Layers that get adapters: `all-linear` (every "
-                                                "linear layer but the output head) or names, "
-                                                "e.g. `q_proj,v_proj`.")]
-SaveLora = Annotated[Literal["adapter", "merged"], typer.Option(rich_help_panel="LoRA", help="With --lora-r: `adapter` saves the adapter (it names "
-                                       "the base model's path); `merged` also writes merged/, the "
-                                       "merged weights as a plain model directory.")]
+GradientCheckpointing = Annotated[bool, option(
+    "Model", "--gradient-checkpointing", help="Recompute each layer's activations in the backward "
+    "pass: far less memory, about one more forward pass of time. Same gradients.")]
+LoraR = Annotated[int, option(
+    "LoRA", min=0, help="Train a LoRA adapter of this rank instead of every weight (needs the lora "
+    "extra); 0 = off. A --policy that holds an adapter continues it.")]
+LoraAlpha = Annotated[Optional[float], option(
+    "LoRA", help="LoRA scale α (update = α/r · BA) [default: 2 × --lora-r, as TRL].")]
+LoraDropout = Annotated[float, option(
+    "LoRA", min=0.0, max=0.99, help="Dropout on the LoRA input during the update (peft's default "
+    "0).")]
+LoraTargetModules = Annotated[str, option(
+    "LoRA", help="Layers that get adapters: `all-linear` (every linear layer but the output head) "
+    "or names, e.g. `q_proj,v_proj`.")]
+SaveLora = Annotated[Literal["adapter", "merged"], option(
+    "LoRA", help="With --lora-r: `adapter` saves the adapter (it names the base model's path); "
+    "`merged` also writes merged/, the merged weights as a plain model directory.")]
 # The update's knobs, shared by `update` and `loop` (defaults and sources: update.UpdateConfig).
-WeightDecay = Annotated[float, typer.Option(rich_help_panel="Update", help="AdamW decoupled weight decay.")]
-Beta1 = Annotated[float, typer.Option(rich_help_panel="Update", help="AdamW β1 (first-moment decay), in [0, 1).")]
-Beta2 = Annotated[float, typer.Option(rich_help_panel="Update", help="AdamW β2 (second-moment decay), in [0, 1).")]
-ClipEps = Annotated[float, typer.Option(rich_help_panel="Update", help="PPO/GRPO clip range ε below 1 (and above, unless "
-                                        "--clip-eps-high).")]
-ClipEpsHigh = Annotated[Optional[float], typer.Option(rich_help_panel="Update", help="Clip range above 1 (DAPO's "
-                                                      "clip-higher uses 0.28) [default: "
-                                                      "--clip-eps].")]
-ClipRatioC = Annotated[Optional[float], typer.Option(rich_help_panel="Update", 
-    help="Dual clip (Ye et al. 2020; verl's clip_ratio_c, 3.0 there): for A < 0 cap each "
-    "token's loss at C·|A|, so a stale ratio ρ > C gives no gradient. Must be > 1 "
-    "[default: off].")]
-MiniBatches = Annotated[int, typer.Option(rich_help_panel="Update", 
-    help="Optimizer steps per pass over the rollouts: their prompt groups (whole groups, file "
-    "order) split into M mini-batches, one step each, all against the sampler's log-probs, "
-    "so the clip acts from the second step on (verl: train_batch_size / ppo_mini_batch_size; "
-    "TRL: steps_per_generation).")]
-UpdateEpochs = Annotated[int, typer.Option(rich_help_panel="Update", 
-    help="Passes over the rollouts: M × E optimizer steps in all (verl ppo_epochs, TRL "
+WeightDecay = Annotated[float, option("Update", help="AdamW decoupled weight decay.")]
+Beta1 = Annotated[float, option("Update", help="AdamW β1 (first-moment decay), in [0, 1).")]
+Beta2 = Annotated[float, option("Update", help="AdamW β2 (second-moment decay), in [0, 1).")]
+ClipEps = Annotated[float, option(
+    "Update", help="PPO/GRPO clip range ε below 1 (and above, unless --clip-eps-high).")]
+ClipEpsHigh = Annotated[Optional[float], option(
+    "Update", help="Clip range above 1 (DAPO's clip-higher uses 0.28) [default: --clip-eps].")]
+ClipRatioC = Annotated[Optional[float], option(
+    "Update", help="Dual clip (Ye et al. 2020; verl's clip_ratio_c, 3.0 there): for A < 0 cap each "
+    "token's loss at C·|A|, so a stale ratio ρ > C gives no gradient. Must be > 1 [default: off].")]
+MiniBatches = Annotated[int, option(
+    "Update", help="Optimizer steps per pass over the rollouts: their prompt groups (whole groups, "
+    "file order) split into M mini-batches, one step each, all against the sampler's log-probs, "
+    "so the clip acts from the second step on (verl: train_batch_size / ppo_mini_batch_size; TRL: "
+    "steps_per_generation).")]
+UpdateEpochs = Annotated[int, option(
+    "Update", help="Passes over the rollouts: M × E optimizer steps in all (verl ppo_epochs, TRL "
     "num_iterations). Not --epochs, which in `loop` counts passes over the prompt set.")]
-LossAgg = Annotated[Literal["token-mean", "seq-mean", "constant"], typer.Option(rich_help_panel="Update", 
-    help="Per-token losses to one number: `token-mean` (DAPO, TRL), `seq-mean` (the GRPO "
+LossAgg = Annotated[Literal["token-mean", "seq-mean", "constant"], option(
+    "Update", help="Per-token losses to one number: `token-mean` (DAPO, TRL), `seq-mean` (the GRPO "
     "paper) or `constant` (Dr. GRPO).")]
-MaxGradNorm = Annotated[float, typer.Option(rich_help_panel="Update", help="Clip the gradient norm to this (0 = off).")]
-KlCoef = Annotated[float, typer.Option(rich_help_panel="Update", help="Weight β of the k3 KL penalty to --ref (needs "
-                                       "--ref).")]
-Ref = Annotated[Optional[str], typer.Option(rich_help_panel="Update", help="Reference model directory for the KL penalty.")]
-IsCap = Annotated[Optional[float], typer.Option(rich_help_panel="Update", help="Truncated importance sampling: weight each "
-                                                "token's loss by min(π_trainer/π_sampler, CAP), "
-                                                "correcting the sampler's (e.g. vLLM's) log-prob "
-                                                "mismatch; 2.0 is usual [default: off].")]
+MaxGradNorm = Annotated[float, option("Update", help="Clip the gradient norm to this (0 = off).")]
+KlCoef = Annotated[float, option(
+    "Update", help="Weight β of the k3 KL penalty to --ref (needs --ref).")]
+Ref = Annotated[Optional[str], option(
+    "Update", help="Reference model directory for the KL penalty.")]
+IsCap = Annotated[Optional[float], option(
+    "Update", help="Truncated importance sampling: weight each token's loss by "
+    "min(π_trainer/π_sampler, CAP), correcting the sampler's (e.g. vLLM's) log-prob mismatch; 2.0 "
+    "is usual [default: off].")]
 
 
 def _print_version(value: bool) -> None:
@@ -481,55 +497,55 @@ def loop(
     no_chat_template: NoChatTemplate = False,
     system: System = None,
     group_size: GroupSize = 2,
-    prompts_per_step: Annotated[Optional[int], typer.Option(rich_help_panel="Sampling", min=1, help="Prompts per step; each gives "
+    prompts_per_step: Annotated[Optional[int], option("Sampling", min=1, help="Prompts per step; each gives "
                                                             "G rollouts [default: 64 for the embedded "
                                                             "model, else 32].")] = None,
-    steps: Annotated[Optional[int], typer.Option(rich_help_panel="Run", min=1, help="Optimizer steps [default: 100, or from "
+    steps: Annotated[Optional[int], option("Run", min=1, help="Optimizer steps [default: 100, or from "
                                                  "--epochs].")] = None,
-    epochs: Annotated[Optional[float], typer.Option(rich_help_panel="Run", help="Passes over the prompts (instead of "
+    epochs: Annotated[Optional[float], option("Run", help="Passes over the prompts (instead of "
                                                     "--steps).")] = None,
     temperature: Temperature = 1.0,
     top_p: TopP = 1.0,
     top_k: TopK = 0,
-    max_new_tokens: Annotated[Optional[int], typer.Option(rich_help_panel="Sampling", min=1, help="Generation budget per "
+    max_new_tokens: Annotated[Optional[int], option("Sampling", min=1, help="Generation budget per "
                                                           "completion [default: 32 for the embedded "
                                                           "model, else 1024].")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(rich_help_panel="Sampling", min=1, help="Sequences generated together "
+    batch_size: Annotated[Optional[int], option("Sampling", min=1, help="Sequences generated together "
                                                       "[default: 256 for the embedded model, else 64]."
                                                       )] = None,
     backend: Backend = "hf",
     tensor_parallel_size: TensorParallel = 1,
-    gpu_memory_utilization: Annotated[float, typer.Option(rich_help_panel="vLLM", 
+    gpu_memory_utilization: Annotated[float, option("vLLM",
         min=0.01, max=1.0, help="Share of the GPU's memory the vLLM engine takes for weights and "
         "KV cache; the rest is the trainer's (--backend vllm).")] = 0.4,
-    vllm_dtype: Annotated[Optional[str], typer.Option(rich_help_panel="vLLM", help="Weights dtype of the vLLM engine, "
+    vllm_dtype: Annotated[Optional[str], option("vLLM", help="Weights dtype of the vLLM engine, "
                                                       "e.g. bfloat16 while the trainer keeps "
                                                       "float32 [default: --dtype].")] = None,
-    vllm_sleep: Annotated[bool, typer.Option("--vllm-sleep", rich_help_panel="vLLM", help="Put the vLLM engine to sleep "
+    vllm_sleep: Annotated[bool, option("vLLM", "--vllm-sleep", help="Put the vLLM engine to sleep "
                                              "(weights to CPU, KV cache freed) during each "
                                              "update; GPU only.")] = False,
     enforce_eager: EnforceEager = False,
     reward: Reward = None,
     workers: Workers = None,
     timeout: ScoreTimeout = 2.0,
-    score_cmd: Annotated[Optional[str], typer.Option(rich_help_panel="Score", help="Shell command that replaces `score`: "
+    score_cmd: Annotated[Optional[str], option("Score", help="Shell command that replaces `score`: "
                                                      "rollout records on stdin, scored on stdout.")] = None,
     estimator: Estimator = "group",
     std: Std = "group",
-    drop_zero: Annotated[bool, typer.Option("--drop-zero", rich_help_panel="Advantage", help="Drop all-tied groups before the "
+    drop_zero: Annotated[bool, option("Advantage", "--drop-zero", help="Drop all-tied groups before the "
                                             "update.")] = False,
     adv_eps: AdvEps = 1e-6,
-    refill: Annotated[bool, typer.Option("--refill", rich_help_panel="Advantage", help="2-GRPO+RS / DAPO dynamic sampling: "
+    refill: Annotated[bool, option("Advantage", "--refill", help="2-GRPO+RS / DAPO dynamic sampling: "
                                          "replace tied groups by groups of fresh prompts until "
                                          "the step has --prompts-per-step contrastive groups or "
                                          "--max-rollouts-per-step is spent; every attempt's "
                                          "files stay in the step directory.")] = False,
-    max_rollouts_per_step: Annotated[Optional[int], typer.Option(rich_help_panel="Advantage", 
+    max_rollouts_per_step: Annotated[Optional[int], option("Advantage",
         min=1, help="--refill's rollout budget per step, discarded rollouts included "
         "[default: 16 × --prompts-per-step, what 16-GRPO spends on those prompts].")] = None,
-    advantage_cmd: Annotated[Optional[str], typer.Option(rich_help_panel="Advantage", help="Shell command that replaces "
+    advantage_cmd: Annotated[Optional[str], option("Advantage", help="Shell command that replaces "
                                                          "`advantage`.")] = None,
-    lr: Annotated[Optional[float], typer.Option(rich_help_panel="Update", help="AdamW learning rate [default: 1e-4 for the "
+    lr: Annotated[Optional[float], option("Update", help="AdamW learning rate [default: 1e-4 for the "
                                                 "embedded model, else 1e-6 (the paper's 16-GRPO)].")] = None,
     warmup_steps: WarmupSteps = 0,
     weight_decay: WeightDecay = 0.0,
@@ -544,7 +560,7 @@ def loop(
     max_grad_norm: MaxGradNorm = 1.0,
     kl_coef: KlCoef = 0.0,
     ref: Ref = None,
-    micro_batch_size: Annotated[Optional[int], typer.Option(rich_help_panel="Update", min=1, help="Sequences per forward/"
+    micro_batch_size: Annotated[Optional[int], option("Update", min=1, help="Sequences per forward/"
                                                             "backward [default: 256 for the embedded "
                                                             "model, else 8].")] = None,
     is_cap: IsCap = None,
@@ -557,33 +573,33 @@ def loop(
     device: Device = "cpu",
     attn_implementation: AttnImplementation = None,
     gradient_checkpointing: GradientCheckpointing = False,
-    threads: Annotated[Optional[int], typer.Option(rich_help_panel="Model", min=0, help="CPU threads for torch (0 = torch's "
+    threads: Annotated[Optional[int], option("Model", min=0, help="CPU threads for torch (0 = torch's "
                                                    "choice) [default: 1 for the embedded model, "
                                                    "else 0].")] = None,
     fsdp: Fsdp = False,
     trust_remote_code: TrustRemoteCode = False,
-    eval_prompts: Annotated[Optional[str], typer.Option(rich_help_panel="Evaluation", help="Held-out prompts, or `none` "
+    eval_prompts: Annotated[Optional[str], option("Evaluation", help="Held-out prompts, or `none` "
                                                         "[default: arith:test].")] = "arith:test",
-    eval_every: Annotated[int, typer.Option(rich_help_panel="Evaluation", min=1, help="Evaluate every N steps (and at the "
+    eval_every: Annotated[int, option("Evaluation", min=1, help="Evaluate every N steps (and at the "
                                             "start and end).")] = 50,
-    eval_samples: Annotated[int, typer.Option(rich_help_panel="Evaluation", min=1, help="Samples per held-out prompt: k of "
+    eval_samples: Annotated[int, option("Evaluation", min=1, help="Samples per held-out prompt: k of "
                                               "Mean@k and Pass@k.")] = 4,
-    eval_limit: Annotated[Optional[int], typer.Option(rich_help_panel="Evaluation", help="Evaluate on the first N held-out "
+    eval_limit: Annotated[Optional[int], option("Evaluation", help="Evaluate on the first N held-out "
                                                       "prompts.")] = None,
-    eval_temperature: Annotated[float, typer.Option(rich_help_panel="Evaluation", min=0.0, help="Evaluation sampling "
+    eval_temperature: Annotated[float, option("Evaluation", min=0.0, help="Evaluation sampling "
                                                     "temperature (the paper's 0.7).")] = 0.7,
-    eval_top_p: Annotated[float, typer.Option(rich_help_panel="Evaluation", min=0.0, max=1.0, help="Evaluation nucleus mass "
+    eval_top_p: Annotated[float, option("Evaluation", min=0.0, max=1.0, help="Evaluation nucleus mass "
                                               "(the paper's 0.8).")] = 0.8,
-    eval_top_k: Annotated[int, typer.Option(rich_help_panel="Evaluation", min=0, help="Evaluation top-k (the paper's 20; "
+    eval_top_k: Annotated[int, option("Evaluation", min=0, help="Evaluation top-k (the paper's 20; "
                                             "0 = off).")] = 20,
-    run_dir: Annotated[Optional[str], typer.Option(rich_help_panel="Run", help="Run directory [default: "
+    run_dir: Annotated[Optional[str], option("Run", help="Run directory [default: "
                                                    "runs/DATE-TIME-gG-sSEED].")] = None,
     seed: Seed = 0,
-    save_every: Annotated[int, typer.Option(rich_help_panel="Run", min=1, help="Checkpoint every N steps (and at the end).")] = 25,
-    keep_last: Annotated[int, typer.Option(rich_help_panel="Run", min=1, help="Checkpoints to keep.")] = 2,
-    rollouts_from: Annotated[Optional[str], typer.Option(rich_help_panel="Run", help="Reuse the rollouts of another run "
+    save_every: Annotated[int, option("Run", min=1, help="Checkpoint every N steps (and at the end).")] = 25,
+    keep_last: Annotated[int, option("Run", min=1, help="Checkpoints to keep.")] = 2,
+    rollouts_from: Annotated[Optional[str], option("Run", help="Reuse the rollouts of another run "
                                                          "directory instead of sampling.")] = None,
-    resume: Annotated[bool, typer.Option("--resume", rich_help_panel="Run", help="Continue the run in --run-dir (or the "
+    resume: Annotated[bool, option("Run", "--resume", help="Continue the run in --run-dir (or the "
                                          "newest under runs/) where it stopped.")] = False,
     quiet: Quiet = False,
 ):
