@@ -88,6 +88,42 @@ def test_next_tokens_inverse_cdf_and_logprob_before_truncation():
     assert tokens.tolist() == [0] and math.isclose(logprobs.item(), math.log(0.5), rel_tol=1e-6)
 
 
+def test_every_token_of_a_large_vocabulary_can_be_drawn():
+    """Qwen's 151,936 tokens under random logits: tokens far down the cumulative sum with
+    probability below fp32's step near 1 (6e-8) must still own their slice of (0, 1]."""
+    vocab = 151_936
+    logits = torch.randn(1, vocab, generator=torch.Generator().manual_seed(0)) * 4
+    probs = logits.log_softmax(-1).exp()
+    cdf32 = probs.cumsum(-1)  # what a float32 sum gives: flat where later tokens vanish
+    assert int(((cdf32[0, 1:] == cdf32[0, :-1]) & (probs[0, 1:] > 0)).sum()) > 10_000
+    # Ten tokens of the second half with probability 1e-11..6e-8 (slices far wider than
+    # float64's rounding, far narrower than float32's), each hit by a u in the middle of
+    # its slice, worked out here in float64.
+    cdf = probs[0].double().cumsum(-1)
+    late = torch.arange(vocab // 2, vocab)
+    rare = late[(probs[0, late] > 1e-11) & (probs[0, late] < 6e-8)]
+    assert len(rare) >= 10
+    for token in rare[:: len(rare) // 10][:10].tolist():
+        u = (cdf[token - 1] + probs[0, token].double() / 2) / cdf[-1]
+        drawn, _ = uniform_draw(logits, u)
+        assert drawn == token
+
+
+def uniform_draw(logits: torch.Tensor, u: torch.Tensor) -> tuple[int, float]:
+    tokens, logprobs = next_tokens(logits, u.reshape(1).to(torch.float64), 1.0)
+    return tokens.item(), logprobs.item()
+
+
+def test_uniforms_are_float64_in_0_1():
+    from grpoctl.rollout.hf import uniforms
+
+    u = uniforms([1, 2], 1000)
+    assert u.dtype == torch.float64 and u.shape == (2, 1000)
+    assert bool(((u > 0) & (u <= 1)).all()) and torch.equal(u, uniforms([1, 2], 1000))
+    assert len(set(u.flatten().tolist())) == 2000  # not float32 values in disguise
+    assert any(x != float(torch.tensor(x, dtype=torch.float32)) for x in u[0, :10].tolist())
+
+
 def test_sampling_frequencies_match_the_distribution():
     probs = torch.tensor([0.05, 0.5, 0.15, 0.3])
     n = 40000

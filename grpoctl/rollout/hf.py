@@ -35,8 +35,11 @@ def sequence_seed(seed: int, prompt_id: str, sample: int) -> int:
 
 
 def uniforms(seeds: list[int], steps: int) -> torch.Tensor:
-    """[len(seeds), steps] numbers in (0, 1], row i drawn from its own generator (on CPU)."""
-    rows = [1.0 - torch.rand(steps, generator=torch.Generator().manual_seed(s)) for s in seeds]
+    """[len(seeds), steps] float64 numbers in (0, 1], row i drawn from its own generator (on
+    CPU). float64: a float32 u has 2^24 values, too coarse to land on the many tokens of a
+    150k vocabulary whose probability is below 6e-8."""
+    rows = [1.0 - torch.rand(steps, dtype=torch.float64,
+                             generator=torch.Generator().manual_seed(s)) for s in seeds]
     return torch.stack(rows)
 
 
@@ -74,10 +77,13 @@ def next_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p
     else:
         logprobs = (logits / temperature).log_softmax(-1)
         probs = truncate(logprobs.exp(), top_p, top_k)
-        cdf = probs.cumsum(-1)
+        # float64: summed in fp32, the cdf stops rising once it nears 1 and every later
+        # token below fp32's step there (6e-8) could never be drawn (37,640 of a
+        # 151,936-token vocabulary under random logits).
+        cdf = probs.double().cumsum(-1)
         # First token whose cumulative mass reaches u * total. As u > 0, that
         # token has a non-zero probability (a zero one never raises the cdf).
-        target = (u * cdf[:, -1]).unsqueeze(-1)
+        target = (u.double() * cdf[:, -1]).unsqueeze(-1)
         tokens = torch.searchsorted(cdf, target).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
     return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
