@@ -12,7 +12,13 @@
 #   - clip 0.2 / 0.28 (DAPO clip-higher), training sampling at temperature 1, no KL;
 #   - evaluation: Mean@4 and Pass@4 on the 200 held-out problems, the paper's evaluation
 #     sampling (temperature 0.7, top-p 0.8, top-k 20).
-# Then `grpoctl report` writes the table and plots to results/.
+# Two more experiments of the paper's v3:
+#   - 2-GRPO+RS: G=2 with the same prompts, steps and lr as 2-GRPO, plus --refill (tied pairs
+#     replaced by pairs of fresh prompts until the step holds 64 contrastive pairs, at most
+#     16-GRPO's rollouts per step); its rollouts count the discarded ones (runs g2rs-s*);
+#   - the group-size ablation at a fixed ABLATION_PROMPTS (16) prompts per step: G = 2, 4,
+#     8, 16 with the same steps and lr, so larger G spends more rollouts (runs ablation/*).
+# Then `grpoctl report` writes the tables and plots to results/ and results/ablation/.
 #
 # Usage: examples/reproduce-2grpo/run.sh [OUT_DIR]
 #   PARALLEL=1 trains the seeds side by side (24 minutes on 2 CPU cores, measured); one after
@@ -28,25 +34,48 @@ BASE_LR=${BASE_LR:-1.25e-5}
 SEEDS=${SEEDS:-"0 1 2"}
 GROUP_SIZES=${GROUP_SIZES:-"2 4 8 16"}
 
+ABLATION_PROMPTS=${ABLATION_PROMPTS:-16}
+EXPERIMENTS=${EXPERIMENTS:-"paper rs ablation"}
+
 mkdir -p "$out"
 
-train_seed() {  # every group size for one seed, one after the other
-  local seed=$1 g prompts steps lr run resume
+train() {  # train RUN_DIR ARGS...: a loop run, resumed if it was cut short, skipped when done
+  local run=$1 steps=$2; shift 2
+  if [ -f "$run/checkpoints/step-$(printf %06d "$steps")/trainer_state.json" ]; then
+    echo "done already: $run" >&2; return
+  fi
+  local resume=(); [ -f "$run/config.json" ] && resume=(--resume)
+  grpoctl loop --steps "$steps" --limit "$N_PROMPTS" --clip-eps 0.2 --clip-eps-high 0.28 \
+    --eval-every $(( steps >= 4 ? steps / 4 : 1 )) --eval-samples 4 --eval-limit "${EVAL_LIMIT:-200}" \
+    --save-every "$steps" --keep-last 1 --run-dir "$run" --quiet "$@" "${resume[@]}"
+}
+
+train_seed() {  # every run of one seed, one after the other
+  local seed=$1 g prompts steps lr
   for g in $GROUP_SIZES; do
     prompts=$((ROLLOUTS_PER_STEP / g))
     steps=$((EPOCHS * N_PROMPTS / prompts))
     lr=$(python3 -c "print(${BASE_LR} * ${prompts} / 8)")
-    run="$out/g${g}-s${seed}"
-    if [ -f "$run/checkpoints/step-$(printf %06d "$steps")/trainer_state.json" ]; then
-      echo "done already: $run" >&2; continue
+    if [[ " $EXPERIMENTS " == *" paper "* ]]; then
+      echo "G=$g seed=$seed: $prompts prompts/step, $steps steps, lr $lr" >&2
+      train "$out/g${g}-s${seed}" "$steps" -G "$g" --prompts-per-step "$prompts" --lr "$lr" --seed "$seed"
     fi
-    resume=(); [ -f "$run/config.json" ] && resume=(--resume)
-    echo "G=$g seed=$seed: $prompts prompts/step, $steps steps, lr $lr" >&2
-    grpoctl loop --group-size "$g" --prompts-per-step "$prompts" --steps "$steps" --lr "$lr" \
-      --limit "$N_PROMPTS" --clip-eps 0.2 --clip-eps-high 0.28 --seed "$seed" \
-      --eval-every $(( steps >= 4 ? steps / 4 : 1 )) --eval-samples 4 --eval-limit "${EVAL_LIMIT:-200}" --save-every "$steps" --keep-last 1 \
-      --run-dir "$run" --quiet "${resume[@]}"
+    if [ "$g" = 2 ] && [[ " $EXPERIMENTS " == *" rs "* ]]; then
+      echo "2-GRPO+RS seed=$seed: $prompts contrastive pairs/step, $steps steps, lr $lr" >&2
+      train "$out/g2rs-s${seed}" "$steps" -G 2 --prompts-per-step "$prompts" --lr "$lr" \
+        --seed "$seed" --refill --max-rollouts-per-step $((16 * prompts))
+    fi
   done
+  if [[ " $EXPERIMENTS " == *" ablation "* ]]; then
+    prompts=$ABLATION_PROMPTS
+    steps=$((EPOCHS * N_PROMPTS / ROLLOUTS_PER_STEP * 2))  # 2-GRPO's steps x 2: 96
+    lr=$(python3 -c "print(${BASE_LR} * ${prompts} / 8)")
+    for g in $GROUP_SIZES; do
+      echo "ablation G=$g seed=$seed: $prompts prompts/step, $steps steps, lr $lr" >&2
+      train "$out/ablation/g${g}-s${seed}" "$steps" -G "$g" --prompts-per-step "$prompts" \
+        --lr "$lr" --seed "$seed"
+    done
+  fi
 }
 
 if [ "${PARALLEL:-0}" = 1 ]; then  # the seeds side by side, one process (one thread) each
@@ -57,4 +86,9 @@ else
   for seed in $SEEDS; do train_seed "$seed"; done
 fi
 
-grpoctl report "$out"/g*-s* --baseline "$out/g16-s0" -o "$results"
+# the baseline of the ratios: the largest G, first seed (16-GRPO by default)
+baseline="g$(printf '%s\n' $GROUP_SIZES | sort -n | tail -1)-s${SEEDS%% *}"
+grpoctl report "$out"/g*-s* --baseline "$out/$baseline" -o "$results"
+if [[ " $EXPERIMENTS " == *" ablation "* ]]; then
+  grpoctl report "$out"/ablation/g*-s* --baseline "$out/ablation/$baseline" -o "$results/ablation"
+fi
