@@ -253,7 +253,9 @@ def test_a_non_finite_step_is_refused_and_not_saved(lr, bad_step, fragment, tiny
 
 def test_update_refuses_an_overflowing_loss(tiny_model, tmp_path, capfd):
     records = [{"prompt_id": "p", "sample": s, "prompt_ids": [72, 101], "completion_ids": [40, 1],
-                "logprobs": [-5.5, -5.5], "advantage": 1e300 * (1 - 2 * s)} for s in range(2)]
+                "logprobs": [-5.5, -5.5], "advantage": 1e100 * (1 - 2 * s)} for s in range(2)]
+    # 1e100 is the largest advantage a record may hold (records.MAX_MAGNITUDE); in float32
+    # the loss overflows all the same
     src = tmp_path / "adv.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in records))
     code, err = run_cli_here(["update", str(src), "--policy", str(tiny_model), "--out",
