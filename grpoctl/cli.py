@@ -335,7 +335,8 @@ def update(
     records: Annotated[str, typer.Argument(help="File with advantages, or `-` for stdin.")],
     policy: Annotated[str, typer.Option(help="Policy directory to update (`default` = the embedded "
                                         "model). Optimizer state in it is resumed.")] = "default",
-    out: Annotated[str, typer.Option(help="Directory for the updated checkpoint.")] = ...,
+    out: Annotated[str, typer.Option("--out", "-o", help="Directory for the updated "
+                                     "checkpoint.")] = ...,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-6,
     warmup_steps: WarmupSteps = 0,
     weight_decay: WeightDecay = 0.0,

@@ -103,8 +103,7 @@ def test_bad_input_one_line_exit_2_no_output(tmp_path, command, content, fragmen
     src = tmp_path / "in.jsonl"
     src.write_bytes(content.encode())
     out = tmp_path / ("out-dir" if command[0] == "update" else "out.jsonl")
-    flag = ["--out", str(out)] if command[0] == "update" else ["-o", str(out)]
-    proc = run_cli(*command, str(src), *flag)
+    proc = run_cli(*command, str(src), "-o", str(out))  # update's -o is its --out
     err = proc.stderr.decode().strip()
     assert proc.returncode == 2, err
     assert len(err.splitlines()) == 1 and err.startswith("error: "), err

@@ -672,7 +672,7 @@ def test_update_command_with_mini_batches(tiny_model, tmp_path):
     write_records(records, str(tmp_path / "adv.jsonl"))
     out, metrics_file = tmp_path / "out", tmp_path / "metrics.jsonl"
     proc = run_cli("update", str(tmp_path / "adv.jsonl"), "--policy", str(tiny_model),
-                   "--out", str(out), "--lr", "1e-2", "--mini-batches", "2",
+                   "-o", str(out), "--lr", "1e-2", "--mini-batches", "2",
                    "--clip-ratio-c", "3", "--metrics", str(metrics_file), check=True)
     printed = json.loads(proc.stderr.decode().strip().splitlines()[-1])
     state = json.loads((out / "trainer_state.json").read_text())
