@@ -132,7 +132,7 @@ class Injector:
         if kind == "rollout":
             self.rolled_out = True
         elif kind == "update" and not self.rolled_out:
-            kind = "replay"  # the update of a finished step after the checkpoint
+            kind, label = "replay", label.replace("update", "replay")  # a finished step's update
         self.events += 1
         self.kind, self.label = kind, label
         if self.target is None and self.rolled_out and not output_exists and \
