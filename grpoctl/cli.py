@@ -487,6 +487,7 @@ def eval_(
 
 @app.command()
 def loop(
+    ctx: typer.Context,
     model: Model = "default",
     prompts: Prompts = "arith:train",
     prompt_field: PromptField = None,
@@ -650,12 +651,34 @@ def loop(
         lora_target_modules=lora_target_modules, save_lora=save_lora,
         attn_implementation=attn_implementation, gradient_checkpointing=gradient_checkpointing,
     )
+    given = _flags_given(ctx, cfg) if resume else None
     try:
-        run = run_loop(cfg, resume=resume, display=make_display(quiet))
+        run = run_loop(cfg, resume=resume, display=make_display(quiet), given=given)
     except KeyboardInterrupt:
         _log("interrupted: finished steps are saved; continue with the same command plus --resume")
         sys.exit(130)
     _log(f"done: {run}")
+
+
+# `loop` flags whose LoopConfig field has another name
+_LOOP_FIELDS = {"no_chat_template": "use_chat_template", "reward": "rewards",
+                "workers": "score_workers", "timeout": "score_timeout",
+                "enforce_eager": "vllm_eager"}
+
+
+def _flags_given(ctx: typer.Context, cfg) -> dict:
+    """{LoopConfig field: (flag, value)} for the settings named on the command line (what
+    --resume compares with the run's saved settings)."""
+    from typer._click.core import ParameterSource
+
+    given = {}
+    for param in ctx.command.params:
+        if param.name in ("run_dir", "resume", "quiet") or \
+                ctx.get_parameter_source(param.name) != ParameterSource.COMMANDLINE:
+            continue
+        field = _LOOP_FIELDS.get(param.name, param.name)
+        given[field] = (param.opts[0], getattr(cfg, field))
+    return given
 
 
 @app.command()
@@ -685,36 +708,111 @@ def report(
     _log("wrote " + ", ".join([result["report"], *result["plots"]]))
 
 
+def _one_line(text: str) -> str:
+    """A message as one line: its lines joined, runs of whitespace made one space."""
+    return " ".join(text.split())
+
+
+def _settle_stdout() -> OSError | None:
+    """Flush stdout; if that fails (`> /dev/full`, a closed pipe), point file descriptor 1
+    at /dev/null so that the interpreter's own flush at exit neither fails again nor
+    prints "Exception ignored". Returns the error, or None."""
+    try:
+        sys.stdout.flush()
+        return None
+    except (OSError, ValueError) as e:  # ValueError: stdout already closed
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass  # a replaced sys.stdout (tests): nothing to redirect
+        return e if isinstance(e, OSError) else OSError(str(e))
+
+
+class _WatchedStdout:
+    """sys.stdout, remembering a failed write: tells `print` to a full device (an OSError
+    of stdout) from an OSError elsewhere (a bug, which keeps its traceback)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.error: OSError | None = None
+
+    def _watch(self, name, *args):
+        try:
+            return getattr(self._stream, name)(*args)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def write(self, text):
+        return self._watch("write", text)
+
+    def writelines(self, lines):
+        return self._watch("writelines", lines)
+
+    def flush(self):
+        return self._watch("flush")
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def main() -> None:
     """Entry point: run the app, turning every user error into one line and exit status 2.
 
     Click's own usage errors (a bad flag value, a missing argument) would print a
     multi-line box; they get the same one-line `error: ...` as grpoctl's errors, so
-    a pipeline's stderr stays greppable.
+    a pipeline's stderr stays greppable. Every message is one line (a multi-line one
+    is joined). stdout that cannot be written (`> /dev/full`) is one line too; a reader
+    that went away (`| head`) ends the command quietly with status 1, as click does.
     """
     # Typer >= 0.26 ships its own copy of click and re-exports only a few of its
     # exceptions (fastapi/typer discussion #1832), hence the private module.
     from typer._click import exceptions as click_errors
 
+    watched = sys.stdout = _WatchedStdout(sys.stdout)
+    try:
+        _main(click_errors, watched)
+    finally:
+        if sys.stdout is watched:
+            sys.stdout = watched._stream
+
+
+def _main(click_errors, watched: _WatchedStdout) -> None:
+    def fail(message: str, code: int) -> None:
+        _settle_stdout()
+        print(f"error: {_one_line(message)}", file=sys.stderr)
+        sys.exit(code)
+
     try:
         status = app(prog_name="grpoctl", standalone_mode=False)
+        stdout_error = _settle_stdout()  # what is still buffered, written now
+        if isinstance(stdout_error, BrokenPipeError):
+            sys.exit(1)
+        if stdout_error is not None:
+            fail(f"<stdout>: cannot write: {stdout_error.strerror or stdout_error}", 2)
     except click_errors.NoArgsIsHelpError as e:  # plain `grpoctl`: show the help
         e.show()
         sys.exit(2)
     except click_errors.UsageError as e:
         where = e.ctx.command_path if e.ctx else "grpoctl"
-        message = " ".join(e.format_message().split())
-        print(f"error: {where}: {message} (see `{where} --help`)", file=sys.stderr)
-        sys.exit(e.exit_code)
+        fail(f"{where}: {e.format_message()} (see `{where} --help`)", e.exit_code)
     except click_errors.ClickException as e:
-        print(f"error: {' '.join(e.format_message().split())}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        fail(e.format_message(), e.exit_code)
     except GrpoctlError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(e.exit_code)
+        fail(str(e), e.exit_code)
     except (KeyboardInterrupt, typer.Abort):
+        _settle_stdout()
         print("interrupted", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:  # stdout written directly (print) on a full device; else a bug
+        if watched.error is not e:
+            raise
+        _settle_stdout()
+        if isinstance(e, BrokenPipeError):
+            sys.exit(1)
+        fail(f"<stdout>: cannot write: {e.strerror or e}", 2)
     # Without standalone mode the app returns the status of `--help` and of explicit
     # exits, and 130 for a Ctrl-C, which typer catches and would end silently.
     if status == 130:

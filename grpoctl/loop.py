@@ -39,6 +39,7 @@ from grpoctl import distributed
 from grpoctl.errors import GrpoctlError
 from grpoctl.records import (NEEDS_ADVANTAGE, NEEDS_UPDATE, atomic_open, dumps, parse_records,
                              read_records, write_json, write_records)
+from grpoctl.runlock import lock_run_dir, release_run_dir
 
 # Settings for the embedded tiny model where the general default would not suit
 # it (a 1M-parameter model needs a far larger learning rate than a 1.5B one).
@@ -248,17 +249,97 @@ class Run:
         self.path = path
 
     def done_steps(self) -> list[int]:
+        """The finished steps: 1, 2, ... up to the first step whose `done` file is missing
+        or damaged (not one JSON object of that step: a truncated or emptied file); that
+        step and any after it run again."""
         steps = []
-        for d in self.path.glob("step-*"):
-            if (d / "done").is_file():
-                steps.append(int(d.name.split("-")[1]))
-        return sorted(steps)
+        while self.done_metrics(len(steps) + 1) is not None:
+            steps.append(len(steps) + 1)
+        return steps
+
+    def done_metrics(self, step: int) -> dict | None:
+        """A step's `done` file (its metrics), or None when missing or damaged."""
+        try:
+            metrics = json.loads((step_dir(self.path, step) / "done").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return metrics if isinstance(metrics, dict) and metrics.get("step") == step else None
 
     def latest_checkpoint(self, up_to: int) -> int:
         steps = [int(d.name.split("-")[1]) for d in (self.path / "checkpoints").glob("step-*")
                  if (d / "trainer_state.json").is_file()]
         steps = [s for s in steps if s <= up_to]
         return max(steps, default=0)
+
+    def drop_damaged_stage_files(self, step: int, batch: list[dict], cfg: LoopConfig,
+                                 log=lambda message: None) -> None:
+        """Before an unfinished step runs again: delete its first stage file that is not
+        complete, and those after it (they were made from it), so that those stages run
+        again. Complete means: rollouts.jsonl holds the G samples of each of the step's
+        prompts, scored.jsonl the same samples with rewards, advantages.jsonl the same
+        (less the tied groups --drop-zero drops), each readable with what the next stage
+        needs. Files are written atomically, so only damage from outside fails this."""
+        from grpoctl.records import NEEDS_SCORE, check_same_records
+
+        directory = step_dir(self.path, step)
+        names = ["rollouts.jsonl", "scored.jsonl", "advantages.jsonl"]
+        if cfg.refill:  # kept.jsonl and its advantages: made again from the attempts' files
+            for name in ("kept.jsonl", "advantages.jsonl"):
+                (directory / name).unlink(missing_ok=True)
+            names = names[:2]
+        paths = [directory / n for n in names]
+        before = [{"prompt_id": p["prompt_id"], "sample": g}
+                  for p in batch for g in range(cfg.group_size)]
+        for k, path in enumerate(paths):
+            if not path.is_file():
+                return
+            try:
+                if k == 2:
+                    records = read_advantages(path)
+                    if cfg.drop_zero and not cfg.advantage_cmd:  # tied groups may be left out
+                        kept = {r["prompt_id"] for r in records}
+                        rewards: dict[str, set] = {}
+                        for r in before:
+                            rewards.setdefault(r["prompt_id"], set()).add(r["reward"])
+                        before = [r for r in before if r["prompt_id"] in kept
+                                  or len(rewards[r["prompt_id"]]) > 1]
+                else:
+                    records = read_records(str(path), (NEEDS_SCORE, NEEDS_ADVANTAGE)[k])
+                check_same_records(before, records, str(path),
+                                   "the step's batch" if k == 0 else names[k - 1])
+            except GrpoctlError as e:
+                log(f"step {step}: {names[k]} is incomplete ({e}); running that stage again")
+                for later in paths[k:]:
+                    later.unlink(missing_ok=True)
+                return
+            before = records
+
+
+# What --resume may change: how far the run goes and what it keeps, never what a step
+# computes (so the resumed run stays the run its finished steps belong to).
+RESUME_MAY_CHANGE = ("steps", "epochs", "eval_every", "save_every", "keep_last", "score_workers")
+
+
+def resume_changes(saved: dict, given: dict[str, tuple[str, object]], where: Path) -> dict:
+    """The settings named with --resume that differ from the run's, as {name: [old, new]}.
+
+    given: {LoopConfig field: (its flag, the value given)} for the flags on the command
+    line. A change outside RESUME_MAY_CHANGE is refused, in one line naming every such flag.
+    """
+    changes, refused = {}, []
+    for name, (flag, value) in given.items():
+        old = saved.get(name)
+        if value == old:
+            continue
+        if name in RESUME_MAY_CHANGE:
+            changes[name] = [old, value]
+        else:
+            refused.append(f"{flag} ({old!r} in the run, {value!r} given)")
+    if refused:
+        allowed = ", ".join("--" + n.replace("_", "-") for n in RESUME_MAY_CHANGE)
+        raise GrpoctlError(f"{where}: --resume cannot change {'; '.join(refused)}: only {allowed} "
+                           "may change; start a new run (another --run-dir) for other settings")
+    return changes
 
 
 def find_latest_run(root: Path = Path("runs")) -> Path:
@@ -279,9 +360,14 @@ def remove_stale_temporaries(run: Path) -> None:
             stale.unlink(missing_ok=True)
 
 
-def prepare_run_dir(cfg: LoopConfig, resume: bool) -> tuple[Path, LoopConfig]:
+def prepare_run_dir(cfg: LoopConfig, resume: bool,
+                    given: dict | None = None) -> tuple[Path, LoopConfig]:
     """Create (or reopen with --resume) the run directory; run_loop writes config.json once
-    the prompts and the model have loaded, so bad input leaves no run behind."""
+    the prompts and the model have loaded, so bad input leaves no run behind.
+
+    given: with --resume, the settings named on the command line ({field: (flag, value)});
+    those in RESUME_MAY_CHANGE replace the saved ones (config.json is rewritten and the
+    change appended to resumes.jsonl), any other difference is refused (resume_changes)."""
     if cfg.run_dir is None:
         run = find_latest_run() if resume else Path("runs") / (
             time.strftime("%Y%m%d-%H%M%S") + f"-g{cfg.group_size}-s{cfg.seed}")
@@ -291,13 +377,22 @@ def prepare_run_dir(cfg: LoopConfig, resume: bool) -> tuple[Path, LoopConfig]:
     if resume:
         if not config_path.is_file():
             raise GrpoctlError(f"{run}: nothing to resume (no config.json)")
+        lock_run_dir(run)  # before touching anything: another loop may be running here
         remove_stale_temporaries(run)
         try:
             saved = json.loads(config_path.read_text())
             saved["run_dir"] = str(run)
-            return run, LoopConfig(**saved)
+            resumed = LoopConfig(**saved)
         except (ValueError, TypeError) as e:  # edited by hand, or from another version
             raise GrpoctlError(f"{config_path}: cannot read the run's settings: {e}") from None
+        changes = resume_changes(saved, given or {}, config_path)
+        if changes:
+            resumed = dataclasses.replace(resumed, **{k: new for k, (_, new) in changes.items()})
+            resumed.resolved()  # the new values in range, before anything is written
+            write_json(dataclasses.asdict(resumed), config_path)
+            append_line(run / "resumes.jsonl", {"time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                                "changed": changes})
+        return run, resumed
     if config_path.exists():
         raise GrpoctlError(f"{run}: run directory already holds a run; add --resume to continue it "
                            "or choose another --run-dir")
@@ -305,6 +400,10 @@ def prepare_run_dir(cfg: LoopConfig, resume: bool) -> tuple[Path, LoopConfig]:
         run.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise GrpoctlError(f"{run}: cannot create run directory: {e.strerror}") from None
+    lock_run_dir(run)  # two new loops on one directory: the second stops here
+    if config_path.exists():  # ... or here, if the first has already written its config
+        raise GrpoctlError(f"{run}: run directory already holds a run; add --resume to continue it "
+                           "or choose another --run-dir")
     return run, dataclasses.replace(cfg, run_dir=str(run))
 
 
@@ -312,13 +411,19 @@ def prepare_run_dir(cfg: LoopConfig, resume: bool) -> tuple[Path, LoopConfig]:
 
 
 def _external_stage(command: str, input_path: Path, output_path: Path, require: tuple) -> list[dict]:
-    """Run a user's stage command: records on stdin, records on stdout, validated."""
+    """Run a user's stage command: records on stdin, records on stdout, validated before
+    anything is written: `require` present, and the same samples as its input with their
+    identity unchanged (records.check_same_records)."""
+    from grpoctl.records import check_same_records
+
     with open(input_path, "rb") as stdin:
         proc = subprocess.run(command, shell=True, stdin=stdin, capture_output=True)
     if proc.returncode != 0:
         last = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
         raise GrpoctlError(f"stage command {command!r} exited {proc.returncode}: {last[0]}")
-    records = parse_records(proc.stdout, f"output of {command!r}", require)
+    source = f"output of {command!r}"
+    records = parse_records(proc.stdout, source, require)
+    check_same_records(read_records(str(input_path)), records, source, str(input_path))
     write_records(records, str(output_path))
     return records
 
@@ -581,9 +686,18 @@ def group_stats(scored: list[dict], advantaged: list[dict]) -> dict:
     }
 
 
-def read_advantages(path: Path) -> list[dict]:
-    """A step's advantages file; empty when --drop-zero left no group to train on."""
-    return read_records(str(path), NEEDS_UPDATE) if path.stat().st_size else []
+def read_advantages(path: Path, trained: int | None = None) -> list[dict]:
+    """A step's advantages file; empty when --drop-zero left no group to train on.
+    `trained`: the number of records the finished step trained on (its `done` file's
+    trained_sequences); a file with another number is damaged, and refused."""
+    try:
+        records = read_records(str(path), NEEDS_UPDATE) if path.stat().st_size else []
+    except FileNotFoundError:
+        raise GrpoctlError(f"{path}: missing; the step's update cannot be replayed") from None
+    if trained is not None and len(records) != trained:
+        raise GrpoctlError(f"{path}: {len(records)} records, but the step trained on {trained}; "
+                           "the file is damaged and its update cannot be replayed")
+    return records
 
 
 def append_line(path: Path, record: dict) -> None:
@@ -597,14 +711,18 @@ def append_line(path: Path, record: dict) -> None:
 
 
 def rebuild_metrics(run: Path, done: list[int]) -> None:
-    """metrics.jsonl from the `done` files: drops lines of steps a crash cut short."""
+    """metrics.jsonl from the `done` files: drops lines of steps a crash cut short.
+    `done` lists steps whose files Run.done_steps found complete."""
     with atomic_open(run / "metrics.jsonl") as f:
         for s in done:
-            f.write((step_dir(run, s) / "done").read_text())
+            text = (step_dir(run, s) / "done").read_text(encoding="utf-8")
+            f.write(text if text.endswith("\n") else text + "\n")
 
 
-def run_loop(cfg: LoopConfig, resume: bool = False, display=None) -> Path:
-    """Train for cfg.steps steps (or cfg.epochs epochs); return the run directory."""
+def run_loop(cfg: LoopConfig, resume: bool = False, display=None,
+             given: dict | None = None) -> Path:
+    """Train for cfg.steps steps (or cfg.epochs epochs); return the run directory.
+    given: the settings named with --resume (prepare_run_dir)."""
     from grpoctl.display import NullDisplay
 
     cfg = cfg.resolved()
@@ -616,7 +734,7 @@ def run_loop(cfg: LoopConfig, resume: bool = False, display=None) -> Path:
     distributed.init_if_launched(cfg.device)  # torchrun: join the other ranks
     # Under torchrun rank 0 shows progress and writes every file; the others compute.
     display = display if display and distributed.is_main() else NullDisplay()
-    run, cfg = distributed.on_main(prepare_run_dir, cfg, resume)
+    run, cfg = distributed.on_main(prepare_run_dir, cfg, resume, given)
     loop = Loop(cfg, run, display)
     prompts = loop.load_prompts(cfg.prompts, cfg.limit)
     steps = cfg.steps or max(1, round(cfg.epochs * (len(prompts) // cfg.prompts_per_step)))
@@ -632,13 +750,21 @@ def run_loop(cfg: LoopConfig, resume: bool = False, display=None) -> Path:
         if not resume:
             write_json(dataclasses.asdict(cfg), run / "config.json")
         rebuild_metrics(run, done)
-    previous = json.loads((step_dir(run, last_done) / "done").read_text()) if last_done else {}
+    previous = state.done_metrics(last_done) if last_done else {}
     elapsed, rollouts = previous.get("elapsed_s", 0.0), previous.get("rollouts", 0)
 
     # Replay finished updates after the checkpoint: same inputs, same weights.
     for s in range(start_ckpt + 1, last_done + 1):
         display.log(f"replaying the update of step {s} from its saved advantages")
-        loop.update_stage(s, read_advantages(step_dir(run, s) / "advantages.jsonl"))
+        loop.update_stage(s, read_advantages(step_dir(run, s) / "advantages.jsonl",
+                                             state.done_metrics(s).get("trained_sequences")))
+    if last_done > start_ckpt and (last_done % cfg.save_every == 0 or last_done == steps):
+        display.log(f"saving the checkpoint of step {last_done} again (it was missing)")
+        loop.save(last_done, previous)  # e.g. a finished run whose final checkpoint was deleted
+    for s in range(last_done + 1, steps + 1) if resume else ():  # every rank, before it reads
+        if step_dir(run, s).is_dir():
+            state.drop_damaged_stage_files(s, prompts_for_step(prompts, s, cfg.prompts_per_step,
+                                                               cfg.seed), cfg, display.log)
 
     if cfg.backend == "vllm":  # after the replay: the engine gets the replayed weights
         loop.start_engine(prompts + eval_prompts)
@@ -698,6 +824,7 @@ def run_loop(cfg: LoopConfig, resume: bool = False, display=None) -> Path:
     display.stop()
     if loop.engine is not None:
         loop.engine.close()
+    release_run_dir(run)
     return run
 
 
@@ -711,11 +838,13 @@ def _done_evals(run: Path) -> set[int]:
     if not path.is_file():
         return set()
     kept = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            kept.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
-            pass  # cut short by a crash: that evaluation runs again
+            continue  # cut short by a crash: that evaluation runs again
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            kept.append(record)
     if distributed.is_main():
         with atomic_open(path) as f:
             f.writelines(dumps(r) + "\n" for r in kept)

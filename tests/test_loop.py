@@ -166,3 +166,27 @@ def test_mini_batches_and_update_epochs_take_m_times_e_optimizer_steps_and_the_c
     with safe_open(run / "checkpoints" / "step-000002" / "optimizer.safetensors", "pt") as f:
         steps = {f.get_tensor(k).item() for k in f.keys() if k.endswith(".step")}
     assert steps == {8.0}  # 2 rollout steps x 4
+
+
+def test_resume_refuses_changed_settings_and_records_the_allowed_ones(finished_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    config = (run / "config.json").read_bytes()
+    proc = run_cli("loop", "--resume", "--run-dir", str(run), "--steps", "4", "--lr", "5",
+                   "--group-size", "4", "--seed", "3")  # seed 3 is the run's own: no change
+    err = proc.stderr.decode().strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+    assert "--lr (0.0001 in the run, 5.0 given)" in err and "--group-size (2 in the run, 4 given)" in err
+    assert "--seed" not in err.split("only")[0] and "--steps" not in err.split("only")[0]
+    assert (run / "config.json").read_bytes() == config and not (run / "resumes.jsonl").exists()
+
+    run_cli("loop", "--resume", "--run-dir", str(run), "--steps", "4", "--keep-last", "3",
+            check=True)
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["steps"] == 4 and saved["keep_last"] == 3
+    (record,) = [json.loads(line) for line in (run / "resumes.jsonl").read_text().splitlines()]
+    assert record["changed"] == {"steps": [3, 4], "keep_last": [2, 3]}
+    assert [m["step"] for m in metrics_without_timings(run)] == [1, 2, 3, 4]
+    assert metrics_without_timings(run)[:3] == metrics_without_timings(finished_run)
