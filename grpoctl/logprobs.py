@@ -5,6 +5,7 @@ compares it with the sampler's log π_old (the records' `logprobs`). The two
 only agree (to ~1e-6 in fp32) when the forward pass sees the sequences exactly
 as the sampler did: LEFT padding and explicit position ids that count real
 tokens only, so padding shifts neither the attention nor the rotary positions.
+Both build their batches with grpoctl/padding.py, which states the rule once.
 
 Layout of one batch (P = prompt, C = completion, . = pad), left padded:
 
@@ -32,22 +33,8 @@ import inspect
 import torch
 
 from grpoctl.models import is_gradient_checkpointing
-
-
-def _left_pad(prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int):
-    """input_ids, attention_mask, position_ids [B, L] and the longest completion Tc."""
-    seqs = [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)]
-    length = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), length), dtype=torch.long)
-    for row, s in enumerate(seqs):
-        if s:
-            input_ids[row, length - len(s):] = torch.tensor(s, dtype=torch.long)
-            attention_mask[row, length - len(s):] = 1
-    # Position of each real token among the real tokens of its row: 0, 1, 2, ...
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-    longest_completion = max(len(c) for c in completion_ids)
-    return input_ids, attention_mask, position_ids, longest_completion
+from grpoctl.padding import (cache_argument, distinct_rows, left_pad, next_positions, positions,
+                             returned_cache, right_pad, select_cache_rows)
 
 
 def _keep_logits(model, n: int) -> dict:
@@ -72,24 +59,19 @@ def _shared_prompt_logits(model, prompts: list[list[int]], prompt_of_row: list[i
        The logits at completion column j score token j + 1.
     Returns None when the model's cache cannot be indexed by row (some remote code).
     """
-    from grpoctl.rollout.hf import cache_argument, returned_cache, select_cache_rows
-
-    ids, prompt_mask, positions, _ = _left_pad(prompts, [[] for _ in prompts], pad_id)
-    ids, prompt_mask, positions = ids.to(device), prompt_mask.to(device), positions.to(device)
-    out = model(input_ids=ids, attention_mask=prompt_mask, position_ids=positions, use_cache=True,
-                **_keep_logits(model, 1))
+    ids, prompt_mask = left_pad(prompts, pad_id)
+    position_ids = positions(prompt_mask)
+    ids, prompt_mask, position_ids = ids.to(device), prompt_mask.to(device), position_ids.to(device)
+    out = model(input_ids=ids, attention_mask=prompt_mask, position_ids=position_ids,
+                use_cache=True, **_keep_logits(model, 1))
     rows = torch.tensor(prompt_of_row, device=device)
     cache = returned_cache(out)
     if not select_cache_rows(cache, rows):  # now cache[i] = the cache of row i's prompt
         return None
 
-    completions = torch.full((len(completion_ids), tc), pad_id, dtype=torch.long)
-    completion_mask = torch.zeros((len(completion_ids), tc), dtype=torch.long)
-    for row, c in enumerate(completion_ids):
-        completions[row, :len(c)] = torch.tensor(c, dtype=torch.long)
-        completion_mask[row, :len(c)] = 1
+    completions, completion_mask = right_pad(completion_ids, pad_id, tc)
     completions, completion_mask = completions.to(device), completion_mask.to(device)
-    start = prompt_mask.sum(-1)[rows].unsqueeze(1)  # each row's prompt length
+    start = next_positions(prompt_mask)[rows]  # each row's prompt length
     out2 = model(input_ids=completions, attention_mask=torch.cat([prompt_mask[rows],
                  completion_mask], dim=1), position_ids=start + torch.arange(tc, device=device),
                  use_cache=True, **{cache_argument(model): cache})
@@ -116,23 +98,25 @@ def padded_completion_logprobs(model, prompt_ids: list[list[int]], completion_id
                          "completion token otherwise)")
     temperature = 1.0 if not temperature else float(temperature)  # 0 = greedy: scored at T = 1
     device = model.get_input_embeddings().weight.device
-    input_ids, attention_mask, position_ids, tc = _left_pad(prompt_ids, completion_ids, pad_id)
+    input_ids, attention_mask = left_pad([list(p) + list(c) for p, c in zip(prompt_ids,
+                                                                           completion_ids)], pad_id)
+    position_ids = positions(attention_mask)
+    tc = max(len(c) for c in completion_ids)  # the longest completion
     lengths = torch.tensor([len(c) for c in completion_ids])
     mask = torch.arange(tc).unsqueeze(0) >= (tc - lengths).unsqueeze(1)  # [B, Tc]
     if tc == 0:
         empty = torch.zeros((len(completion_ids), 0), device=device)
         return empty, (empty.clone() if with_entropy else None), mask.to(device)
 
-    distinct: dict[tuple, int] = {}
-    prompt_of_row = [distinct.setdefault(tuple(p), len(distinct)) for p in prompt_ids]
+    distinct, prompt_of_row = distinct_rows(prompt_ids)
     logits = None
     # A prompt repeats: run it once, share its cache. Not under gradient checkpointing
     # (models.py): a layer that writes a cache cannot be replayed, so it would keep
     # its activations and the memory saving would be lost.
     if len(distinct) < len(prompt_ids) and not (torch.is_grad_enabled()
                                                and is_gradient_checkpointing(model)):
-        logits = _shared_prompt_logits(model, [list(p) for p in distinct], prompt_of_row,
-                                       completion_ids, pad_id, tc, device)
+        logits = _shared_prompt_logits(model, distinct, prompt_of_row, completion_ids, pad_id,
+                                       tc, device)
     if logits is None:  # one pass over prompt + completion
         input_ids, attention_mask, position_ids = (
             t.to(device) for t in (input_ids, attention_mask, position_ids))

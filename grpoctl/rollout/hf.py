@@ -8,7 +8,8 @@ to see (and to test) in twenty lines than through generate's options:
    (grpoctl/logprobs.py), so the first update's importance ratio is 1.
 2. Left padding. Prompts in a batch are left padded; the attention mask hides
    the padding and explicit position ids count real tokens only, so a prompt
-   gets the same numbers alone or beside a longer one.
+   gets the same numbers alone or beside a longer one (grpoctl/padding.py, the
+   layout logprobs.py uses too).
 3. Randomness per sequence. Every (prompt, sample) draws from its own random
    stream, seeded by (seed, prompt_id, sample). Output is byte-identical for the
    same seed, and does not depend on the batch size, the other prompts in the
@@ -23,9 +24,11 @@ on the tiny test model (see docs/rollout.md).
 from __future__ import annotations
 
 import hashlib
-import inspect
 
 import torch
+
+from grpoctl.padding import (cache_argument, distinct_rows, left_pad, next_positions, positions,
+                             returned_cache, select_cache_rows)
 
 
 def sequence_seed(seed: int, prompt_id: str, sample: int) -> int:
@@ -88,38 +91,6 @@ def next_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p
     return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
-def left_pad(prompt_ids: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids and attention_mask [B, L], each prompt right-aligned."""
-    length = max(len(p) for p in prompt_ids)
-    input_ids = torch.full((len(prompt_ids), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompt_ids), length), dtype=torch.long)
-    for row, ids in enumerate(prompt_ids):
-        input_ids[row, length - len(ids):] = torch.tensor(ids, dtype=torch.long)
-        mask[row, length - len(ids):] = 1
-    return input_ids, mask
-
-
-def cache_argument(model) -> str:
-    """The name of the forward argument that takes a KV cache: transformers 5.2x renamed
-    `past_key_values` to `cache`."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def returned_cache(out):
-    """The KV cache a forward pass returned (under either name)."""
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else out.past_key_values
-
-
-def select_cache_rows(cache, rows: torch.Tensor) -> bool:
-    """Make row i of the cache a copy of row rows[i], in place (a GRPO group's samples share
-    their prompt's cache). False when this cache type cannot do it (some remote code)."""
-    if not hasattr(cache, "batch_select_indices"):
-        return False
-    cache.batch_select_indices(rows)
-    return True
-
-
 @torch.inference_mode()
 def sample_batch(model, prompt_ids: list[list[int]], seeds: list[int], max_new_tokens: int,
                  temperature: float, top_p: float, top_k: int, stop_ids: set[int],
@@ -137,24 +108,24 @@ def sample_batch(model, prompt_ids: list[list[int]], seeds: list[int], max_new_t
     """
     device = model.get_input_embeddings().weight.device
     u = uniforms(seeds, max_new_tokens).to(device)
-    distinct: dict[tuple, int] = {}
-    rows = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompt_ids],
-                        device=device)  # row i's prompt is distinct prompt rows[i]
-    input_ids, mask = left_pad([list(p) for p in distinct], pad_id)
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # 0, 1, 2, ... over real tokens only
+    distinct, row_of = distinct_rows(prompt_ids)
+    rows = torch.tensor(row_of, device=device)  # row i's prompt is distinct prompt rows[i]
+    input_ids, mask = left_pad(distinct, pad_id)
+    position_ids = positions(mask)  # 0, 1, 2, ... over real tokens only
+    input_ids, mask, position_ids = input_ids.to(device), mask.to(device), position_ids.to(device)
     stop = torch.tensor(sorted(stop_ids), device=device)
 
     cache_arg = cache_argument(model)
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
                 use_cache=True, logits_to_keep=1)
     cache, logits = returned_cache(out), out.logits[:, -1][rows]
     if len(distinct) < len(prompt_ids) and not select_cache_rows(cache, rows):
         out = model(input_ids=input_ids[rows], attention_mask=mask[rows],  # prefill every row
-                    position_ids=positions[rows], use_cache=True, logits_to_keep=1)
+                    position_ids=position_ids[rows], use_cache=True, logits_to_keep=1)
         cache = returned_cache(out)
     can_drop_rows = hasattr(cache, "batch_select_indices")
-    mask, next_position = mask[rows], positions[rows, -1:] + 1
+    mask = mask[rows]
+    next_position = next_positions(mask)  # the first completion token's position
 
     n = len(prompt_ids)
     tokens = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
