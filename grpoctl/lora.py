@@ -15,6 +15,9 @@ trained (Hu et al., 2021). peft does the wrapping; this file keeps grpoctl's sid
   adapter_config.json (whose base_model_name_or_path is the base model's absolute
   path: the base must stay there), plus grpoctl's tokenizer, optimizer and trainer
   state. `models.load_policy` on it loads the base, then the adapter, trainable.
+- This file never imports models.py (models.py imports it): it checks an adapter's
+  own files and attaches adapters to a model it is given; finding, checking and
+  loading the base model stays in models.py.
 - `--save-lora merged` also writes `merged/`: the base weights plus each adapter
   delta, as a plain transformers directory for rollout engines (vLLM) or sharing.
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,7 +86,8 @@ def is_adapter_dir(path) -> bool:
     return (Path(path) / ADAPTER_CONFIG).is_file()
 
 
-def _peft():
+def require_peft():
+    """The peft module, or a one-line error naming the extra to install."""
     try:
         import peft
     except ImportError:
@@ -94,8 +99,6 @@ def _peft():
 def _quiet():
     """peft 0.21 calls transformers 5's deprecated `is_gradient_checkpointing`: not the
     user's concern, so that FutureWarning is not printed."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*",
                                 category=FutureWarning)
@@ -116,7 +119,7 @@ def wrap_with_lora(model, settings: LoraSettings, seed: int = 0):
     import torch
 
     settings.check()
-    peft = _peft()
+    peft = require_peft()
     config = peft.LoraConfig(r=settings.r, lora_alpha=settings.resolved_alpha(),
                              lora_dropout=settings.dropout,
                              target_modules=_target_modules(settings.target_modules),
@@ -173,10 +176,9 @@ def adapter_base(path) -> Path:
     return Path(base)  # grpoctl writes it absolute; another tool's relative path is taken as is
 
 
-def check_adapter_dir(path) -> Path:
-    """An adapter directory with safetensors weights whose base model is a model directory."""
-    from grpoctl.models import check_model_dir
-
+def check_adapter_files(path) -> Path:
+    """An adapter directory's own files: safetensors weights, and a base that is not itself
+    an adapter. Returns that base directory, for models.check_model_dir to check in turn."""
     p = Path(path)
     if not (p / ADAPTER_WEIGHTS).is_file():
         hint = (" (found adapter_model.bin: pickle weights are not loaded)"
@@ -185,25 +187,15 @@ def check_adapter_dir(path) -> Path:
     base = adapter_base(p)
     if (base / ADAPTER_CONFIG).is_file():
         raise GrpoctlError(f"{p}: the adapter's base {base} is itself an adapter")
-    try:
-        check_model_dir(base)
-    except GrpoctlError as e:
-        raise GrpoctlError(f"{p}: the adapter's base model: {e}") from None
-    return p
+    return base
 
 
-def load_policy_with_adapter(path, dtype: str = "float32", device: str = "cpu",
-                             trust_remote_code: bool = False,
-                             attn_implementation: str | None = None):
-    """The base model named in `path`/adapter_config.json with the saved adapter attached,
-    trainable (LoRA weights only), in eval mode. Used by `models.load_policy`, so update,
-    rollout, eval and loop's resume all load an adapter checkpoint the same way (unmerged:
-    the same arithmetic the update used)."""
-    from grpoctl.models import load_policy
-
-    check_adapter_dir(path)
-    peft = _peft()
-    base = load_policy(adapter_base(path), dtype, device, trust_remote_code, attn_implementation)
+def attach_saved_adapter(base, path, device: str = "cpu"):
+    """`base` (the model adapter_base(path) names, loaded by models.load_policy) with the
+    adapter saved in `path` attached, trainable (LoRA weights only), in eval mode. Through
+    models.load_policy, update, rollout, eval and loop's resume all load an adapter
+    checkpoint the same way (unmerged: the same arithmetic the update used)."""
+    peft = require_peft()
     try:
         with _quiet():
             wrapper = peft.PeftModel.from_pretrained(base, str(path), is_trainable=True,

@@ -9,8 +9,10 @@ and `trust_remote_code` stays off unless the user asks.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import sys
 from pathlib import Path
 
 from grpoctl import lora as lora_lib  # light: peft is imported only when LoRA is used
@@ -37,7 +39,11 @@ def check_model_dir(path: str | os.PathLike) -> Path:
     if not p.is_dir():
         raise GrpoctlError(f"{p}: not a model directory (no such directory)")
     if lora_lib.is_adapter_dir(p):
-        lora_lib.check_adapter_dir(p)
+        base = lora_lib.check_adapter_files(p)
+        try:
+            check_model_dir(base)
+        except GrpoctlError as e:
+            raise GrpoctlError(f"{p}: the adapter's base model: {e}") from None
         return p
     if not (p / "config.json").is_file():
         raise GrpoctlError(f"{p}: not a model directory (no config.json)")
@@ -95,9 +101,11 @@ def load_policy(path: str | os.PathLike, dtype: str = "float32", device: str = "
     p = check_model_dir(path)
     if dtype not in DTYPES:
         raise GrpoctlError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
-    if lora_lib.is_adapter_dir(p):
-        return lora_lib.load_policy_with_adapter(p, dtype, device, trust_remote_code,
-                                                 attn_implementation)
+    if lora_lib.is_adapter_dir(p):  # the base it names, then the adapter, trainable
+        lora_lib.require_peft()  # before the base loads
+        base = load_policy(lora_lib.adapter_base(p), dtype, device, trust_remote_code,
+                           attn_implementation)
+        return lora_lib.attach_saved_adapter(base, p, device)
     kwargs = {"dtype": getattr(torch, dtype), "use_safetensors": True,
               "trust_remote_code": trust_remote_code}
     if attn_implementation:
@@ -119,6 +127,7 @@ def load_policy(path: str | os.PathLike, dtype: str = "float32", device: str = "
         hf_logging.set_verbosity(verbosity)
     check_loading_info(p, info)
     model.to(device)
+    check_finite_weights(p, model)
     model.eval()  # RL updates run without dropout so log-probs match the sampler's
     return model
 
@@ -139,6 +148,26 @@ def check_loading_info(path, info: dict) -> None:
     if problems:
         raise GrpoctlError(f"{path}: the weights do not match the architecture in config.json: "
                            f"{'; '.join(problems)}")
+
+
+def check_finite_weights(path, model) -> None:
+    """Refuse a model whose weights hold NaN or infinity, in one line naming the directory
+    and the first such tensor: it would sample garbage (or crash the sampler on a NaN
+    distribution) and train to NaN. Every parameter must be finite; buffers may hold
+    infinity (attention masks do) but not NaN. One pass over the weights, on their device."""
+    import torch
+
+    tensors = [(n, t, True) for n, t in model.named_parameters()] + \
+              [(n, t, False) for n, t in model.named_buffers()]
+    for name, tensor, parameter in tensors:
+        if not tensor.is_floating_point():
+            continue
+        bad = ~torch.isfinite(tensor) if parameter else torch.isnan(tensor)
+        if bool(bad.any()):
+            what = "NaN" if bool(torch.isnan(tensor).any()) else "infinity"
+            raise GrpoctlError(f"{path}: weight '{name}' holds {what} "
+                               f"({int(bad.sum())} of {tensor.numel()} values); the model "
+                               f"cannot be sampled or trained from it")
 
 
 def load_training_policy(path: str | os.PathLike, dtype: str = "float32", device: str = "cpu",
@@ -165,8 +194,6 @@ def load_training_policy(path: str | os.PathLike, dtype: str = "float32", device
                            "underflows in fp16 with no fp32 master copy): use bfloat16 or "
                            "float32, or train a LoRA adapter (--lora-r) on the fp16 model")
     if dtype == "bfloat16" and not lora_lib.has_lora(model):
-        import sys
-
         print("warning: --dtype bfloat16 keeps the weights and AdamW state in bf16 (no fp32 "
               "master copy): updates under ~1/256 of a weight round away (at lr 1e-6, 98% of "
               "a tiny model's weights did not move); prefer float32, or LoRA", file=sys.stderr)
@@ -195,8 +222,6 @@ def enable_gradient_checkpointing(model) -> int:
     cache twice. logprobs.py therefore skips its shared-prompt cache path while
     this is on (`is_gradient_checkpointing`).
     """
-    import functools
-
     import torch
     from torch.utils.checkpoint import checkpoint
     from transformers.modeling_layers import GradientCheckpointingLayer
