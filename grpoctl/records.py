@@ -281,35 +281,94 @@ def read_records(path: str, require: Iterable[str] = ()) -> list[dict]:
     return parse_records(data, source, require)
 
 
+DAMAGED = ("raise", "last", "skip")
+
+
+def iter_jsonl(data: bytes | str, source: str, damaged: str = "raise"
+               ) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of JSONL: the one JSONL parser.
+
+    Lines end at "\n" only (str.splitlines would also split at U+2028, U+0085 and
+    others, which JSON allows raw inside strings); numbers count from 1, blank lines
+    included. Bytes are decoded as UTF-8 line by line; text is taken as decoded.
+    What is not one JSON object per line is a RecordError naming `source`:line:
+    invalid UTF-8, invalid JSON, a JSON array (the first line opening with `[`),
+    nesting too deep for Python, an integer of more than 4,300 digits, or a value
+    that is not an object. `damaged` says what to do with such a line instead:
+        "raise"  raise (record files, prompt files);
+        "last"   skip it when it is the last line and no newline follows it: an
+                 append that a crash cut short (metrics.jsonl, eval.jsonl);
+        "skip"   skip every such line (a reader that rewrites the file without them).
+    """
+    if damaged not in DAMAGED:
+        raise ValueError(f"damaged: expected one of {DAMAGED}, got {damaged!r}")
+    raws = data.split(b"\n" if isinstance(data, bytes) else "\n")
+    first = True
+    for lineno, raw in enumerate(raws, start=1):
+        if not raw.strip():
+            continue
+        try:
+            value = _json_line(raw, source, lineno, first)
+        except _CutShort as e:
+            if damaged == "skip" or (damaged == "last" and lineno == len(raws)):
+                continue
+            raise e.error from None
+        except RecordError:
+            if damaged == "skip":
+                continue
+            raise
+        first = False
+        yield lineno, value
+
+
+class _CutShort(Exception):
+    """A line that is not JSON at all (what a write cut short leaves); carries its error."""
+
+    def __init__(self, error: RecordError):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _json_line(raw: bytes | str, source: str, lineno: int, first: bool) -> dict:
+    """One line of JSONL as an object; _CutShort when it is not JSON, RecordError when it
+    is JSON but not one object (see iter_jsonl)."""
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise _CutShort(RecordError(source, lineno, None,
+                                        f"not valid UTF-8 (byte {e.start})")) from None
+    if first and raw.lstrip().startswith("["):
+        raise RecordError(source, lineno, None,
+                          "looks like a JSON array; expected JSONL, one object per line "
+                          "(convert with: jq -c '.[]')")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise _CutShort(RecordError(source, lineno, None,
+                                    f"invalid JSON ({e.msg}, column {e.colno})")) from None
+    except RecursionError:
+        raise RecordError(source, lineno, None, "JSON nested too deeply") from None
+    except ValueError as e:  # an integer of more than 4,300 digits (Python's limit)
+        raise RecordError(source, lineno, None, f"a number JSON cannot hold here: "
+                          f"{first_line_of(e)}") from None
+    if not isinstance(value, dict):
+        raise RecordError(source, lineno, None, f"expected a JSON object, got {_kind(value)}")
+    return value
+
+
 def parse_records(data: bytes, source: str, require: Iterable[str] = ()) -> list[dict]:
     """Parse JSONL bytes into validated records (see read_records)."""
     require = tuple(require)
     records: list[dict] = []
     first_line: dict[tuple[str, int], int] = {}
     group_first: dict[tuple[str, str], tuple[Any, int]] = {}
-    for lineno, raw in enumerate(data.split(b"\n"), start=1):
-        if not raw.strip():
-            continue
+    for lineno, record in iter_jsonl(data, source):
         try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise RecordError(source, lineno, None, f"not valid UTF-8 (byte {e.start})") from None
-        if not records and text.lstrip().startswith("["):
-            raise RecordError(source, lineno, None,
-                              "looks like a JSON array; expected JSONL, one object per line "
-                              "(convert with: jq -c '.[]')")
-        try:
-            record = json.loads(text)
-            if not isinstance(record, dict):
-                raise RecordError(source, lineno, None,
-                                  f"expected a JSON object, got {_kind(record)}")
             check_record(record, require, source, lineno)
-        except json.JSONDecodeError as e:
-            raise RecordError(source, lineno, None,
-                              f"invalid JSON ({e.msg}, column {e.colno})") from None
         except RecursionError:
             raise RecordError(source, lineno, None, "JSON nested too deeply") from None
-        except ValueError as e:  # an integer of more than 4,300 digits (Python's limit)
+        except ValueError as e:
             raise RecordError(source, lineno, None, f"a number JSON cannot hold here: "
                               f"{first_line_of(e)}") from None
         if "prompt_id" in record and "sample" in record:
