@@ -22,6 +22,7 @@ with a shaded ± 1 std band. Plotting needs matplotlib, an optional extra
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -30,7 +31,7 @@ import sys
 from pathlib import Path
 
 from grpoctl.errors import GrpoctlError
-from grpoctl.records import RecordError, atomic_open
+from grpoctl.records import RecordError, atomic_open, iter_jsonl
 
 # Settings that do not change what a run learns: runs that differ only in these
 # are seeds (or reruns) of one setting.
@@ -85,8 +86,6 @@ def load_run(run_dir: str | os.PathLike) -> dict:
 
 
 def _default_settings() -> dict:
-    import dataclasses
-
     from grpoctl.loop import LoopConfig
 
     return dataclasses.asdict(LoopConfig())
@@ -95,19 +94,8 @@ def _default_settings() -> dict:
 def _read_lines(path: Path, required: tuple, numbers: tuple) -> list[dict]:
     """JSON lines sorted by step; a last line cut short by a crash is ignored."""
     text = path.read_text(encoding="utf-8", errors="replace")
-    lines = text.split("\n")
     by_step: dict[int, dict] = {}
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError as e:
-            if lineno == len(lines):  # no newline after it: the write was cut short
-                continue
-            raise RecordError(str(path), lineno, None, f"invalid JSON ({e})") from None
-        if not isinstance(record, dict):
-            raise RecordError(str(path), lineno, None, "expected a JSON object")
+    for lineno, record in iter_jsonl(text, str(path), damaged="last"):
         for field in required:
             if field not in record:
                 raise RecordError(str(path), lineno, field, "missing")

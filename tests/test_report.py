@@ -78,6 +78,26 @@ def test_load_run_sorts_keeps_last_of_a_step_and_skips_a_cut_short_last_line(tmp
     assert loaded["config"]["group_size"] == 2
 
 
+def test_metrics_lines_are_read_by_the_record_files_jsonl_reader(tmp_path):
+    # records.iter_jsonl: only a last line with no newline after it (a cut-short append)
+    # is skipped; the same text with a newline after it, or a last line that is JSON
+    # but not an object, is an error naming file:line.
+    from grpoctl.records import iter_jsonl
+
+    text = '{"step": 1}\n\n{"step": 2}\n{"step": 3, "rew'
+    assert [n for n, _ in iter_jsonl(text, "m.jsonl", damaged="last")] == [1, 3]
+    with pytest.raises(GrpoctlError, match=r"^m\.jsonl:4: invalid JSON"):
+        list(iter_jsonl(text + "\n", "m.jsonl", damaged="last"))
+    with pytest.raises(GrpoctlError, match=r"^m\.jsonl:2: expected a JSON object, got a list"):
+        list(iter_jsonl('{"step": 1}\n[2]', "m.jsonl", damaged="last"))
+    assert [n for n, _ in iter_jsonl('{"step": 1}\n{bad\n[2]\n{"step": 4}\n', "e.jsonl",
+                                     damaged="skip")] == [1, 4]
+    run = make_run(tmp_path / "r", {}, [{"step": 1}], None)
+    (Path(run) / "metrics.jsonl").write_text('{"step": 1}\n"step 2"\n')
+    with pytest.raises(GrpoctlError, match=r"metrics\.jsonl:2: expected a JSON object"):
+        load_run(run)
+
+
 @pytest.mark.parametrize("setup, message", [
     (lambda d: None, "not a run directory (no such directory)"),
     (lambda d: d.mkdir(), "config.json: missing"),
