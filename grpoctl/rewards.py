@@ -25,7 +25,8 @@ How `math` stays fast and safe (see docs/rewards.md):
   2. answers.match_without_sympy decides identical/plain-number pairs at once;
   3. the rest are deduplicated as (gold, answer) pairs, cached for the life of the process,
      sorted by gold (each distinct gold is parsed once per worker) and verified by
-     math-verify in forked workers (scoring_pool), each pair with its own time limit.
+     math-verify in forked workers (scoring_pool), each pair with its own time limit,
+     counted in the worker's CPU time (so a loaded machine gives the same verdicts).
      math-verify's own signal.alarm timeouts are off (parsing_timeout=None,
      timeout_seconds=None): they fail outside the main thread, and the pool's limits
      replace them. A pair over the limit, or one that crashes, scores 0 and is reported.
@@ -490,7 +491,9 @@ def score_records(records: Sequence[dict], specs: Sequence[RewardSpec | str] | N
 
     specs: RewardSpec objects or spec strings (default ["math"]).
     workers: math-verify processes (default os.cpu_count(); 0 = in this process, no hard limit).
-    timeout: seconds allowed per distinct (gold, answer) pair (default 2.0); over it -> 0.
+    timeout: CPU seconds allowed per distinct (gold, answer) pair (default 2.0); over it -> 0
+        (CPU time, not wall time: the verdict does not depend on the machine's load;
+        scoring_pool).
     progress: show a progress bar on stderr when many pairs go to math-verify.
     source: the file name used in error messages; records carry no line numbers, so
         record i is reported as line i + 1 (exact for files without blank lines).
