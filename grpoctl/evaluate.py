@@ -9,13 +9,27 @@ samples is correct, estimated without bias from n >= k samples per prompt
 
 A sample counts as correct when its `math` reward component is 1 (or, without a
 `math` component, when its total reward is positive).
+
+One evaluation path: whoever samples (`grpoctl eval` here, `loop` between steps)
+calls `rollout.generate(..., logprobs=False)` with its own model, then
+`evaluate_records`, which scores the samples and summarises them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from math import comb
 
-from grpoctl.records import RecordError, _kind, group_by_prompt
+from rich.console import Console
+from rich.table import Table
+
+from grpoctl.errors import GrpoctlError
+from grpoctl.models import check_model_dir, check_vocab, load_policy, load_tokenizer
+from grpoctl.prompts import load_prompts, render_prompt
+from grpoctl.records import (NEEDS_ADVANTAGE, RecordError, _kind, group_by_prompt, read_records,
+                             write_records)
+from grpoctl.rewards import DEFAULT_TIMEOUT_S, parse_reward_specs, score_records
+from grpoctl.rollout import SamplingParams, generate, policy_step, tokenize_prompts
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -51,20 +65,19 @@ def breakdown_key(record: dict, by: str, source: str = "<records>", line: int | 
     return value
 
 
-def summarize(records: list[dict], k: int | None = None, by: str | None = None,
+def summarize(records: list[dict], k: int | None = None, by: str | Sequence[str] | None = None,
               source: str = "<records>") -> dict:
     """Mean@k and Pass@k over scored records grouped by prompt_id.
 
     k defaults to the smallest group size. `by` names a `meta` field (e.g. `subject`,
-    `level`) for a per-value breakdown under "by". `source` names the records in
-    errors; record i is reported as line i + 1.
+    `level`), or several, for a per-value breakdown of each under "by". `source` names
+    the records in errors; record i is reported as line i + 1.
     """
+    fields = [f for f in ([by] if isinstance(by, str) else by or ()) if f]
     groups = group_by_prompt(records)
     n_min = min(len(ix) for ix in groups.values())
     k = k or n_min
     if not 0 < k <= n_min:
-        from grpoctl.errors import GrpoctlError
-
         raise GrpoctlError(f"Pass@k needs 1 <= k <= the samples per prompt ({n_min} here), "
                            f"got k={k}")
     per_prompt = []
@@ -73,18 +86,26 @@ def summarize(records: list[dict], k: int | None = None, by: str | None = None,
         per_prompt.append({
             "mean": sum(correct) / len(correct),
             "pass": pass_at_k(len(correct), sum(correct), min(k, len(correct))),
-            "key": breakdown_key(records[indices[0]], by, source, indices[0] + 1) if by else None,
         })
     summary = _average(per_prompt)
     summary.update({"k": k, "prompts": len(groups), "samples": len(records)})
-    if by:
-        for indices in groups.values():  # every record of a group, not only its first
-            for i in indices[1:]:
-                breakdown_key(records[i], by, source, i + 1)
-        keys = sorted({p["key"] for p in per_prompt}, key=lambda v: (v is None, str(v)))
-        summary["by"] = {by: {str(key): _average([p for p in per_prompt if p["key"] == key])
-                              for key in keys}}
+    for field in fields:
+        summary.setdefault("by", {})[field] = _breakdown(records, groups, per_prompt, field,
+                                                         source)
     return summary
+
+
+def _breakdown(records: list[dict], groups: dict[str, list[int]], per_prompt: list[dict],
+               by: str, source: str) -> dict:
+    """{str(value of meta[by]): Mean@k, Pass@k and prompts of the prompts with that value};
+    a group is keyed by its first record, and every other record of it is checked too."""
+    keys = [breakdown_key(records[ix[0]], by, source, ix[0] + 1) for ix in groups.values()]
+    for indices in groups.values():  # every record of a group, not only its first
+        for i in indices[1:]:
+            breakdown_key(records[i], by, source, i + 1)
+    values = sorted(set(keys), key=lambda v: (v is None, str(v)))
+    return {str(value): _average([p for p, key in zip(per_prompt, keys) if key == value])
+            for value in values}
 
 
 def _average(per_prompt: list[dict]) -> dict:
@@ -93,34 +114,25 @@ def _average(per_prompt: list[dict]) -> dict:
             "pass_at_k": sum(p["pass"] for p in per_prompt) / n, "prompts": n}
 
 
-def evaluate_model(model, tokenizer, prompts: list[dict], samples: int, sampling, rewards=("math",),
-                   batch_size: int = 64, policy: dict | None = None, template: str = "{prompt}",
-                   use_chat_template: bool = True, system: str | None = None,
-                   workers: int | None = None, timeout: float = 2.0,
-                   progress: bool = False, backend: str = "hf") -> list[dict]:
-    """Sample `samples` completions per prompt and score them: the records Mean@k is read from.
+def evaluate_records(records: list[dict], k: int | None = None, by: str | Sequence[str] = (),
+                     rewards: Sequence[str] = ("math",), workers: int | None = None,
+                     timeout: float = DEFAULT_TIMEOUT_S, source: str = "<samples>"
+                     ) -> tuple[list[dict], dict]:
+    """Score sampled completions and summarise them: (scored records, summary).
 
-    backend "vllm" takes a vllm.LLM as `model` and asks it for no log-probs, so the
-    paper's evaluation sampling (temperature 0.7 with top-p and top-k) runs on it.
+    The one evaluation path after sampling: `grpoctl eval` and loop's held-out
+    evaluation both sample with their own model (`rollout.generate(..., logprobs=False)`)
+    and call this. rewards: reward specs (the `math` reward by default, which decides
+    correctness); workers and timeout go to the scoring pool (rewards.score_records, no
+    progress bar); k, by and source as in `summarize`.
     """
-    from grpoctl.prompts import render_prompt
-    from grpoctl.rewards import parse_reward_specs, score_records
-    from grpoctl.rollout import generate
-
-    rendered = [dict(p, text=render_prompt(tokenizer, p["text"], template, use_chat_template, system))
-                for p in prompts]
-    records = generate(model, tokenizer, rendered, samples, sampling, batch_size=batch_size,
-                       policy=policy, progress=progress, backend=backend, logprobs=False)
     scored, _ = score_records(records, parse_reward_specs(list(rewards)), workers=workers,
                               timeout=timeout, progress=False)
-    return scored
+    return scored, summarize(scored, k=k, by=by, source=source)
 
 
 def print_summary_table(summary: dict, title: str) -> None:
     """The summary as a rich table on stderr (stdout carries the JSON)."""
-    from rich.console import Console
-    from rich.table import Table
-
     k = summary["k"]
     table = Table(title=title)
     for column in ("", "prompts", f"mean@{k}", f"pass@{k}"):
@@ -148,19 +160,13 @@ def run_eval(model: str | None, scored: str | None, prompts_source: str, samples
     backend "vllm" samples with a vLLM engine (rollout/vllm.py), which takes
     tensor_parallel_size, gpu_memory_utilization and enforce_eager.
     """
-    from grpoctl.errors import GrpoctlError
-    from grpoctl.records import NEEDS_ADVANTAGE, read_records, write_records
-
     if (model is None) == (scored is None):
         raise GrpoctlError("eval: give either --model (sample and score) or --scored FILE")
     if scored is not None:
         records = read_records(scored, NEEDS_ADVANTAGE)
+        summary = summarize(records, k=pass_k, by=by, source=scored)
         title = scored
     else:
-        from grpoctl.models import check_model_dir, check_vocab, load_policy, load_tokenizer
-        from grpoctl.prompts import load_prompts
-        from grpoctl.rollout import SamplingParams, policy_step
-
         prompts = load_prompts(prompts_source, prompt_field=prompt_field, answer_field=answer_field,
                                answer_after=answer_after, id_field=id_field, limit=limit)
         check_model_dir(model)  # "not a model directory" rather than a tokenizer error
@@ -168,13 +174,11 @@ def run_eval(model: str | None, scored: str | None, prompts_source: str, samples
                                   top_k=top_k, max_new_tokens=max_new_tokens, seed=seed)
         sampling.check()
         tokenizer = load_tokenizer(model, trust_remote_code)
+        rendered = [dict(p, text=render_prompt(tokenizer, p["text"], template, use_chat_template,
+                                               system)) for p in prompts]
         if backend == "vllm":
-            from grpoctl.prompts import render_prompt
-            from grpoctl.rollout import tokenize_prompts
             from grpoctl.rollout.vllm import context_length, load_llm
 
-            rendered = [dict(p, text=render_prompt(tokenizer, p["text"], template,
-                                                   use_chat_template, system)) for p in prompts]
             length = context_length(model, tokenize_prompts(tokenizer, rendered), max_new_tokens)
             policy = load_llm(model, sampling, dtype=dtype, trust_remote_code=trust_remote_code,
                               logprobs=False, tensor_parallel_size=tensor_parallel_size,
@@ -183,15 +187,13 @@ def run_eval(model: str | None, scored: str | None, prompts_source: str, samples
         else:
             policy = load_policy(model, dtype, device, trust_remote_code, attn_implementation)
             check_vocab(tokenizer, policy, model)
-        records = evaluate_model(policy, tokenizer, prompts, 1 if greedy else samples, sampling,
-                                 rewards, batch_size,
-                                 {"path": str(model), "step": policy_step(model)}, template,
-                                 use_chat_template, system, progress=progress, backend=backend)
+        # logprobs=False: vLLM then samples at settings whose log-probs it cannot give
+        sampled = generate(policy, tokenizer, rendered, 1 if greedy else samples, sampling,
+                            batch_size=batch_size,
+                            policy={"path": str(model), "step": policy_step(model)},
+                            progress=progress, backend=backend, logprobs=False)
+        records, summary = evaluate_records(sampled, k=pass_k, by=by, rewards=rewards)
         title = f"{model} on {prompts_source}"
-    source = scored if scored is not None else "<samples>"
-    summary = summarize(records, k=pass_k, by=by[0] if by else None, source=source)
-    for extra in by[1:]:
-        summary["by"].update(summarize(records, k=pass_k, by=extra, source=source)["by"])
     if save:  # after the summary, so a bad --pass-k writes nothing
         write_records(records, save)
     print_summary_table(summary, title)
