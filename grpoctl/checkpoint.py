@@ -25,6 +25,12 @@ Writing is atomic: everything goes into a temporary sibling directory, every
 file is fsynced, then the directory is renamed into place. An existing out_dir
 is swapped with the new one in one step (Linux renameat2 RENAME_EXCHANGE), so a
 crash leaves either the old or the new complete checkpoint at out_dir.
+
+Writing is byte-deterministic: the same weights, optimizer state, tokenizer and trainer
+state give the same bytes in every file, whichever process or resume wrote them. So
+every safetensors header is written with sorted keys (safetensors orders its metadata by
+a hash), the tokenizer is saved without the padding/truncation its last call left in it,
+and trainer_state.json holds no wall-clock times (metrics.jsonl keeps them).
 """
 
 from __future__ import annotations
@@ -142,18 +148,42 @@ def optimizer_hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
     return groups
 
 
-def read_trainer_state(checkpoint_dir) -> dict:
-    """trainer_state.json of a checkpoint, or {"step": 0} when there is none."""
-    path = Path(checkpoint_dir) / TRAINER_STATE_FILE
+def read_trainer_state(model_dir) -> dict:
+    """trainer_state.json of a model or checkpoint directory: the one rule every command
+    reads it by (update continues its step count from it, rollout and eval record it as
+    the policy's step).
+
+    - no trainer_state.json (a base model): {"step": 0};
+    - grpoctl's own: `step`; a transformers Trainer checkpoint's: `global_step` (copied
+      to `step` in the dict returned);
+    - anything else (not JSON, not an object, a step that is not a whole number >= 0, a
+      bool included) is a one-line GrpoctlError naming the file: a policy whose step
+      cannot be read is not silently taken for step 0.
+    `default` names the embedded model, as everywhere else.
+    """
+    from grpoctl.models import resolve_model_dir
+
+    path = resolve_model_dir(model_dir) / TRAINER_STATE_FILE
     if not path.exists():
         return {"step": 0}
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise GrpoctlError(f"{path}: cannot read trainer state: {e}") from None
-    if not isinstance(state, dict) or not isinstance(state.get("step"), int):
-        raise GrpoctlError(f"{path}: expected an object with an integer 'step'")
-    return state
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise GrpoctlError(f"{path}: cannot read trainer state: {first_line(e)}") from None
+    if not isinstance(state, dict):
+        raise GrpoctlError(f"{path}: cannot read trainer state: expected a JSON object, "
+                           f"got {type(state).__name__}")
+    key = "step" if "step" in state or "global_step" not in state else "global_step"
+    step = state.get(key)
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise GrpoctlError(f"{path}: cannot read trainer state: '{key}' must be a whole number "
+                           f">= 0, got {json.dumps(step)[:40] if key in state else 'nothing'}")
+    return {**state, "step": step}
+
+
+def trainer_step(model_dir) -> int:
+    """The training step of a model directory (read_trainer_state's rule; 0 for a base model)."""
+    return read_trainer_state(model_dir)["step"]
 
 
 # --- atomic directory writing ------------------------------------------------
@@ -213,18 +243,20 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer: torch.optim.Optimizer,
             lora.save_adapter(model, tmp)
             if save_lora == "merged":
                 lora.save_merged(model, tmp / lora.MERGED_DIR)
-                tokenizer.save_pretrained(str(tmp / lora.MERGED_DIR))
+                save_tokenizer(tokenizer, tmp / lora.MERGED_DIR)
                 (tmp / lora.MERGED_DIR / TRAINER_STATE_FILE).write_text(  # its step, for rollout
                     json.dumps({"step": trainer_state["step"]}) + "\n", encoding="utf-8")
         else:
             model.save_pretrained(str(tmp), safe_serialization=True)
             write_weights_index(tmp)
-        tokenizer.save_pretrained(str(tmp))
+        save_tokenizer(tokenizer, tmp)
         save_file(optimizer_tensors(optimizer, model), str(tmp / OPTIMIZER_FILE),
                   metadata={"format": "grpoctl-adamw", "keys": "<parameter name>.<state key>"})
         (tmp / TRAINER_STATE_FILE).write_text(
-            json.dumps(trainer_state, indent=2, ensure_ascii=False, allow_nan=False) + "\n",
-            encoding="utf-8")
+            json.dumps(without_timings(trainer_state), indent=2, ensure_ascii=False,
+                       allow_nan=False) + "\n", encoding="utf-8")
+        for f in sorted(tmp.rglob("*.safetensors")):  # weights, adapter, optimizer, merged/
+            canonical_safetensors_header(f)
         for f in tmp.rglob("*"):  # files, and merged/ when there is one
             f.chmod(umask_mode(0o777 if f.is_dir() else 0o666))  # safetensors writes 0600
             _fsync(f)
@@ -239,6 +271,90 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer: torch.optim.Optimizer,
             raise GrpoctlError(f"{out}: cannot write checkpoint: {_reason(e)}") from None
         raise
     return out
+
+
+# --- byte-determinism: the same training gives the same checkpoint bytes ---------------
+
+
+def is_timing_key(key: str) -> bool:
+    """A wall-clock measurement among the metrics: `seconds` or a name ending in `_s`
+    (rollout_s, step_s, elapsed_s, ...), the rule metrics.jsonl's readers use too."""
+    return key == "seconds" or key.endswith("_s")
+
+
+def without_timings(trainer_state: dict) -> dict:
+    """trainer_state with no wall-clock times in its metrics: they depend on the machine
+    and its load, not on the training, and would make every checkpoint's bytes unique
+    (they stay in metrics.jsonl and `update`'s own output)."""
+    metrics = trainer_state.get("metrics")
+    if not isinstance(metrics, dict):
+        return trainer_state
+    return {**trainer_state,
+            "metrics": {k: v for k, v in metrics.items() if not is_timing_key(str(k))}}
+
+
+def save_tokenizer(tokenizer, directory: Path) -> None:
+    """tokenizer.save_pretrained from a clean state: no padding and no truncation in its
+    tokenizer.json, whatever the last call made of them.
+
+    A fast tokenizer keeps the padding and truncation of its last batch call in its
+    backend (transformers sets them per call and only resets them on the next call
+    that asks for none), and save_pretrained writes that state into tokenizer.json,
+    so the file would depend on which call came last before the save (a resumed run
+    saves after other calls than a straight one). The backend's settings are put back
+    afterwards.
+    """
+    backend = getattr(tokenizer, "_tokenizer", None)
+    padding = getattr(backend, "padding", None)
+    truncation = getattr(backend, "truncation", None)
+    if padding is not None:
+        backend.no_padding()
+    if truncation is not None:
+        backend.no_truncation()
+    try:
+        tokenizer.save_pretrained(str(directory))
+    finally:
+        if padding is not None:
+            backend.enable_padding(**padding)
+        if truncation is not None:
+            backend.enable_truncation(**truncation)
+
+
+def canonical_safetensors_header(path: Path) -> None:
+    """Rewrite a safetensors file's JSON header with its keys sorted.
+
+    safetensors (0.8) keeps the metadata in a hash map, so two identical saves write
+    their `__metadata__` keys in different orders (3 of 5 runs differed in bytes). The
+    tensors' bytes and offsets are not touched: the header is re-serialised compactly
+    with sorted keys and padded with spaces to the same 8-byte alignment. Where it would
+    not fit the original length (it does whenever only the order differs) the file is
+    rewritten whole.
+    """
+    with open(path, "r+b") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return
+        size = int.from_bytes(head, "little")
+        raw = f.read(size)
+        try:
+            header = json.loads(raw)
+        except ValueError:
+            return  # not ours to judge here; readers report a corrupt file
+        if not isinstance(header, dict):
+            return
+        ordered = {k: header[k] for k in sorted(header)}
+        if isinstance(ordered.get("__metadata__"), dict):
+            meta = ordered["__metadata__"]
+            ordered["__metadata__"] = {k: meta[k] for k in sorted(meta)}
+        text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        if len(text) <= size:
+            f.seek(8)
+            f.write(text + b" " * (size - len(text)))
+            return
+        f.seek(8 + size)
+        data = f.read()
+    padded = text + b" " * (-len(text) % 8)
+    path.write_bytes(len(padded).to_bytes(8, "little") + padded + data)
 
 
 def write_weights_index(directory: Path) -> None:

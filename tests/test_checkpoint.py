@@ -184,3 +184,126 @@ def test_trainer_state_is_plain_json(tiny_model, tmp_path):
     assert json.loads((tmp_path / "ck" / "trainer_state.json").read_text()) == state
     assert read_trainer_state(tmp_path / "ck") == state
     assert optimizer_tensors(optimizer, model)  # non-empty after a step
+
+
+# --- byte-determinism ---------------------------------------------------------------------
+
+
+def test_the_same_state_saved_twice_gives_the_same_bytes(tiny_model, tmp_path):
+    """Every file, including optimizer.safetensors, whose metadata safetensors keeps in a
+    hash map (its two keys came out in either order: 3 of 5 identical runs differed)."""
+    model, optimizer = _stepped(tiny_model, steps=2)
+    tokenizer = load_tokenizer(tiny_model)
+    state = {"step": 2, "metrics": {"loss": 0.5}}
+    for name in ("a", "b", "c", "d"):  # a new hash map each time: any order shows up
+        save_checkpoint(tmp_path / name, model, tokenizer, optimizer, state)
+    listings = [_listing(tmp_path / name) for name in ("a", "b", "c", "d")]
+    assert all(listing == listings[0] for listing in listings[1:])
+    header = (tmp_path / "a" / "optimizer.safetensors").read_bytes()
+    size = int.from_bytes(header[:8], "little")
+    meta = json.loads(header[8:8 + size])["__metadata__"]
+    assert list(meta) == sorted(meta)  # written in sorted order
+
+
+def test_canonical_header_keeps_every_tensor_and_the_metadata(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from grpoctl.checkpoint import canonical_safetensors_header
+
+    tensors = {"b.weight": torch.arange(6.0).reshape(2, 3), "a.bias": torch.ones(5, dtype=torch.int64),
+               "c": torch.zeros(0)}
+    metas = [{"x": "1", "format": "pt", "keys": "é<>"}, {"keys": "é<>", "format": "pt", "x": "1"}]
+    for i, meta in enumerate(metas):
+        save_file(tensors, str(tmp_path / f"{i}.safetensors"), metadata=meta)
+        canonical_safetensors_header(tmp_path / f"{i}.safetensors")
+    assert (tmp_path / "0.safetensors").read_bytes() == (tmp_path / "1.safetensors").read_bytes()
+    loaded = load_file(str(tmp_path / "0.safetensors"))
+    assert loaded.keys() == tensors.keys()
+    assert all(torch.equal(loaded[k], tensors[k]) for k in tensors)
+    with safe_open(str(tmp_path / "0.safetensors"), framework="pt") as f:
+        assert f.metadata() == metas[0]
+
+
+def test_the_tokenizer_is_saved_without_the_padding_its_last_call_left(tiny_model, tmp_path):
+    """A fast tokenizer keeps the padding and truncation of its last batch call and
+    save_pretrained wrote them into tokenizer.json ("padding" differed after some resumes).
+    Saved from a clean state, the file is the same whatever came before; the tokenizer
+    keeps its settings."""
+    model, optimizer = _stepped(tiny_model, steps=1)
+    clean = load_tokenizer(tiny_model)
+    used = load_tokenizer(tiny_model)
+    used(["a", "abcdef"], padding=True, truncation=True, max_length=4, pad_to_multiple_of=2)
+    assert used.backend_tokenizer.padding is not None  # what the call left behind
+    padding, truncation = used.backend_tokenizer.padding, used.backend_tokenizer.truncation
+    save_checkpoint(tmp_path / "clean", model, clean, optimizer, {"step": 1})
+    save_checkpoint(tmp_path / "used", model, used, optimizer, {"step": 1})
+    assert _listing(tmp_path / "clean") == _listing(tmp_path / "used")
+    saved = json.loads((tmp_path / "used" / "tokenizer.json").read_text())
+    assert saved["padding"] is None and saved["truncation"] is None
+    assert used.backend_tokenizer.padding == padding
+    assert used.backend_tokenizer.truncation == truncation
+
+
+def test_trainer_state_holds_no_wall_clock_times(tiny_model, tmp_path):
+    """Timings depend on the machine and its load, not on the training: kept in
+    metrics.jsonl, left out of the checkpoint, so that its bytes repeat."""
+    model, optimizer = _stepped(tiny_model, steps=1)
+    state = {"step": 1, "metrics": {"loss": 0.5, "seconds": 0.12, "rollout_s": 3.0,
+                                    "elapsed_s": 9.5, "kl": 0.0}, "config": {"timeout": 2.0}}
+    save_checkpoint(tmp_path / "ck", model, load_tokenizer(tiny_model), optimizer, state)
+    saved = read_trainer_state(tmp_path / "ck")
+    assert saved["metrics"] == {"loss": 0.5, "kl": 0.0}
+    assert saved["config"] == {"timeout": 2.0}  # only the metrics lose their timings
+
+
+# --- one rule for trainer_state.json --------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, step", [
+    ('{"step": 12}', 12),
+    ('{"global_step": 40, "epoch": 1.0}', 40),       # a transformers Trainer checkpoint
+    ('{"step": 3, "global_step": 40}', 3),           # grpoctl's own key first
+    ('{"step": 0}', 0),
+])
+def test_every_command_reads_the_same_step(tiny_model, tmp_path, text, step):
+    """update continues from read_trainer_state, rollout and eval record policy_step:
+    one function, so the same file gives the same step everywhere."""
+    import shutil
+
+    from grpoctl.checkpoint import trainer_step
+    from grpoctl.rollout import policy_step
+
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_model, ck)
+    (ck / "trainer_state.json").write_text(text)
+    assert read_trainer_state(ck)["step"] == trainer_step(ck) == policy_step(ck) == step
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ('{"step": ', "cannot read trainer state"),
+    ("[1, 2]", "expected a JSON object, got list"),
+    ('{"step": true}', "'step' must be a whole number >= 0, got true"),
+    ('{"step": -1}', "'step' must be a whole number >= 0, got -1"),
+    ('{"step": 2.5}', "'step' must be a whole number >= 0, got 2.5"),
+    ('{"step": "3"}', "'step' must be a whole number >= 0, got \"3\""),
+    ('{"epoch": 1}', "'step' must be a whole number >= 0, got nothing"),
+    ('{"global_step": null}', "'global_step' must be a whole number >= 0, got null"),
+    ("\xff\xfe", "cannot read trainer state"),
+])
+def test_a_bad_trainer_state_is_refused_the_same_way_everywhere(tiny_model, tmp_path, text,
+                                                                 fragment):
+    """rollout used to take a step it could not read for 0 (a policy of step 0) while
+    update refused it: now both refuse it, in one line naming the file."""
+    import shutil
+
+    from grpoctl.rollout import policy_step
+
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_model, ck)
+    (ck / "trainer_state.json").write_bytes(text.encode("latin-1"))
+    for read in (read_trainer_state, policy_step):
+        with pytest.raises(GrpoctlError) as e:
+            read(ck)
+        assert str(e.value).startswith(f"{ck / 'trainer_state.json'}: ")
+        assert fragment in str(e.value) and "\n" not in str(e.value)

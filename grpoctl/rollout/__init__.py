@@ -16,7 +16,6 @@ models, an optional extra).
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -198,19 +197,12 @@ def _progress_bar(enabled: bool, total: int):
 
 
 def policy_step(model_dir: str | Path) -> int:
-    """The training step of a checkpoint: `step` in its trainer_state.json (grpoctl's own, or
-    `global_step` from a transformers Trainer checkpoint), else 0 (a base model)."""
-    from grpoctl.models import resolve_model_dir
+    """The training step of a checkpoint, by checkpoint.read_trainer_state's rule (the one
+    `update` continues from): `step` in its trainer_state.json (grpoctl's own, or
+    `global_step` from a transformers Trainer checkpoint), 0 for a base model."""
+    from grpoctl.checkpoint import trainer_step
 
-    path = resolve_model_dir(model_dir) / "trainer_state.json"
-    if not path.is_file():
-        return 0
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise GrpoctlError(f"{path}: cannot read trainer state: {e}") from None
-    step = state.get("step", state.get("global_step", 0)) if isinstance(state, dict) else 0
-    return step if isinstance(step, int) and not isinstance(step, bool) else 0
+    return trainer_step(model_dir)
 
 
 def run_rollout(model_dir: str, prompts_source: str, output: str = "-", group_size: int = 2,
