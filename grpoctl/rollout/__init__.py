@@ -21,7 +21,14 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+
 from grpoctl.errors import GrpoctlError
+from grpoctl.models import check_model_dir, check_vocab, load_policy, load_tokenizer
+from grpoctl.prompts import load_prompts, render_prompt
+from grpoctl.records import write_records
 
 BACKENDS = ("hf", "vllm")
 
@@ -185,10 +192,6 @@ def _progress_bar(enabled: bool, total: int):
     if not enabled:
         yield lambda n: None
         return
-    from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
-
     columns = (TextColumn("rollout"), BarColumn(), MofNCompleteColumn(), TextColumn("prompts"),
                TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
@@ -230,10 +233,6 @@ def run_rollout(model_dir: str, prompts_source: str, output: str = "-", group_si
     progress: the progress bar (a terminal only); log: a line on stderr when generation
     starts and one when the file is written.
     """
-    from grpoctl.models import check_model_dir, check_vocab, load_policy, load_tokenizer
-    from grpoctl.prompts import load_prompts, render_prompt
-    from grpoctl.records import write_records
-
     sampling = sampling or SamplingParams()
     sampling.check()
     if backend not in BACKENDS:
