@@ -173,6 +173,22 @@ def test_logprobs_equal_a_naive_forward_pass(llama, temperature, top_p, top_k):
         assert torch.allclose(torch.tensor(r["logprobs"]), expected, atol=1e-5, rtol=0)
 
 
+def test_the_batch_layout_by_hand():
+    # grpoctl/padding.py, shared by the sampler and the update's log-probs: rows
+    # right-aligned, the mask over real tokens, positions counting real tokens only.
+    from grpoctl.padding import distinct_rows, left_pad, next_positions, positions, right_pad
+
+    ids, mask = left_pad([[5, 6, 7], [8], [9, 10]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 8], [0, 9, 10]]
+    assert mask.tolist() == [[1, 1, 1], [0, 0, 1], [0, 1, 1]]
+    assert positions(mask).tolist() == [[0, 1, 2], [0, 0, 0], [0, 0, 1]]
+    assert next_positions(mask).tolist() == [[3], [1], [2]]
+    ids, mask = right_pad([[4], [], [6, 7]], pad_id=1, length=3)
+    assert ids.tolist() == [[4, 1, 1], [1, 1, 1], [6, 7, 1]]
+    assert mask.tolist() == [[1, 0, 0], [0, 0, 0], [1, 1, 0]]
+    assert distinct_rows([[1, 2], [3], [1, 2], [3], [4]]) == ([[1, 2], [3], [4]], [0, 1, 0, 1, 2])
+
+
 def test_left_padding_does_not_change_the_numbers(llama):
     model, tok = llama
     short = "Hi"
