@@ -127,6 +127,7 @@ def load_policy(path: str | os.PathLike, dtype: str = "float32", device: str = "
         hf_logging.set_verbosity(verbosity)
     check_loading_info(p, info)
     model.to(device)
+    check_finite_weights(p, model)
     model.eval()  # RL updates run without dropout so log-probs match the sampler's
     return model
 
@@ -147,6 +148,26 @@ def check_loading_info(path, info: dict) -> None:
     if problems:
         raise GrpoctlError(f"{path}: the weights do not match the architecture in config.json: "
                            f"{'; '.join(problems)}")
+
+
+def check_finite_weights(path, model) -> None:
+    """Refuse a model whose weights hold NaN or infinity, in one line naming the directory
+    and the first such tensor: it would sample garbage (or crash the sampler on a NaN
+    distribution) and train to NaN. Every parameter must be finite; buffers may hold
+    infinity (attention masks do) but not NaN. One pass over the weights, on their device."""
+    import torch
+
+    tensors = [(n, t, True) for n, t in model.named_parameters()] + \
+              [(n, t, False) for n, t in model.named_buffers()]
+    for name, tensor, parameter in tensors:
+        if not tensor.is_floating_point():
+            continue
+        bad = ~torch.isfinite(tensor) if parameter else torch.isnan(tensor)
+        if bool(bad.any()):
+            what = "NaN" if bool(torch.isnan(tensor).any()) else "infinity"
+            raise GrpoctlError(f"{path}: weight '{name}' holds {what} "
+                               f"({int(bad.sum())} of {tensor.numel()} values); the model "
+                               f"cannot be sampled or trained from it")
 
 
 def load_training_policy(path: str | os.PathLike, dtype: str = "float32", device: str = "cpu",

@@ -27,6 +27,7 @@ No torch here: the CLI imports this for commands that never load a model.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -106,11 +107,8 @@ def _read_csv(text: str, source: str) -> list[tuple[str, dict]]:
 def _read_parquet(path: str, source: str) -> list[tuple[str, dict]]:
     import tempfile
 
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
-    with tempfile.TemporaryDirectory(prefix="grpoctl-datasets-") as cache:
+    with _quiet_datasets() as datasets, \
+            tempfile.TemporaryDirectory(prefix="grpoctl-datasets-") as cache:
         try:
             table = datasets.load_dataset("parquet", data_files=path, split="train",
                                           cache_dir=cache, keep_in_memory=True)
@@ -119,6 +117,30 @@ def _read_parquet(path: str, source: str) -> list[tuple[str, dict]]:
         # Round-trip through JSON so meta holds only JSON values (dates become strings).
         return [(f"{source}: row {i}", json.loads(json.dumps(row, default=str)))
                 for i, row in enumerate(table, start=1)]
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    """`datasets`, with nothing of its own on stderr while it reads: no progress bars, no
+    log lines (it logs "Failed to read schema ..." at ERROR level before raising, which the
+    one-line error says already), no warnings. Its settings are put back afterwards."""
+    import logging
+    import warnings
+
+    import datasets
+
+    bars_were_on = datasets.utils.are_progress_bars_disabled() is False
+    verbosity = datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(logging.CRITICAL + 1)  # above every level: silent
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield datasets
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if bars_were_on:
+            datasets.enable_progress_bars()
 
 
 def _decode(data: bytes, source: str) -> str:
@@ -144,7 +166,9 @@ def _read_rows(source: str) -> list[tuple[str, dict]]:
         return _read_parquet(source, source)
     text = _decode(path.read_bytes(), source)
     if suffix == ".csv":
-        return _read_csv(text, source)
+        # Excel and others begin a UTF-8 CSV with a byte-order mark (what utf-8-sig reads):
+        # kept, it would be an invisible part of the first column's name.
+        return _read_csv(text.removeprefix("\ufeff"), source)
     if suffix == ".json":
         return _read_json(text, source)
     return _read_jsonl(text, source)  # .jsonl, .ndjson and anything else
@@ -324,7 +348,17 @@ def render_prompt(tokenizer, text: str, template: str = PLACEHOLDER, use_chat_te
     if uses_chat_template(tokenizer, use_chat_template):
         messages = [{"role": "system", "content": system}] if system else []
         messages.append({"role": "user", "content": content})
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        try:
+            rendered = tokenizer.apply_chat_template(messages, tokenize=False,
+                                                     add_generation_prompt=True)
+        except GrpoctlError:
+            raise
+        except Exception as e:  # jinja's TemplateError (raise_exception, the sandbox), or any
+            raise GrpoctlError(_template_failure(tokenizer, e, content, bool(system))) from None
+        if not isinstance(rendered, str):  # e.g. a template returning a list (a custom class)
+            raise GrpoctlError(f"{_tokenizer_dir(tokenizer)}: the chat template gave "
+                               f"{type(rendered).__name__}, not text")
+        return rendered
     if system:
         why = "the tokenizer has none" if use_chat_template else "--no-chat-template is set"
         raise GrpoctlError(f"--system needs a chat template, and {why}; put the instruction in "
@@ -333,6 +367,37 @@ def render_prompt(tokenizer, text: str, template: str = PLACEHOLDER, use_chat_te
     if bos and _adds_bos(tokenizer) and not content.startswith(bos):
         content = bos + content
     return content
+
+
+def _tokenizer_dir(tokenizer) -> str:
+    """Where the tokenizer was loaded from (the model directory), for error messages."""
+    return str(getattr(tokenizer, "name_or_path", "") or "the tokenizer")
+
+
+def _template_failure(tokenizer, e: Exception, content: str, has_system: bool) -> str:
+    """One line for a chat template that failed to render: the model directory, the
+    template's own message and, when it is the system message it refuses (as some
+    templates do with raise_exception), what to do instead."""
+    kind = type(e).__name__
+    message = first_line(e).rstrip(".")
+    if kind == "SecurityError":
+        why = f"the sandbox blocked it: {message}"
+    elif kind == "TemplateSyntaxError":
+        why = f"it is not valid jinja: {message}"
+    elif kind in ("TemplateError", "UndefinedError"):  # raise_exception(...) gives TemplateError
+        why = message
+    else:
+        why = f"{kind}: {message}"
+    hint = ""
+    if has_system:
+        try:
+            tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                          add_generation_prompt=True)
+            hint = " (with a system message; it renders without one: put the instruction " \
+                   "in --template instead of --system)"
+        except Exception:
+            pass
+    return f"{_tokenizer_dir(tokenizer)}: the chat template failed: {why}{hint}"
 
 
 def _adds_bos(tokenizer) -> bool:

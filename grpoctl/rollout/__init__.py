@@ -60,8 +60,9 @@ class SamplingParams:
 
     def check(self) -> None:
         """Raise GrpoctlError for a value no backend can use."""
-        if not self.temperature >= 0:
-            raise GrpoctlError(f"--temperature: expected >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):  # NaN and inf too: not a temperature
+            raise GrpoctlError(f"--temperature: expected a finite number >= 0, "
+                               f"got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise GrpoctlError(f"--top-p: expected a value in (0, 1], got {self.top_p}")
         if self.top_k < 0:
