@@ -38,12 +38,11 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 
+from grpoctl.config import ESTIMATORS, STD_MODES, AdvantageSettings
 from grpoctl.errors import GrpoctlError
 from grpoctl.records import RecordError, group_by_prompt
 
-ESTIMATORS = ("group", "pairwise", "rloo")
-STD_MODES = ("group", "batch", "none")
-DEFAULT_EPS = 1e-6  # TRL's GRPOTrainer adds 1e-4; verl's GRPO 1e-6
+DEFAULT_EPS = AdvantageSettings.adv_eps  # verl's GRPO 1e-6; TRL's GRPOTrainer adds 1e-4
 
 
 def mean(xs: Sequence[float]) -> float:

@@ -17,6 +17,7 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
+from grpoctl.config import LoopConfig, UpdateSettings
 from grpoctl.errors import GrpoctlError
 
 app = typer.Typer(
@@ -134,6 +135,7 @@ SaveLora = Annotated[Literal["adapter", "merged"], option(
 # The update's knobs, shared by `update` and `loop` (defaults and sources: update.UpdateConfig).
 WeightDecay = Annotated[float, option("Update", help="AdamW decoupled weight decay.")]
 Beta1 = Annotated[float, option("Update", help="AdamW β1 (first-moment decay), in [0, 1).")]
+AdamEps = Annotated[float, option("Update", help="AdamW ε, added to the second-moment root.")]
 Beta2 = Annotated[float, option("Update", help="AdamW β2 (second-moment decay), in [0, 1).")]
 ClipEps = Annotated[float, option(
     "Update", help="PPO/GRPO clip range ε below 1 (and above, unless --clip-eps-high).")]
@@ -338,18 +340,19 @@ def update(
     out: Annotated[str, typer.Option("--out", "-o", help="Directory for the updated "
                                      "checkpoint.")] = ...,
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-6,
-    warmup_steps: WarmupSteps = 0,
-    weight_decay: WeightDecay = 0.0,
-    beta1: Beta1 = 0.9,
-    beta2: Beta2 = 0.999,
-    clip_eps: ClipEps = 0.2,
+    warmup_steps: WarmupSteps = UpdateSettings.warmup_steps,
+    weight_decay: WeightDecay = UpdateSettings.weight_decay,
+    beta1: Beta1 = UpdateSettings.beta1,
+    beta2: Beta2 = UpdateSettings.beta2,
+    adam_eps: AdamEps = UpdateSettings.adam_eps,
+    clip_eps: ClipEps = UpdateSettings.clip_eps,
     clip_eps_high: ClipEpsHigh = None,
     clip_ratio_c: ClipRatioC = None,
-    mini_batches: MiniBatches = 1,
-    update_epochs: UpdateEpochs = 1,
-    loss_agg: LossAgg = "token-mean",
-    max_grad_norm: MaxGradNorm = 1.0,
-    kl_coef: KlCoef = 0.0,
+    mini_batches: MiniBatches = UpdateSettings.mini_batches,
+    update_epochs: UpdateEpochs = UpdateSettings.update_epochs,
+    loss_agg: LossAgg = UpdateSettings.loss_agg,
+    max_grad_norm: MaxGradNorm = UpdateSettings.max_grad_norm,
+    kl_coef: KlCoef = UpdateSettings.kl_coef,
     ref: Ref = None,
     micro_batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward/backward; "
                                                   "gradients accumulate over the file.")] = 8,
@@ -399,8 +402,8 @@ def update(
     from grpoctl.update import UpdateConfig, run_update
 
     cfg = UpdateConfig(lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
-                       betas=(beta1, beta2), clip_eps=clip_eps, clip_eps_high=clip_eps_high,
-                       loss_agg=loss_agg, max_grad_norm=max_grad_norm, kl_coef=kl_coef,
+                       beta1=beta1, beta2=beta2, adam_eps=adam_eps, clip_eps=clip_eps,
+                       clip_eps_high=clip_eps_high, loss_agg=loss_agg, max_grad_norm=max_grad_norm, kl_coef=kl_coef,
                        micro_batch_size=micro_batch_size, temperature=temperature,
                        max_tokens=max_tokens, is_cap=is_cap, clip_ratio_c=clip_ratio_c,
                        mini_batches=mini_batches, update_epochs=update_epochs)
@@ -488,17 +491,17 @@ def eval_(
 @app.command()
 def loop(
     ctx: typer.Context,
-    model: Model = "default",
-    prompts: Prompts = "arith:train",
+    model: Model = LoopConfig.model,
+    prompts: Prompts = LoopConfig.prompts,
     prompt_field: PromptField = None,
     answer_field: AnswerField = None,
     answer_after: AnswerAfter = None,
     id_field: IdField = None,
     limit: Limit = None,
-    template: Template = "{prompt}",
+    template: Template = LoopConfig.template,
     no_chat_template: NoChatTemplate = False,
     system: System = None,
-    group_size: GroupSize = 2,
+    group_size: GroupSize = LoopConfig.group_size,
     prompts_per_step: Annotated[Optional[int], option("Sampling", min=1, help="Prompts per step; each gives "
                                                             "G rollouts [default: 64 for the embedded "
                                                             "model, else 32].")] = None,
@@ -506,17 +509,17 @@ def loop(
                                                  "--epochs].")] = None,
     epochs: Annotated[Optional[float], option("Run", help="Passes over the prompts (instead of "
                                                     "--steps).")] = None,
-    temperature: Temperature = 1.0,
-    top_p: TopP = 1.0,
-    top_k: TopK = 0,
+    temperature: Temperature = LoopConfig.temperature,
+    top_p: TopP = LoopConfig.top_p,
+    top_k: TopK = LoopConfig.top_k,
     max_new_tokens: Annotated[Optional[int], option("Sampling", min=1, help="Generation budget per "
                                                           "completion [default: 32 for the embedded "
                                                           "model, else 1024].")] = None,
     batch_size: Annotated[Optional[int], option("Sampling", min=1, help="Sequences generated together "
                                                       "[default: 256 for the embedded model, else 64]."
                                                       )] = None,
-    backend: Backend = "hf",
-    tensor_parallel_size: TensorParallel = 1,
+    backend: Backend = LoopConfig.backend,
+    tensor_parallel_size: TensorParallel = LoopConfig.tensor_parallel_size,
     gpu_memory_utilization: Annotated[float, option("vLLM",
         min=0.01, max=1.0, help="Share of the GPU's memory the vLLM engine takes for weights and "
         "KV cache; the rest is the trainer's (--backend vllm).")] = 0.4,
@@ -529,14 +532,14 @@ def loop(
     enforce_eager: EnforceEager = False,
     reward: Reward = None,
     workers: Workers = None,
-    timeout: ScoreTimeout = 2.0,
+    timeout: ScoreTimeout = LoopConfig.score_timeout,
     score_cmd: Annotated[Optional[str], option("Score", help="Shell command that replaces `score`: "
                                                      "rollout records on stdin, scored on stdout.")] = None,
-    estimator: Estimator = "group",
-    std: Std = "group",
+    estimator: Estimator = LoopConfig.estimator,
+    std: Std = LoopConfig.std,
     drop_zero: Annotated[bool, option("Advantage", "--drop-zero", help="Drop all-tied groups before the "
                                             "update.")] = False,
-    adv_eps: AdvEps = 1e-6,
+    adv_eps: AdvEps = LoopConfig.adv_eps,
     refill: Annotated[bool, option("Advantage", "--refill", help="2-GRPO+RS / DAPO dynamic sampling: "
                                          "replace tied groups by groups of fresh prompts until "
                                          "the step has --prompts-per-step contrastive groups or "
@@ -549,30 +552,31 @@ def loop(
                                                          "`advantage`.")] = None,
     lr: Annotated[Optional[float], option("Update", help="AdamW learning rate [default: 1e-4 for the "
                                                 "embedded model, else 1e-6 (the paper's 16-GRPO)].")] = None,
-    warmup_steps: WarmupSteps = 0,
-    weight_decay: WeightDecay = 0.0,
-    beta1: Beta1 = 0.9,
-    beta2: Beta2 = 0.999,
-    clip_eps: ClipEps = 0.2,
+    warmup_steps: WarmupSteps = LoopConfig.warmup_steps,
+    weight_decay: WeightDecay = LoopConfig.weight_decay,
+    beta1: Beta1 = LoopConfig.beta1,
+    beta2: Beta2 = LoopConfig.beta2,
+    adam_eps: AdamEps = LoopConfig.adam_eps,
+    clip_eps: ClipEps = LoopConfig.clip_eps,
     clip_eps_high: ClipEpsHigh = None,
     clip_ratio_c: ClipRatioC = None,
-    mini_batches: MiniBatches = 1,
-    update_epochs: UpdateEpochs = 1,
-    loss_agg: LossAgg = "token-mean",
-    max_grad_norm: MaxGradNorm = 1.0,
-    kl_coef: KlCoef = 0.0,
+    mini_batches: MiniBatches = LoopConfig.mini_batches,
+    update_epochs: UpdateEpochs = LoopConfig.update_epochs,
+    loss_agg: LossAgg = LoopConfig.loss_agg,
+    max_grad_norm: MaxGradNorm = LoopConfig.max_grad_norm,
+    kl_coef: KlCoef = LoopConfig.kl_coef,
     ref: Ref = None,
     micro_batch_size: Annotated[Optional[int], option("Update", min=1, help="Sequences per forward/"
                                                             "backward [default: 256 for the embedded "
                                                             "model, else 8].")] = None,
     is_cap: IsCap = None,
-    lora_r: LoraR = 0,
+    lora_r: LoraR = LoopConfig.lora_r,
     lora_alpha: LoraAlpha = None,
-    lora_dropout: LoraDropout = 0.0,
-    lora_target_modules: LoraTargetModules = "all-linear",
-    save_lora: SaveLora = "adapter",
-    dtype: Dtype = "float32",
-    device: Device = "cpu",
+    lora_dropout: LoraDropout = LoopConfig.lora_dropout,
+    lora_target_modules: LoraTargetModules = LoopConfig.lora_target_modules,
+    save_lora: SaveLora = LoopConfig.save_lora,
+    dtype: Dtype = LoopConfig.dtype,
+    device: Device = LoopConfig.device,
     attn_implementation: AttnImplementation = None,
     gradient_checkpointing: GradientCheckpointing = False,
     threads: Annotated[Optional[int], option("Model", min=0, help="CPU threads for torch (0 = torch's "
@@ -596,7 +600,7 @@ def loop(
                                             "0 = off).")] = 20,
     run_dir: Annotated[Optional[str], option("Run", help="Run directory [default: "
                                                    "runs/DATE-TIME-gG-sSEED].")] = None,
-    seed: Seed = 0,
+    seed: Seed = LoopConfig.seed,
     save_every: Annotated[int, option("Run", min=1, help="Checkpoint every N steps (and at the end).")] = 25,
     keep_last: Annotated[int, option("Run", min=1, help="Checkpoints to keep.")] = 2,
     rollouts_from: Annotated[Optional[str], option("Run", help="Reuse the rollouts of another run "
@@ -623,34 +627,9 @@ def loop(
         grpoctl loop -G 2 --score-cmd 'python my_scorer.py' --run-dir runs/custom
     """
     from grpoctl.display import make_display
-    from grpoctl.loop import LoopConfig, run_loop
+    from grpoctl.loop import run_loop
 
-    cfg = LoopConfig(
-        model=model, prompts=prompts, prompt_field=prompt_field, answer_field=answer_field,
-        answer_after=answer_after, id_field=id_field, limit=limit, template=template,
-        use_chat_template=not no_chat_template, system=system, group_size=group_size,
-        prompts_per_step=prompts_per_step, steps=steps, epochs=epochs, temperature=temperature,
-        top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens, batch_size=batch_size,
-        backend=backend, tensor_parallel_size=tensor_parallel_size,
-        gpu_memory_utilization=gpu_memory_utilization, vllm_dtype=vllm_dtype, vllm_sleep=vllm_sleep,
-        vllm_eager=enforce_eager, rewards=reward or ["math"], score_workers=workers, score_timeout=timeout,
-        score_cmd=score_cmd, estimator=estimator, std=std, drop_zero=drop_zero, adv_eps=adv_eps,
-        refill=refill, max_rollouts_per_step=max_rollouts_per_step,
-        advantage_cmd=advantage_cmd, lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
-        beta1=beta1, beta2=beta2, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
-        clip_ratio_c=clip_ratio_c, mini_batches=mini_batches, update_epochs=update_epochs,
-        loss_agg=loss_agg,
-        max_grad_norm=max_grad_norm, kl_coef=kl_coef, ref=ref, micro_batch_size=micro_batch_size,
-        dtype=dtype, device=device, threads=threads, trust_remote_code=trust_remote_code,
-        eval_prompts=None if eval_prompts in (None, "none") else eval_prompts,
-        eval_every=eval_every, eval_samples=eval_samples, eval_limit=eval_limit,
-        eval_temperature=eval_temperature, eval_top_p=eval_top_p, eval_top_k=eval_top_k,
-        run_dir=run_dir,
-        seed=seed, save_every=save_every, keep_last=keep_last, rollouts_from=rollouts_from,
-        fsdp=fsdp, is_cap=is_cap, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-        lora_target_modules=lora_target_modules, save_lora=save_lora,
-        attn_implementation=attn_implementation, gradient_checkpointing=gradient_checkpointing,
-    )
+    cfg = _loop_config(ctx.params)
     given = _flags_given(ctx, cfg) if resume else None
     try:
         run = run_loop(cfg, resume=resume, display=make_display(quiet), given=given)
@@ -664,6 +643,17 @@ def loop(
 _LOOP_FIELDS = {"no_chat_template": "use_chat_template", "reward": "rewards",
                 "workers": "score_workers", "timeout": "score_timeout",
                 "enforce_eager": "vllm_eager"}
+
+
+def _loop_config(flags: dict) -> LoopConfig:
+    """The LoopConfig of `loop`'s flags (ctx.params: every option by its parameter name)."""
+    values = {_LOOP_FIELDS.get(name, name): value for name, value in flags.items()
+              if name not in ("resume", "quiet")}
+    values["use_chat_template"] = not values["use_chat_template"]  # the flag says "no"
+    values["rewards"] = values["rewards"] or ["math"]
+    if values["eval_prompts"] == "none":
+        values["eval_prompts"] = None
+    return LoopConfig(**values)
 
 
 def _flags_given(ctx: typer.Context, cfg) -> dict:

@@ -32,177 +32,27 @@ import random
 import shutil
 import subprocess
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from grpoctl import distributed
+from grpoctl.config import LoopConfig, UpdateSettings, flag_of
 from grpoctl.errors import GrpoctlError
 from grpoctl.records import (NEEDS_ADVANTAGE, NEEDS_UPDATE, atomic_open, dumps, parse_records,
                              read_records, write_json, write_records)
 from grpoctl.runlock import lock_run_dir, release_run_dir
 
-# Settings for the embedded tiny model where the general default would not suit
-# it (a 1M-parameter model needs a far larger learning rate than a 1.5B one).
-# One CPU thread for the tiny model: its matrices are too small to share, and a second
-# busy-waiting thread on a loaded machine made steps up to 30x slower (measured).
-EMBEDDED_DEFAULTS = {"lr": 1e-4, "max_new_tokens": 32, "steps": 100, "prompts_per_step": 64,
-                     "batch_size": 256, "micro_batch_size": 256, "threads": 1}
-GENERAL_DEFAULTS = {"lr": 1e-6, "max_new_tokens": 1024, "steps": 100, "prompts_per_step": 32,
-                    "batch_size": 64, "micro_batch_size": 8, "threads": 0}
+def update_config(cfg: LoopConfig):
+    """The update stage's settings (update.UpdateConfig) from a run's."""
+    from grpoctl.update import UpdateConfig
+
+    return UpdateConfig(**dataclasses.asdict(cfg.group(UpdateSettings)))
 
 
-@dataclass
-class LoopConfig:
-    """Every setting of a run; saved as config.json.
+def lora_settings(cfg: LoopConfig):
+    """The run's LoRA adapter (lora.LoraSettings)."""
+    from grpoctl.lora import LoraSettings
 
-    Sampling follows the paper's training setting (temperature 1, top-p 1);
-    evaluation follows its evaluation setting (temperature 0.7, top-p 0.8, top-k 20).
-    """
-
-    model: str = "default"
-    prompts: str = "arith:train"
-    prompt_field: str | None = None
-    answer_field: str | None = None
-    answer_after: str | None = None
-    id_field: str | None = None
-    limit: int | None = None  # train on the first N prompts only
-    template: str = "{prompt}"
-    use_chat_template: bool = True
-    system: str | None = None
-    group_size: int = 2
-    prompts_per_step: int | None = None  # None: 64 for the embedded model, else 32 (the paper's 16-GRPO)
-    steps: int | None = None  # None: from epochs, else 100
-    epochs: float | None = None
-    # sampling (rollout)
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int | None = None  # None: 32 for the embedded model, else 1024
-    batch_size: int | None = None  # None: 256 for the embedded model, else 64
-    backend: str = "hf"
-    # vLLM (--backend vllm): one engine for the run, given the new weights after each update
-    tensor_parallel_size: int = 1
-    gpu_memory_utilization: float = 0.4  # the engine's share of the GPU; the rest is the trainer's
-    vllm_dtype: str | None = None  # None: --dtype
-    vllm_sleep: bool = False  # free the engine's GPU memory during each update
-    vllm_eager: bool = False  # enforce_eager: no compile step (starts sooner, samples slower)
-    # score
-    rewards: list[str] = field(default_factory=lambda: ["math"])
-    score_workers: int | None = None
-    score_timeout: float = 2.0
-    score_cmd: str | None = None
-    # advantage
-    estimator: str = "group"
-    std: str = "group"
-    adv_eps: float = 1e-6
-    drop_zero: bool = False
-    advantage_cmd: str | None = None
-    refill: bool = False  # 2-GRPO+RS / dynamic sampling: tied groups replaced (refill.py)
-    max_rollouts_per_step: int | None = None  # --refill's cap; None: 16 x prompts_per_step
-    # update
-    lr: float | None = None  # None: 1e-4 for the embedded model, else 1e-6 (the paper's 16-GRPO)
-    warmup_steps: int = 0  # linear lr warm-up over the first N steps; 0 = constant lr
-    weight_decay: float = 0.0
-    beta1: float = 0.9
-    beta2: float = 0.999
-    clip_eps: float = 0.2
-    clip_eps_high: float | None = None
-    clip_ratio_c: float | None = None  # dual clip; None = off (verl uses 3.0)
-    mini_batches: int = 1  # optimizer steps per pass over the step's groups
-    update_epochs: int = 1  # passes over the step's rollouts
-    loss_agg: str = "token-mean"
-    max_grad_norm: float = 1.0
-    kl_coef: float = 0.0
-    ref: str | None = None
-    micro_batch_size: int | None = None  # None: 256 for the embedded model, else 8
-    is_cap: float | None = None  # truncated IS cap between sampler and trainer log-probs; None = off
-    # LoRA (lora.py, the `lora` extra)
-    lora_r: int = 0  # adapter rank; 0 = train every parameter
-    lora_alpha: float | None = None  # None: 2 * lora_r (TRL's ModelConfig ratio)
-    lora_dropout: float = 0.0  # dropout on the adapter input, in the update's gradient pass only
-    lora_target_modules: str = "all-linear"  # peft's "all-linear" or comma-separated module names
-    save_lora: str = "adapter"  # "adapter"; "merged" also writes checkpoints' merged/ directory
-    # model loading
-    attn_implementation: str | None = None  # eager, sdpa, flash_attention_2; None: transformers' choice
-    gradient_checkpointing: bool = False  # recompute layer activations in backward: less memory
-    dtype: str = "float32"
-    device: str = "cpu"
-    fsdp: bool = False  # under torchrun: FSDP2 shards instead of whole replicas (distributed.py)
-    threads: int | None = None  # CPU threads for torch; None: 1 for the embedded model, 0 = torch's choice
-    trust_remote_code: bool = False
-    # evaluation
-    eval_prompts: str | None = "arith:test"
-    eval_every: int = 50
-    eval_samples: int = 4
-    eval_limit: int | None = None
-    eval_temperature: float = 0.7
-    eval_top_p: float = 0.8
-    eval_top_k: int = 20
-    # run directory
-    run_dir: str | None = None
-    seed: int = 0
-    save_every: int = 25
-    keep_last: int = 2
-    rollouts_from: str | None = None
-
-    def resolved(self) -> LoopConfig:
-        """Fill the None defaults that depend on the model, and check values."""
-        base = EMBEDDED_DEFAULTS if self.model == "default" else GENERAL_DEFAULTS
-        cfg = dataclasses.replace(self)
-        for name in ("lr", "max_new_tokens", "prompts_per_step", "batch_size", "micro_batch_size",
-                     "threads"):
-            if getattr(cfg, name) is None:
-                setattr(cfg, name, base[name])
-        if cfg.steps is None and cfg.epochs is None:
-            cfg.steps = base["steps"]
-        if cfg.group_size < 2:
-            raise GrpoctlError("--group-size must be at least 2: GRPO contrasts completions of one prompt")
-        if cfg.estimator == "pairwise" and cfg.group_size != 2:
-            raise GrpoctlError("--estimator pairwise needs --group-size 2")
-        from grpoctl.advantages import ESTIMATORS, STD_MODES
-        from grpoctl.rollout import BACKENDS
-
-        for name, allowed in (("estimator", ESTIMATORS), ("std", STD_MODES),
-                              ("backend", BACKENDS)):
-            if getattr(cfg, name) not in allowed:
-                raise GrpoctlError(f"--{name}: expected one of {', '.join(allowed)}, "
-                                   f"got {getattr(cfg, name)!r}")
-        if cfg.kl_coef > 0 and not cfg.ref:
-            raise GrpoctlError("--kl-coef > 0 needs a reference policy (--ref)")
-        if cfg.refill and cfg.rollouts_from:
-            raise GrpoctlError("--refill samples fresh prompts; it cannot reuse --rollouts-from")
-        if cfg.max_rollouts_per_step is not None and (
-                cfg.max_rollouts_per_step < cfg.prompts_per_step * cfg.group_size):
-            raise GrpoctlError(f"--max-rollouts-per-step {cfg.max_rollouts_per_step} is less than "
-                               f"one step's own rollouts ({cfg.prompts_per_step} prompts x "
-                               f"{cfg.group_size})")
-        from grpoctl.update import check_config
-
-        check_config(cfg.update_config())  # bad update settings, before a run directory is made
-        from grpoctl.lora import check_save_mode
-
-        check_save_mode(cfg.save_lora)  # fail before a run directory is made
-        cfg.lora_settings().check()
-        return cfg
-
-    def update_config(self):
-        """The update stage's settings (update.UpdateConfig) from this run's."""
-        from grpoctl.update import UpdateConfig
-
-        c = self
-        return UpdateConfig(lr=c.lr, warmup_steps=c.warmup_steps, weight_decay=c.weight_decay,
-                            betas=(c.beta1, c.beta2), clip_eps=c.clip_eps,
-                            clip_eps_high=c.clip_eps_high, clip_ratio_c=c.clip_ratio_c,
-                            loss_agg=c.loss_agg, max_grad_norm=c.max_grad_norm,
-                            kl_coef=c.kl_coef, micro_batch_size=c.micro_batch_size,
-                            is_cap=c.is_cap, mini_batches=c.mini_batches,
-                            update_epochs=c.update_epochs)
-
-    def lora_settings(self):
-        from grpoctl.lora import LoraSettings
-
-        return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout,
-                            self.lora_target_modules)
+    return LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
 
 
 def step_dir(run: Path, step: int) -> Path:
@@ -336,7 +186,7 @@ def resume_changes(saved: dict, given: dict[str, tuple[str, object]], where: Pat
         else:
             refused.append(f"{flag} ({old!r} in the run, {value!r} given)")
     if refused:
-        allowed = ", ".join("--" + n.replace("_", "-") for n in RESUME_MAY_CHANGE)
+        allowed = ", ".join(flag_of(n) for n in RESUME_MAY_CHANGE)
         raise GrpoctlError(f"{where}: --resume cannot change {'; '.join(refused)}: only {allowed} "
                            "may change; start a new run (another --run-dir) for other settings")
     return changes
@@ -451,7 +301,7 @@ class Loop:
         # A checkpoint with a LoRA adapter continues it; a fresh run attaches one if lora_r > 0
         self.model = load_training_policy(source, cfg.dtype, cfg.device, cfg.trust_remote_code,
                                           cfg.attn_implementation, cfg.gradient_checkpointing,
-                                          cfg.lora_settings(), seed=cfg.seed)
+                                          lora_settings(cfg), seed=cfg.seed)
         self.tokenizer = load_tokenizer(source, cfg.trust_remote_code)
         check_vocab(self.tokenizer, self.model, str(source))
         # torchrun: the same weights on every rank, or FSDP shards; the optimizer comes after
@@ -464,7 +314,7 @@ class Loop:
                                          cfg.attn_implementation)
 
     def update_config(self):
-        return self.cfg.update_config()
+        return update_config(self.cfg)
 
     def load_prompts(self, source: str, limit: int | None = None) -> list[dict]:
         from grpoctl.prompts import load_prompts

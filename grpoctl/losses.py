@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-LOSS_AGGREGATIONS = ("token-mean", "seq-mean", "constant")
+from grpoctl.config import LOSS_AGGREGATIONS
 
 
 def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,

@@ -30,6 +30,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from grpoctl.config import LoopConfig
 from grpoctl.errors import GrpoctlError
 from grpoctl.records import RecordError, atomic_open, iter_jsonl
 
@@ -86,8 +87,6 @@ def load_run(run_dir: str | os.PathLike) -> dict:
 
 
 def _default_settings() -> dict:
-    from grpoctl.loop import LoopConfig
-
     return dataclasses.asdict(LoopConfig())
 
 

@@ -32,61 +32,19 @@ from pathlib import Path
 import torch
 
 from grpoctl import checkpoint, distributed, lora
+from grpoctl.config import UpdateSettings
 from grpoctl.errors import GrpoctlError, first_line
 from grpoctl.logprobs import padded_completion_logprobs
-from grpoctl.losses import (LOSS_AGGREGATIONS, clipped_policy_loss, dual_clip, kl_k3,
-                            token_weights, truncated_is_weights)
+from grpoctl.losses import (clipped_policy_loss, dual_clip, kl_k3, token_weights,
+                            truncated_is_weights)
 from grpoctl.records import NEEDS_UPDATE, RecordError, STDIO, dumps, read_records, source_name
 
 
 @dataclass
-class UpdateConfig:
-    """Every knob of one update step, with its default and where the default comes from."""
+class UpdateConfig(UpdateSettings):
+    """Every knob of one update step: the shared ones (config.UpdateSettings, documented
+    there with their defaults and sources) and those the records can supply."""
 
-    lr: float = 1e-6
-    """AdamW learning rate. 1e-6 is TRL's default and the paper's 16-GRPO setting (2-GRPO
-    used 8e-6, scaled with prompts per batch). Tiny models need about 1e-4 (environment.md)."""
-    warmup_steps: int = 0
-    """Linear learning-rate warm-up from 0: rollout step s (counted from 1) uses
-    lr × (s - 1) / warmup_steps while s - 1 < warmup_steps, so step 1 runs at lr 0 as in
-    verl (`scheduled_lr`). 0 = the constant lr from the first step. The paper's runs
-    (verl) warm up over 10 steps."""
-    weight_decay: float = 0.0
-    """AdamW decoupled weight decay; 0.0 as in TRL's default."""
-    betas: tuple[float, float] = (0.9, 0.999)
-    """AdamW (β1, β2); torch/TRL/verl defaults."""
-    adam_eps: float = 1e-8
-    """AdamW ε; torch default."""
-    clip_eps: float = 0.2
-    """ε_low of the clipped ratio, 1 - ε_low; 0.2 as in PPO and GRPO."""
-    clip_eps_high: float | None = None
-    """ε_high, 1 + ε_high; None = clip_eps. DAPO's clip-higher (and the paper) use 0.28."""
-    clip_ratio_c: float | None = None
-    """Dual clip (Ye et al. 2020): for A < 0 the per-token policy loss is capped at C·|A|
-    (losses.dual_clip). None = off; must be > 1. verl's `clip_ratio_c` (always on there,
-    3.0). It only acts where ρ > C, i.e. off-policy: mini-batches, update epochs, replayed
-    rollouts, another sampling engine."""
-    loss_agg: str = "token-mean"
-    """How per-token losses become one number: "token-mean" (DAPO, TRL), "seq-mean" (the
-    GRPO paper's 1/G Σ 1/|o_i| Σ_t, the aggregation the 2-GRPO paper writes; which verl
-    mode its unpublished runs used is unverified) or "constant"
-    (Dr. GRPO: sum / (sequences × max_tokens))."""
-    max_grad_norm: float = 1.0
-    """Clip the global gradient L2 norm to this; 1.0 as in TRL and verl. 0 = no clipping."""
-    kl_coef: float = 0.0
-    """β of the k3 KL penalty to a reference policy. 0.0 as in DAPO, Dr. GRPO and TRL's
-    current default (the GRPO paper used 0.04). Needs a reference model when > 0."""
-    micro_batch_size: int = 8
-    """Sequences per forward/backward pass; changes memory, not the result."""
-    mini_batches: int = 1
-    """Optimizer steps per pass over the rollout batch: its prompt groups are split into
-    this many mini-batches of whole groups (`split_mini_batches`), one optimizer step
-    each. 1 = one step over the whole batch. verl: train_batch_size / ppo_mini_batch_size
-    (the paper: 512 rollouts per mini-batch); TRL: steps_per_generation."""
-    update_epochs: int = 1
-    """Passes over the rollout batch: M × E optimizer steps per rollout step, π_old fixed at
-    the behaviour policy throughout. verl's ppo_epochs, TRL's num_iterations (both 1 by
-    default). Not "epochs": `loop --epochs` already counts passes over the prompt set."""
     temperature: float | None = None
     """Temperature the log-probs are computed at; None = the records' sampling.temperature
     (1.0 when absent). 0 (greedy) is scored at 1.0, like the records' logprobs."""
@@ -97,12 +55,6 @@ class UpdateConfig:
     """Do not forward sequences whose advantage is exactly 0 when kl_coef is 0: their loss
     and gradient are exactly 0 (they still count in the normalisers). Tied 2-GRPO pairs
     are most pairs, so this saves most of the update's time."""
-    is_cap: float | None = None
-    """Truncated importance sampling between sampler and trainer (TIS, losses.py): each
-    token's policy loss is weighted by min(π_old/π_sampler, is_cap), and the clipped
-    ratio is taken against the trainer's own π_old instead of the records' logprobs.
-    None = off (the ratio is against the records' logprobs, as without an engine
-    mismatch). 2.0 is the common value (Yao et al. 2025; verl, TRL)."""
 
 
 def make_optimizer(model, cfg: UpdateConfig) -> torch.optim.AdamW:
@@ -112,7 +64,7 @@ def make_optimizer(model, cfg: UpdateConfig) -> torch.optim.AdamW:
     deterministic run to run, so a resumed run reproduces an uninterrupted one.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.adam_eps,
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
                              weight_decay=cfg.weight_decay)
 
 
@@ -138,40 +90,11 @@ def _one_value(records: list[dict], key: str, source: str, lines: list[int] | No
 
 def check_config(cfg: UpdateConfig) -> None:
     """Every setting in its range, or a one-line GrpoctlError naming the flag."""
-    if cfg.loss_agg not in LOSS_AGGREGATIONS:
-        raise GrpoctlError(f"--loss-agg: expected one of {', '.join(LOSS_AGGREGATIONS)}, "
-                           f"got {cfg.loss_agg!r}")
-    for name in ("lr", "weight_decay", "clip_eps", "max_grad_norm", "kl_coef"):
-        value = getattr(cfg, name)
-        if not (math.isfinite(value) and value >= 0):
-            raise GrpoctlError(f"--{name.replace('_', '-')}: expected a finite number >= 0, "
-                               f"got {value}")
+    cfg.check()
     if cfg.temperature is not None and not (math.isfinite(cfg.temperature)
                                             and cfg.temperature >= 0):  # as rollout refuses it
         raise GrpoctlError(f"--temperature: expected a finite number >= 0 (0 = greedy, scored "
                            f"at 1), got {cfg.temperature}")
-    for flag, beta in zip(("--beta1", "--beta2"), cfg.betas):
-        if not (math.isfinite(beta) and 0 <= beta < 1):  # AdamW's moment decay rates
-            raise GrpoctlError(f"{flag}: expected a number in [0, 1), got {beta}")
-    if cfg.clip_eps_high is not None and not (math.isfinite(cfg.clip_eps_high)
-                                              and cfg.clip_eps_high >= 0):
-        raise GrpoctlError(f"--clip-eps-high: expected a finite number >= 0, got "
-                           f"{cfg.clip_eps_high}")
-    if cfg.micro_batch_size < 1:
-        raise GrpoctlError(f"--micro-batch-size: must be >= 1, got {cfg.micro_batch_size}")
-    if cfg.warmup_steps < 0:
-        raise GrpoctlError(f"--warmup-steps: must be >= 0, got {cfg.warmup_steps}")
-    if cfg.is_cap is not None and not (math.isfinite(cfg.is_cap) and cfg.is_cap > 0):
-        raise GrpoctlError(f"--is-cap: expected a finite number > 0, got {cfg.is_cap}")
-    for name in ("mini_batches", "update_epochs"):
-        value = getattr(cfg, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise GrpoctlError(f"--{name.replace('_', '-')}: must be a whole number >= 1, "
-                               f"got {value!r}")
-    if cfg.clip_ratio_c is not None and not (math.isfinite(cfg.clip_ratio_c)
-                                             and cfg.clip_ratio_c > 1):
-        raise GrpoctlError(f"--clip-ratio-c: must be a finite number > 1 (the dual clip caps "
-                           f"the loss of A < 0 at C·|A|; verl uses 3), got {cfg.clip_ratio_c}")
 
 
 def resolve_config(records: list[dict], cfg: UpdateConfig, source: str = "<records>",
