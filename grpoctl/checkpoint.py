@@ -283,14 +283,20 @@ def is_timing_key(key: str) -> bool:
 
 
 def without_timings(trainer_state: dict) -> dict:
-    """trainer_state with no wall-clock times in its metrics: they depend on the machine
-    and its load, not on the training, and would make every checkpoint's bytes unique
-    (they stay in metrics.jsonl and `update`'s own output)."""
-    metrics = trainer_state.get("metrics")
-    if not isinstance(metrics, dict):
+    """trainer_state with no wall-clock times in its metrics (at any depth, e.g. the
+    per-optimizer-step metrics): they depend on the machine and its load, not on the
+    training, and would make every checkpoint's bytes unique (they stay in metrics.jsonl
+    and `update`'s own output)."""
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if not is_timing_key(str(k))}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+
+    if not isinstance(trainer_state.get("metrics"), dict):
         return trainer_state
-    return {**trainer_state,
-            "metrics": {k: v for k, v in metrics.items() if not is_timing_key(str(k))}}
+    return {**trainer_state, "metrics": strip(trainer_state["metrics"])}
 
 
 def save_tokenizer(tokenizer, directory: Path) -> None:

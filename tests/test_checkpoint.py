@@ -250,10 +250,12 @@ def test_trainer_state_holds_no_wall_clock_times(tiny_model, tmp_path):
     metrics.jsonl, left out of the checkpoint, so that its bytes repeat."""
     model, optimizer = _stepped(tiny_model, steps=1)
     state = {"step": 1, "metrics": {"loss": 0.5, "seconds": 0.12, "rollout_s": 3.0,
-                                    "elapsed_s": 9.5, "kl": 0.0}, "config": {"timeout": 2.0}}
+                                    "elapsed_s": 9.5, "kl": 0.0,
+                                    "per_optimizer_step": [{"loss": 0.4, "seconds": 0.1}]},
+             "config": {"timeout": 2.0}}
     save_checkpoint(tmp_path / "ck", model, load_tokenizer(tiny_model), optimizer, state)
     saved = read_trainer_state(tmp_path / "ck")
-    assert saved["metrics"] == {"loss": 0.5, "kl": 0.0}
+    assert saved["metrics"] == {"loss": 0.5, "kl": 0.0, "per_optimizer_step": [{"loss": 0.4}]}
     assert saved["config"] == {"timeout": 2.0}  # only the metrics lose their timings
 
 
