@@ -35,23 +35,31 @@ import time
 from pathlib import Path
 
 from grpoctl import distributed
+from grpoctl.advantages import compute_advantages
 from grpoctl.config import LoopConfig, UpdateSettings, flag_of
+from grpoctl.display import NullDisplay
 from grpoctl.errors import GrpoctlError
-from grpoctl.records import (NEEDS_ADVANTAGE, NEEDS_UPDATE, atomic_open, dumps, parse_records,
-                             read_records, write_json, write_records)
+from grpoctl.evaluate import evaluate_records, is_correct
+from grpoctl.lora import LoraSettings
+from grpoctl.models import check_vocab, load_policy, load_tokenizer, load_training_policy
+from grpoctl.prompts import load_prompts, render_prompt
+from grpoctl.records import (NEEDS_ADVANTAGE, NEEDS_SCORE, NEEDS_UPDATE, atomic_open,
+                             check_same_records, dumps, group_by_prompt, iter_jsonl,
+                             parse_records, read_records, write_json, write_records)
+from grpoctl.refill import contrastive_prompts, fresh_prompts, refill_size
+from grpoctl.rewards import parse_reward_specs, score_records
+from grpoctl.rollout import SamplingParams, generate, tokenize_prompts
 from grpoctl.runlock import lock_run_dir, release_run_dir
+from grpoctl.update import UpdateConfig, make_optimizer, update_batch
+
 
 def update_config(cfg: LoopConfig):
     """The update stage's settings (update.UpdateConfig) from a run's."""
-    from grpoctl.update import UpdateConfig
-
     return UpdateConfig(**dataclasses.asdict(cfg.group(UpdateSettings)))
 
 
 def lora_settings(cfg: LoopConfig):
     """The run's LoRA adapter (lora.LoraSettings)."""
-    from grpoctl.lora import LoraSettings
-
     return LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
 
 
@@ -129,8 +137,6 @@ class Run:
         prompts, scored.jsonl the same samples with rewards, advantages.jsonl the same
         (less the tied groups --drop-zero drops), each readable with what the next stage
         needs. Files are written atomically, so only damage from outside fails this."""
-        from grpoctl.records import NEEDS_SCORE, check_same_records
-
         directory = step_dir(self.path, step)
         names = ["rollouts.jsonl", "scored.jsonl", "advantages.jsonl"]
         if cfg.refill:  # kept.jsonl and its advantages: made again from the attempts' files
@@ -264,8 +270,6 @@ def _external_stage(command: str, input_path: Path, output_path: Path, require: 
     """Run a user's stage command: records on stdin, records on stdout, validated before
     anything is written: `require` present, and the same samples as its input with their
     identity unchanged (records.check_same_records)."""
-    from grpoctl.records import check_same_records
-
     with open(input_path, "rb") as stdin:
         proc = subprocess.run(command, shell=True, stdin=stdin, capture_output=True)
     if proc.returncode != 0:
@@ -289,9 +293,6 @@ class Loop:
     # setup ---------------------------------------------------------------------
 
     def load(self, from_checkpoint: int) -> None:
-        from grpoctl.models import check_vocab, load_policy, load_tokenizer, load_training_policy
-        from grpoctl.update import make_optimizer
-
         import torch
 
         cfg = self.cfg
@@ -317,15 +318,11 @@ class Loop:
         return update_config(self.cfg)
 
     def load_prompts(self, source: str, limit: int | None = None) -> list[dict]:
-        from grpoctl.prompts import load_prompts
-
         c = self.cfg
         return load_prompts(source, prompt_field=c.prompt_field, answer_field=c.answer_field,
                             answer_after=c.answer_after, id_field=c.id_field, limit=limit)
 
     def sampling(self, seed: int, evaluation: bool = False):
-        from grpoctl.rollout import SamplingParams
-
         c = self.cfg
         if evaluation:
             return SamplingParams(temperature=c.eval_temperature, top_p=c.eval_top_p,
@@ -340,7 +337,6 @@ class Loop:
         handed the trainer's weights: those of a resumed checkpoint and replayed updates.
         Its context is sized for the longest of `prompts` (vllm.context_length).
         """
-        from grpoctl.rollout import tokenize_prompts
         from grpoctl.rollout.vllm import VllmEngine, context_length
 
         c = self.cfg
@@ -356,16 +352,12 @@ class Loop:
 
     def render(self, prompts: list[dict]) -> list[dict]:
         """The prompts with their text in the chat template (or --template) the policy sees."""
-        from grpoctl.prompts import render_prompt
-
         c = self.cfg
         return [dict(p, text=render_prompt(self.tokenizer, p["text"], c.template,
                                            c.use_chat_template, c.system)) for p in prompts]
 
     def generate(self, prompts: list[dict], group_size: int, sampling, step: int,
                  logprobs: bool = True) -> list[dict]:
-        from grpoctl.rollout import generate
-
         c = self.cfg
         order = [p["prompt_id"] for p in prompts]
         prompts = distributed.shard_prompts(prompts)  # torchrun: each rank samples its share
@@ -397,8 +389,6 @@ class Loop:
 
     @distributed.main_only  # torchrun: rank 0 scores and writes; every rank gets the records
     def score_stage(self, step: int, records: list[dict], attempt: int = 0) -> list[dict]:
-        from grpoctl.rewards import parse_reward_specs, score_records
-
         directory = attempt_dir(self.run, step, attempt)
         path = directory / "scored.jsonl"
         if path.is_file():
@@ -416,8 +406,6 @@ class Loop:
     def advantage_stage(self, step: int, scored: list[dict],
                         input_name: str = "scored.jsonl") -> list[dict]:
         """Advantages of `scored`, the step directory's `input_name` (kept.jsonl with --refill)."""
-        from grpoctl.advantages import compute_advantages
-
         directory = step_dir(self.run, step)
         path = directory / "advantages.jsonl"
         if path.is_file():
@@ -440,8 +428,6 @@ class Loop:
         refill-KK/, the kept groups' scored records in kept.jsonl.
         Returns (every attempt's records, every attempt's scored records, the kept
         scored records, the refill metrics)."""
-        from grpoctl.refill import contrastive_prompts, fresh_prompts, refill_size
-
         c = self.cfg
         wanted, cap = c.prompts_per_step, c.max_rollouts_per_step or 16 * c.prompts_per_step
         used = {p["prompt_id"] for p in batch}
@@ -471,8 +457,6 @@ class Loop:
         return all_records, all_scored, kept_scored, metrics
 
     def update_stage(self, step: int, records: list[dict]) -> dict:
-        from grpoctl.update import update_batch
-
         if not records:  # every group tied and --drop-zero removed them: no gradient this step
             return {"loss": 0.0, "tokens": 0, "skipped": True}
         try:
@@ -503,17 +487,14 @@ class Loop:
 
     def evaluate(self, step: int, eval_prompts: list[dict], elapsed: float,
                  rollouts: int) -> dict | None:
-        from grpoctl.evaluate import summarize
-        from grpoctl.rewards import parse_reward_specs, score_records
-
         records = self.generate(eval_prompts, self.cfg.eval_samples,
                                 self.sampling(step_seed(self.cfg.seed, step, salt=1), True), step,
                                 logprobs=False)
         if not distributed.is_main():  # torchrun: rank 0 scores and records the evaluation
             return None
-        scored, _ = score_records(records, parse_reward_specs(["math"]), progress=False,
-                                  workers=self.cfg.score_workers, timeout=self.cfg.score_timeout)
-        summary = summarize(scored, k=self.cfg.eval_samples)
+        _, summary = evaluate_records(records, k=self.cfg.eval_samples,
+                                      workers=self.cfg.score_workers,
+                                      timeout=self.cfg.score_timeout)
         return {"step": step, "mean_at_k": summary["mean_at_k"], "pass_at_k": summary["pass_at_k"],
                 "k": summary["k"], "prompts": summary["prompts"], "rollouts": rollouts,
                 "elapsed_s": elapsed}
@@ -521,9 +502,6 @@ class Loop:
 
 def group_stats(scored: list[dict], advantaged: list[dict]) -> dict:
     """Reward, accuracy and zero-advantage figures of one step."""
-    from grpoctl.evaluate import is_correct
-    from grpoctl.records import group_by_prompt
-
     groups = group_by_prompt(scored)
     tied = sum(1 for ix in groups.values() if len({scored[i]["reward"] for i in ix}) == 1)
     lengths = [len(r["completion_ids"]) for r in scored if "completion_ids" in r]
@@ -573,8 +551,6 @@ def run_loop(cfg: LoopConfig, resume: bool = False, display=None,
              given: dict | None = None) -> Path:
     """Train for cfg.steps steps (or cfg.epochs epochs); return the run directory.
     given: the settings named with --resume (prepare_run_dir)."""
-    from grpoctl.display import NullDisplay
-
     cfg = cfg.resolved()
     if cfg.backend == "vllm":  # what the engine cannot do is refused before the run dir is touched
         from grpoctl.rollout.vllm import check_engine, require_vllm
@@ -687,14 +663,9 @@ def _done_evals(run: Path) -> set[int]:
     path = run / "eval.jsonl"
     if not path.is_file():
         return set()
-    kept = []
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # cut short by a crash: that evaluation runs again
-        if isinstance(record, dict) and isinstance(record.get("step"), int):
-            kept.append(record)
+    # A line a crash cut short (or damaged) is dropped: that evaluation runs again.
+    kept = [r for _, r in iter_jsonl(path.read_bytes(), str(path), damaged="skip")
+            if isinstance(r.get("step"), int)]
     if distributed.is_main():
         with atomic_open(path) as f:
             f.writelines(dumps(r) + "\n" for r in kept)
