@@ -11,6 +11,7 @@ Errors the user can fix (`GrpoctlError`) print one line, `error: ...`, and exit 
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from typing import Annotated, Literal, Optional
@@ -100,7 +101,8 @@ Reward = Annotated[Optional[list[str]], option(
 Workers = Annotated[Optional[int], option(
     "Score", min=1, help="Scoring processes [default: all cores].")]
 ScoreTimeout = Annotated[float, option(
-    "Score", "--timeout", min=0.01, help="Seconds allowed per completion; over it scores 0.")]
+    "Score", "--timeout", min=0.01, help="CPU seconds a completion's check may take (a "
+    "loaded machine gets the same rewards); over it the reward is 0.")]
 Estimator = Annotated[Literal["group", "pairwise", "rloo"], option(
     "Advantage", help="`group` (GRPO), `pairwise` (2-GRPO) or `rloo`.")]
 Std = Annotated[Literal["group", "batch", "none"], option(
@@ -261,7 +263,7 @@ def score(
     records: Annotated[str, typer.Argument(help="Rollout file, or `-` for stdin.")] = "-",
     reward: Reward = None,
     workers: Workers = None,
-    timeout: ScoreTimeout = 2.0,
+    timeout: ScoreTimeout = LoopConfig.score_timeout,
     output: Output = "-",
     quiet: Quiet = False,
 ):
@@ -748,6 +750,31 @@ class _WatchedStdout:
         return getattr(self._stream, name)
 
 
+def _finite_floats(command):
+    """Every float option of every command refuses NaN and infinity as a flag error.
+
+    click's float types (and FloatRange's bounds) let "nan" and "inf" through, and a
+    NaN then surfaces far from its flag (as a NaN loss, or an error about a record).
+    One rule for all of them, so a new option is covered too.
+    """
+    from typer._click.types import FloatParamType
+
+    for sub in getattr(command, "commands", {}).values():
+        for param in sub.params:
+            if isinstance(param.type, FloatParamType) and "convert" not in vars(param.type):
+                param.type.convert = _refusing_non_finite(param.type.convert, param.type)
+    return command
+
+
+def _refusing_non_finite(convert, float_type):
+    def finite(value, param, ctx):
+        number = convert(value, param, ctx)
+        if isinstance(number, float) and not math.isfinite(number):
+            float_type.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+    return finite
+
+
 def main() -> None:
     """Entry point: run the app, turning every user error into one line and exit status 2.
 
@@ -776,7 +803,8 @@ def _main(click_errors, watched: _WatchedStdout) -> None:
         sys.exit(code)
 
     try:
-        status = app(prog_name="grpoctl", standalone_mode=False)
+        status = _finite_floats(typer.main.get_command(app))(prog_name="grpoctl",
+                                                             standalone_mode=False)
         stdout_error = _settle_stdout()  # what is still buffered, written now
         if isinstance(stdout_error, BrokenPipeError):
             sys.exit(1)

@@ -198,7 +198,7 @@ class ScoreSettings:
     score_workers: int | None = None
     """Scoring processes; None = all cores."""
     score_timeout: float = SCORE_TIMEOUT_S
-    """Seconds allowed per completion's math check; over it the reward is 0."""
+    """CPU seconds allowed per completion's check (scoring_pool.py); over it the reward is 0."""
     score_cmd: str | None = None
     """Shell command replacing the score stage (records on stdin, scored records out)."""
 

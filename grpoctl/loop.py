@@ -25,6 +25,7 @@ share of the advantages. Same files and weights as one process, up to float roun
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -560,21 +561,27 @@ def run_loop(cfg: LoopConfig, resume: bool = False, display=None,
     distributed.init_if_launched(cfg.device)  # torchrun: join the other ranks
     # Under torchrun rank 0 shows progress and writes every file; the others compute.
     display = display if display and distributed.is_main() else NullDisplay()
+    new_dir = not resume and not (cfg.run_dir and Path(cfg.run_dir).exists())
     run, cfg = distributed.on_main(prepare_run_dir, cfg, resume, given)
-    loop = Loop(cfg, run, display)
-    prompts = loop.load_prompts(cfg.prompts, cfg.limit)
-    steps = cfg.steps or max(1, round(cfg.epochs * (len(prompts) // cfg.prompts_per_step)))
-    eval_prompts = loop.load_prompts(cfg.eval_prompts, cfg.eval_limit) if cfg.eval_prompts else []
-
-    state = Run(run)
-    done = [s for s in state.done_steps() if s <= steps]
-    last_done = max(done, default=0)
-    start_ckpt = state.latest_checkpoint(last_done)
-    display.log(f"run directory: {run}" + (f" (resuming after step {last_done})" if resume else ""))
-    loop.load(start_ckpt)
-    if distributed.is_main():
-        if not resume:
+    # Until config.json is written, bad input (prompts, model, template) leaves nothing: a
+    # run directory this call made is removed again.
+    with _removed_if_left_empty(run, new_dir and distributed.is_main()):
+        loop = Loop(cfg, run, display)
+        prompts = loop.load_prompts(cfg.prompts, cfg.limit)
+        steps = cfg.steps or max(1, round(cfg.epochs * (len(prompts) // cfg.prompts_per_step)))
+        eval_prompts = (loop.load_prompts(cfg.eval_prompts, cfg.eval_limit) if cfg.eval_prompts
+                        else [])
+        state = Run(run)
+        done = [s for s in state.done_steps() if s <= steps]
+        last_done = max(done, default=0)
+        start_ckpt = state.latest_checkpoint(last_done)
+        display.log(f"run directory: {run}"
+                    + (f" (resuming after step {last_done})" if resume else ""))
+        loop.load(start_ckpt)
+        loop.render(prompts + eval_prompts)  # a chat template that fails, before config.json
+        if distributed.is_main() and not resume:
             write_json(dataclasses.asdict(cfg), run / "config.json")
+    if distributed.is_main():
         rebuild_metrics(run, done)
     previous = state.done_metrics(last_done) if last_done else {}
     elapsed, rollouts = previous.get("elapsed_s", 0.0), previous.get("rollouts", 0)
@@ -652,6 +659,18 @@ def run_loop(cfg: LoopConfig, resume: bool = False, display=None,
         loop.engine.close()
     release_run_dir(run)
     return run
+
+
+@contextlib.contextmanager
+def _removed_if_left_empty(run: Path, remove: bool):
+    """On an error inside, remove `run` if `remove` and it is still empty (rmdir only)."""
+    try:
+        yield
+    except BaseException:
+        if remove:
+            with contextlib.suppress(OSError):
+                run.rmdir()
+        raise
 
 
 def _eval_due(cfg: LoopConfig, step: int, steps: int) -> bool:
