@@ -605,8 +605,9 @@ def loop(
     seed: Seed = LoopConfig.seed,
     save_every: Annotated[int, option("Run", min=1, help="Checkpoint every N steps (and at the end).")] = 25,
     keep_last: Annotated[int, option("Run", min=1, help="Checkpoints to keep.")] = 2,
-    rollouts_from: Annotated[Optional[str], option("Run", help="Reuse the rollouts of another run "
-                                                         "directory instead of sampling.")] = None,
+    rollouts_from: Annotated[Optional[str], option(
+        "Run", help="Train on another run directory's rollouts (its prompts and samples) "
+        "instead of sampling: off-policy once this policy differs from that run's.")] = None,
     resume: Annotated[bool, option("Run", "--resume", help="Continue the run in --run-dir (or the "
                                          "newest under runs/) where it stopped.")] = False,
     quiet: Quiet = False,

@@ -577,6 +577,11 @@ def run_loop(cfg: LoopConfig, resume: bool = False, display=None,
         start_ckpt = state.latest_checkpoint(last_done)
         display.log(f"run directory: {run}"
                     + (f" (resuming after step {last_done})" if resume else ""))
+        if cfg.rollouts_from:
+            display.log(f"--rollouts-from {cfg.rollouts_from}: training on that run's prompts "
+                        "and samples; after its first step they were sampled by another "
+                        "policy than this one (off-policy: the clip, --clip-ratio-c and "
+                        "--is-cap bound how far)")
         loop.load(start_ckpt)
         loop.render(prompts + eval_prompts)  # a chat template that fails, before config.json
         if distributed.is_main() and not resume:
