@@ -340,8 +340,11 @@ class EvalSettings:
     eval_limit: int | None = None
     """Evaluate on the first N held-out prompts."""
     eval_temperature: float = 0.7
+    """Evaluation sampling temperature (the paper's 0.7)."""
     eval_top_p: float = 0.8
+    """Evaluation nucleus mass (the paper's 0.8)."""
     eval_top_k: int = 20
+    """Evaluation top-k (the paper's 20); 0 = off."""
 
     def check(self) -> None:
         _whole(self, "eval_every", 1)
