@@ -653,7 +653,7 @@ def _loop_config(flags: dict) -> LoopConfig:
     values = {_LOOP_FIELDS.get(name, name): value for name, value in flags.items()
               if name not in ("resume", "quiet")}
     values["use_chat_template"] = not values["use_chat_template"]  # the flag says "no"
-    values["rewards"] = values["rewards"] or ["math"]
+    values["rewards"] = list(values["rewards"] or ["math"])  # click gives a tuple
     if values["eval_prompts"] == "none":
         values["eval_prompts"] = None
     return LoopConfig(**values)

@@ -183,7 +183,7 @@ def test_resume_refuses_changed_settings_and_records_the_allowed_ones(finished_r
     assert (run / "config.json").read_bytes() == config and not (run / "resumes.jsonl").exists()
 
     run_cli("loop", "--resume", "--run-dir", str(run), "--steps", "4", "--keep-last", "3",
-            check=True)
+            "--reward", "math", check=True)  # the run's own reward, given again: no change
     saved = json.loads((run / "config.json").read_text())
     assert saved["steps"] == 4 and saved["keep_last"] == 3
     (record,) = [json.loads(line) for line in (run / "resumes.jsonl").read_text().splitlines()]
