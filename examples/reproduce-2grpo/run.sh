@@ -68,7 +68,7 @@ train_seed() {  # every run of one seed, one after the other
   done
   if [[ " $EXPERIMENTS " == *" ablation "* ]]; then
     prompts=$ABLATION_PROMPTS
-    steps=$((EPOCHS * N_PROMPTS / ROLLOUTS_PER_STEP * 2))  # 2-GRPO's steps x 2: 96
+    steps=$((EPOCHS * N_PROMPTS * 2 / ROLLOUTS_PER_STEP))  # 2-GRPO's steps: 48
     lr=$(python3 -c "print(${BASE_LR} * ${prompts} / 8)")
     for g in $GROUP_SIZES; do
       echo "ablation G=$g seed=$seed: $prompts prompts/step, $steps steps, lr $lr" >&2
