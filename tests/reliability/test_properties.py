@@ -139,3 +139,64 @@ def test_the_strategy_reaches_the_odd_cases():
 
     look()
     assert all(seen.values()), seen
+
+
+# --- any bytes at all: exit 0, or exit 2 with one line; never a traceback ----------------
+
+VALID_LINE = json.dumps({"prompt_id": "p", "sample": 0, "completion": "so \\boxed{4}",
+                         "answer": "4", "reward": 1.0}).encode()
+LINES = st.one_of(
+    st.binary(max_size=60),
+    st.builds(lambda b: VALID_LINE[:len(VALID_LINE) // 2] + b, st.binary(max_size=8)),  # cut
+    st.sampled_from([b"[]", b"{}", b"null", b'{"prompt_id": 1}', b"\xef\xbb\xbf{}", b"\xff",
+                     b'{"a": ' * 200, b'{"sample": 1e999}', b"1" * 5000]))
+
+
+def run_stage(argv: list[str], data: bytes, tmp_path, monkeypatch, capfd) -> tuple[int, str]:
+    """`grpoctl ARGV` through the CLI's entry point in this process, `data` on stdin."""
+    import io
+    import sys
+
+    import pytest
+
+    from grpoctl.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["grpoctl", *argv])
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main()
+    return exited.value.code, capfd.readouterr().err
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(LINES, min_size=1, max_size=3), valid_first=st.booleans(),
+       stage=st.sampled_from([["score", "--workers", "1"], ["advantage"],
+                              ["eval", "--scored", "-"]]))
+def test_any_bytes_as_record_lines_exit_0_or_2_with_one_line(lines, valid_first, stage,
+                                                             tmp_path, monkeypatch, capfd):
+    data = b"\n".join(([VALID_LINE] if valid_first else []) + lines) + b"\n"
+    out = tmp_path / "out.jsonl"
+    argv = [*stage, "-"] if stage[0] != "eval" else stage
+    if stage[0] != "eval":
+        argv += ["-o", str(out)]
+    code, err = run_stage(argv, data, tmp_path, monkeypatch, capfd)
+    assert code in (0, 2), err
+    assert "Traceback" not in err, err
+    if code == 2:
+        errors = [line for line in err.strip().splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], err
+        assert not out.exists()
+
+
+def test_the_any_bytes_runner_passes_valid_records(tmp_path, monkeypatch, capfd):
+    """The runner above is not an always-exit-2 machine: valid records go through."""
+    pair = VALID_LINE + b"\n" + VALID_LINE.replace(b'"sample": 0', b'"sample": 1') + b"\n"
+    for stage in (["score", "--workers", "1", "-"], ["advantage", "-"]):
+        code, err = run_stage([*stage, "-o", str(tmp_path / "out.jsonl")], pair, tmp_path,
+                              monkeypatch, capfd)
+        assert code == 0, err
+    code, err = run_stage(["eval", "--scored", "-"], pair, tmp_path, monkeypatch, capfd)
+    assert code == 0, err
