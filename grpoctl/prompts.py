@@ -36,7 +36,7 @@ import re
 import sys
 from pathlib import Path
 from grpoctl.errors import GrpoctlError, first_line
-from grpoctl.records import non_finite_path
+from grpoctl.records import iter_jsonl, non_finite_path
 
 PROMPT_FIELDS = ("prompt", "problem", "question")  # tried in this order when none is given
 ANSWER_FIELD = "answer"
@@ -50,24 +50,8 @@ PLACEHOLDER = "{prompt}"
 
 
 def _read_jsonl(text: str, source: str) -> list[tuple[str, dict]]:
-    rows = []
-    # "\n" only: str.splitlines also splits at U+2028, U+2029, U+0085 and others, which
-    # JSON allows raw inside strings.
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise GrpoctlError(f"{source}:{lineno}: invalid JSON ({e.msg}, column {e.colno})"
-                               ) from None
-        except RecursionError:
-            raise GrpoctlError(f"{source}:{lineno}: JSON nested too deeply") from None
-        if not isinstance(row, dict):
-            raise GrpoctlError(f"{source}:{lineno}: expected a JSON object, "
-                               f"got {type(row).__name__}")
-        rows.append((f"{source}:{lineno}", row))
-    return rows
+    """Prompt rows of a JSONL file, read as record files are (records.iter_jsonl)."""
+    return [(f"{source}:{lineno}", row) for lineno, row in iter_jsonl(text, source)]
 
 
 def _read_json(text: str, source: str) -> list[tuple[str, dict]]:

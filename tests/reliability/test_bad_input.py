@@ -336,7 +336,7 @@ CASES = [
     ("rollout-non-utf8", ROLLOUT, lines(PROMPTS) + b'{"prompt": "caf\xe9"}\n',
      "in.jsonl:3: not valid UTF-8"),
     ("rollout-json-array-in-jsonl", ROLLOUT, json.dumps(PROMPTS).encode(),
-     "in.jsonl:1: expected a JSON object, got list"),
+     "in.jsonl:1: looks like a JSON array; expected JSONL"),
     ("rollout-deep-nesting", ROLLOUT, raw_line(PROMPTS, 1, b'{"prompt": "a", "x": ' + DEEP + b"}"),
      "in.jsonl:2: JSON nested too deeply"),
     ("rollout-nan-column", ROLLOUT, raw_line(PROMPTS, 1, b'{"prompt": "a", "difficulty": NaN}'),
