@@ -126,7 +126,6 @@ def load_user_reward(target: str) -> Callable:
     """Import `path/to/file.py:fn` or `module:fn`; check it takes (completion, answer, record)."""
     import importlib
     import importlib.util
-    import inspect
     import os
 
     where, _, fn_name = target.rpartition(":")
