@@ -416,7 +416,10 @@ def update(
                         fsdp=fsdp, attn_implementation=attn_implementation,
                         gradient_checkpointing=gradient_checkpointing, lora_settings=lora,
                         save_lora=save_lora)
-    _log(json.dumps(result))
+    from grpoctl import distributed
+
+    if distributed.is_main():  # torchrun: one line, from rank 0
+        _log(json.dumps(result))
 
 
 @app.command("eval")
