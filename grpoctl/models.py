@@ -170,6 +170,29 @@ def check_finite_weights(path, model) -> None:
                                f"cannot be sampled or trained from it")
 
 
+def check_finite_files(path) -> None:
+    """check_finite_weights for a model directory's safetensors files, for an engine that
+    loads them itself (vLLM): NaN anywhere, or infinity outside a mask, is one line
+    naming the directory and the tensor. Reads every weight once."""
+    import torch
+    from safetensors import safe_open
+
+    for file in sorted(Path(path).glob("*.safetensors")):
+        if file.name == "optimizer.safetensors":  # a checkpoint's AdamW state, not weights
+            continue
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                tensor = f.get_tensor(name)
+                if not tensor.is_floating_point():
+                    continue
+                bad = torch.isnan(tensor) if "mask" in name else ~torch.isfinite(tensor)
+                if bool(bad.any()):
+                    what = "NaN" if bool(torch.isnan(tensor).any()) else "infinity"
+                    raise GrpoctlError(f"{path}: weight '{name}' holds {what} "
+                                       f"({int(bad.sum())} of {tensor.numel()} values); the "
+                                       f"model cannot be sampled or trained from it")
+
+
 def load_training_policy(path: str | os.PathLike, dtype: str = "float32", device: str = "cpu",
                          trust_remote_code: bool = False, attn_implementation: str | None = None,
                          gradient_checkpointing: bool = False, lora=None, seed: int = 0):

@@ -220,6 +220,26 @@ def test_what_the_engine_cannot_do_is_refused_before_anything(tiny_model, tiny_l
     proc = run_cli("eval", "--model", str(tiny_model), "--backend", "vllm", "--limit", "2")
     assert proc.returncode == 2 and "attention head size 16" in proc.stderr.decode()
 
+    # NaN weights: vLLM reads the files itself, so they are checked before it starts
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    nan_model = tmp_path / "nan-model"
+    shutil.copytree(tiny_llama64, nan_model)
+    weights = load_file(str(nan_model / "model.safetensors"))
+    name = sorted(k for k in weights if k.endswith("mlp.down_proj.weight"))[0]
+    weights[name] = weights[name].clone()
+    weights[name].view(-1)[0] = float("nan")
+    save_file(weights, str(nan_model / "model.safetensors"), metadata={"format": "pt"})
+    proc = run_cli("rollout", "--model", str(nan_model), "--prompts", "arith:test", "--limit", "2",
+                   "--backend", "vllm", "-o", str(out))
+    err = proc.stderr.decode().strip().splitlines()
+    assert proc.returncode == 2 and err[-1] == (
+        f"error: {nan_model}: weight '{name}' holds NaN (1 of {weights[name].numel()} values); "
+        "the model cannot be sampled or trained from it")
+    assert not out.exists()
+
 
 def test_eval_on_vllm_takes_the_papers_evaluation_sampling(tiny_llama64):
     """T 0.7 with top-p 0.8 and top-k 20: refused for rollouts (log-probs), fine for eval."""

@@ -225,12 +225,13 @@ def load_llm(model_dir, sampling, dtype: str = "bfloat16", trust_remote_code: bo
     so any sampling settings work. engine_kwargs go to vllm.LLM as is (e.g.
     gpu_memory_utilization, max_model_len, enforce_eager).
     """
-    from grpoctl.models import check_model_dir
+    from grpoctl.models import check_finite_files, check_model_dir
 
     path = check_model_dir(model_dir)
     mode = logprobs_mode(sampling) if logprobs else None
     vllm = _import_vllm()
     check_engine(path, engine_kwargs.get("enable_sleep_mode", False))
+    check_finite_files(path)  # vLLM loads the files itself: models.load_policy's check
     # The engine core in this process: two fewer processes to start, each of which
     # imports vllm and torch again (SmolLM2 on a busy 2-core CPU: 140 s -> 60 s).
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

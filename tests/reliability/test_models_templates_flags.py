@@ -369,3 +369,20 @@ def test_a_non_finite_flag_value_is_a_flag_error(value, tmp_path, monkeypatch, c
         if not ok:
             failures.append(f"{command} {option} {value}: exit {code}: {err[:200]}")
     assert failures == []
+
+
+@pytest.mark.parametrize("kind, tensor, what", [
+    ("nan", "model.layers.1.mlp.down_proj.weight", "NaN"),
+    ("inf", "model.norm.weight", "infinity"),
+])
+def test_non_finite_weights_in_the_files_an_engine_loads_itself(kind, tensor, what, bad_models,
+                                                                tiny_model):
+    """models.check_finite_files: what `rollout --backend vllm` checks before its engine
+    starts (vLLM reads the safetensors files itself, not through load_policy)."""
+    from grpoctl.errors import GrpoctlError
+    from grpoctl.models import check_finite_files
+
+    with pytest.raises(GrpoctlError) as error:
+        check_finite_files(bad_models[kind])
+    assert str(error.value).startswith(f"{bad_models[kind]}: weight '{tensor}' holds {what} (1 of ")
+    check_finite_files(tiny_model)  # a sound model passes
