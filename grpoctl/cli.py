@@ -18,7 +18,7 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from grpoctl.config import LoopConfig, UpdateSettings
+from grpoctl.config import FLAGS, LoopConfig, UpdateSettings
 from grpoctl.errors import GrpoctlError
 
 app = typer.Typer(
@@ -645,10 +645,8 @@ def loop(
     _log(f"done: {run}")
 
 
-# `loop` flags whose LoopConfig field has another name
-_LOOP_FIELDS = {"no_chat_template": "use_chat_template", "reward": "rewards",
-                "workers": "score_workers", "timeout": "score_timeout",
-                "enforce_eager": "vllm_eager"}
+# `loop` parameters whose LoopConfig field has another name (config.FLAGS, read backwards)
+_LOOP_FIELDS = {flag.lstrip("-").replace("-", "_"): field for field, flag in FLAGS.items()}
 
 
 def _loop_config(flags: dict) -> LoopConfig:

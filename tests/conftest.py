@@ -80,6 +80,24 @@ def run_cli(*args: str, input: str | bytes | None = None, check: bool = False,
     return proc
 
 
+def run_in_process(argv: list[str], cwd, monkeypatch, capfd,
+                   stdin: bytes = b"") -> tuple[int, str, str]:
+    """`grpoctl ARGV` through the CLI's own entry point in this process (no interpreter
+    start: for tests that run it many times): (exit status, stdout, stderr)."""
+    import io
+
+    from grpoctl.cli import main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["grpoctl", *argv])
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(stdin)))
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main()
+    captured = capfd.readouterr()
+    return exited.value.code, captured.out, captured.err
+
+
 def policy_records(model, *, n_prompts: int = 3, group: int = 2, seed: int = 0) -> list[dict]:
     """Records as `advantage` writes them for `model`: random token ids, logprobs from the
     model itself (so the first step's ratio is 1), advantage +1 for sample 0, -1 for the rest."""

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import io
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_in_process
 
 from grpoctl import config
 from grpoctl.config import GROUPS, LoopConfig, UpdateSettings
@@ -55,15 +55,8 @@ def test_update_and_loop_share_the_update_defaults():
 
 
 def run_main(argv: list[str], cwd: Path, monkeypatch, capfd) -> tuple[int, str]:
-    from grpoctl.cli import main
-
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", ["grpoctl", *argv])
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
-    capfd.readouterr()
-    with pytest.raises(SystemExit) as exited:
-        main()
-    return exited.value.code, capfd.readouterr().err.strip()
+    code, _, err = run_in_process(argv, cwd, monkeypatch, capfd)
+    return code, err.strip()
 
 
 LOOP_BAD = [

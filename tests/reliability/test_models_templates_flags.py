@@ -20,7 +20,6 @@ few run as real `python -m grpoctl` processes.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -29,6 +28,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_in_process
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 PROMPTS = [{"prompt": "What is 2 + 2?", "answer": "4"}, {"prompt": "What is 3 + 4?", "answer": "7"}]
@@ -40,17 +40,8 @@ def write_prompts(path: Path) -> Path:
 
 
 def run_here(argv: list[str], cwd: Path, monkeypatch, capfd) -> tuple[int, str, str]:
-    """`grpoctl ARGV` through the CLI's entry point in this process: (status, stdout, stderr)."""
-    from grpoctl.cli import main
-
-    monkeypatch.chdir(cwd)
-    monkeypatch.setattr(sys, "argv", ["grpoctl", *argv])
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"")))
-    capfd.readouterr()
-    with pytest.raises(SystemExit) as exited:
-        main()
-    captured = capfd.readouterr()
-    return exited.value.code, captured.out, captured.err
+    """`grpoctl ARGV` in this process: (status, stdout, stderr)."""
+    return run_in_process(argv, cwd, monkeypatch, capfd)
 
 
 def assert_one_line(code, out: str, err: str, *fragments: str) -> str:

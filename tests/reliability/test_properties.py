@@ -14,6 +14,7 @@ import json
 import math
 
 from hypothesis import HealthCheck, given, settings
+from conftest import run_in_process
 from hypothesis import strategies as st
 
 from grpoctl.advantages import compute_advantages
@@ -153,21 +154,9 @@ LINES = st.one_of(
 
 
 def run_stage(argv: list[str], data: bytes, tmp_path, monkeypatch, capfd) -> tuple[int, str]:
-    """`grpoctl ARGV` through the CLI's entry point in this process, `data` on stdin."""
-    import io
-    import sys
-
-    import pytest
-
-    from grpoctl.cli import main
-
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(sys, "argv", ["grpoctl", *argv])
-    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
-    capfd.readouterr()
-    with pytest.raises(SystemExit) as exited:
-        main()
-    return exited.value.code, capfd.readouterr().err
+    """`grpoctl ARGV` in this process with `data` on stdin: (status, stderr)."""
+    code, _, err = run_in_process(argv, tmp_path, monkeypatch, capfd, stdin=data)
+    return code, err
 
 
 @settings(max_examples=40, deadline=None,
