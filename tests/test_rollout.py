@@ -109,6 +109,27 @@ def test_every_token_of_a_large_vocabulary_can_be_drawn():
         assert drawn == token
 
 
+def test_inverse_cdf_is_the_plain_float64_cumsum_draw():
+    """The two-level draw (block sums, then one block) against the one-level float64 cumsum
+    written out here, on a vocabulary that is not a multiple of the block, with zeros."""
+    from grpoctl.rollout.hf import inverse_cdf
+
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.rand(64, 1000, generator=gen) ** 8
+    probs[probs < 0.05] = 0.0  # about 70% of the tokens can never be drawn
+    u = 1.0 - torch.rand(64, dtype=torch.float64, generator=gen)
+    u[:4] = 1.0  # the top of the range: the last token with a non-zero probability
+    cdf = probs.double().cumsum(-1)
+    expected = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
+    drawn = inverse_cdf(probs, u, block=64)
+    assert torch.equal(drawn, expected)
+    assert bool((probs.gather(-1, drawn.unsqueeze(-1)) > 0).all())
+    last_nonzero = [max(i for i in range(1000) if probs[r, i] > 0) for r in range(4)]
+    assert drawn[:4].tolist() == last_nonzero
+    # the block size changes the summation order only
+    assert torch.equal(inverse_cdf(probs, u, block=256), expected)
+
+
 def uniform_draw(logits: torch.Tensor, u: torch.Tensor) -> tuple[int, float]:
     tokens, logprobs = next_tokens(logits, u.reshape(1).to(torch.float64), 1.0)
     return tokens.item(), logprobs.item()
@@ -275,6 +296,53 @@ def test_finished_rows_leave_the_batch_without_changing_any_sample():
     for r in batched:  # fp32 rounding of this trained model's larger logits: up to 2.5e-5
         expected = naive_logprobs(model, r["prompt_ids"], r["completion_ids"], 1.0)
         assert torch.allclose(torch.tensor(r["logprobs"]), expected, atol=1e-4, rtol=0)
+
+
+def test_kv_cache_appends_in_place():
+    """rollout/kvcache.py: after `preallocate`, appending a token writes into the layer's
+    buffer (same storage, no copy of the cache) and the keys/values are those torch.cat
+    would give, through a growth past the capacity and a row selection."""
+    from transformers.cache_utils import DynamicCache, DynamicLayer, DynamicSlidingWindowLayer
+
+    from grpoctl.rollout.kvcache import AppendInPlaceLayer, preallocate
+
+    gen = torch.Generator().manual_seed(0)
+    step = lambda: (torch.randn(3, 2, 1, 4, generator=gen), torch.randn(3, 2, 1, 4, generator=gen))
+    cache = DynamicCache()
+    cache.layers = [DynamicLayer(), DynamicSlidingWindowLayer(sliding_window=4)]
+    k0, v0 = torch.randn(3, 2, 5, 4, generator=gen), torch.randn(3, 2, 5, 4, generator=gen)
+    for layer in cache.layers:
+        layer.update(k0, v0)
+    preallocate(cache, capacity=7)
+    layer = cache.layers[0]
+    assert type(layer) is AppendInPlaceLayer
+    assert type(cache.layers[1]) is DynamicSlidingWindowLayer  # left as it is
+    keys, values = k0, v0
+    storage = layer.keys.untyped_storage().data_ptr()
+    for t in range(4):  # 5 + 4 > 7: the buffer grows once
+        k, v = step()
+        out_k, out_v = layer.update(k, v)
+        keys, values = torch.cat([keys, k], -2), torch.cat([values, v], -2)
+        assert torch.equal(out_k, keys) and torch.equal(out_v, values)
+        if t < 2:
+            assert layer.keys.untyped_storage().data_ptr() == storage  # written in place
+    assert layer.get_seq_length() == 9
+    layer.batch_select_indices(torch.tensor([2, 0]))
+    k, v = step()
+    out_k, _ = layer.update(k[:2], v[:2])
+    assert torch.equal(out_k, torch.cat([keys[[2, 0]], k[:2]], -2))
+
+
+def test_the_sampler_uses_the_in_place_cache(llama, monkeypatch):
+    from grpoctl.rollout import kvcache
+
+    calls = []
+    update = kvcache.AppendInPlaceLayer.update
+    monkeypatch.setattr(kvcache.AppendInPlaceLayer, "update",
+                        lambda self, *a, **kw: calls.append(1) or update(self, *a, **kw))
+    model, tok = llama
+    generate(model, tok, PROMPTS, 2, SamplingParams(max_new_tokens=4), progress=False)
+    assert len(calls) >= model.config.num_hidden_layers
 
 
 def test_stop_and_length(llama):

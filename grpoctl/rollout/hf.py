@@ -29,6 +29,7 @@ import torch
 
 from grpoctl.padding import (cache_argument, distinct_rows, left_pad, next_positions, positions,
                              returned_cache, select_cache_rows)
+from grpoctl.rollout.kvcache import preallocate
 
 
 def sequence_seed(seed: int, prompt_id: str, sample: int) -> int:
@@ -78,17 +79,36 @@ def next_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p
         logprobs = logits.log_softmax(-1)
         tokens = logits.argmax(-1)
     else:
-        logprobs = (logits / temperature).log_softmax(-1)
-        probs = truncate(logprobs.exp(), top_p, top_k)
-        # float64: summed in fp32, the cdf stops rising once it nears 1 and every later
-        # token below fp32's step there (6e-8) could never be drawn (37,640 of a
-        # 151,936-token vocabulary under random logits).
-        cdf = probs.double().cumsum(-1)
-        # First token whose cumulative mass reaches u * total. As u > 0, that
-        # token has a non-zero probability (a zero one never raises the cdf).
-        target = (u.double() * cdf[:, -1]).unsqueeze(-1)
-        tokens = torch.searchsorted(cdf, target).squeeze(-1).clamp(max=cdf.shape[-1] - 1)
+        logprobs = (logits if temperature == 1 else logits / temperature).log_softmax(-1)
+        tokens = inverse_cdf(truncate(logprobs.exp(), top_p, top_k), u)
     return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch.Tensor:
+    """[B]: per row, the first token whose cumulative probability reaches u * total mass.
+    As u > 0, that token has a non-zero probability (a zero one never raises the sum).
+
+    The cumulative sums are float64: summed in fp32, the sum stops rising once it nears 1 and
+    every later token below fp32's step there (6e-8) could never be drawn (37,640 of a
+    151,936-token vocabulary under random logits). A float64 cumsum over the whole
+    vocabulary costs two 8-byte copies of it per step, so it is done in two levels: block
+    sums pick the block where u falls, then one block per row is summed token by token.
+    """
+    rows, vocab = probs.shape
+    if vocab % block:
+        probs = torch.nn.functional.pad(probs, (0, block - vocab % block))
+    blocks = probs.view(rows, -1, block)
+    cumulative = blocks.sum(-1, dtype=torch.float64).cumsum(-1)  # [B, blocks]
+    target = u.double() * cumulative[:, -1]
+    index = torch.searchsorted(cumulative, target.unsqueeze(-1)).clamp(max=blocks.shape[1] - 1)
+    before = torch.where(index > 0, cumulative.gather(-1, (index - 1).clamp(min=0)), 0.0)
+    within = blocks.gather(1, index.unsqueeze(-1).expand(rows, 1, block)).squeeze(1)
+    within = within.double().cumsum(-1)  # [B, block]
+    # the mass still to cover inside the block: > 0 as the block is the first to reach the
+    # target, and at most the block's own sum (the two sums may round differently)
+    rest = torch.minimum(target.unsqueeze(-1) - before, within[:, -1:])
+    offset = torch.searchsorted(within, rest).squeeze(-1).clamp(max=block - 1)
+    return (index.squeeze(-1) * block + offset).clamp(max=vocab - 1)
 
 
 @torch.inference_mode()
@@ -125,6 +145,7 @@ def sample_batch(model, prompt_ids: list[list[int]], seeds: list[int], max_new_t
         cache = returned_cache(out)
     can_drop_rows = hasattr(cache, "batch_select_indices")
     mask = mask[rows]
+    preallocate(cache, mask.shape[1] + max_new_tokens)
     next_position = next_positions(mask)  # the first completion token's position
 
     n = len(prompt_ids)
