@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import math
@@ -343,6 +344,48 @@ def test_the_sampler_uses_the_in_place_cache(llama, monkeypatch):
     model, tok = llama
     generate(model, tok, PROMPTS, 2, SamplingParams(max_new_tokens=4), progress=False)
     assert len(calls) >= model.config.num_hidden_layers
+
+
+def test_packed_linears_same_numbers_and_the_model_given_back(llama):
+    """rollout/packed.py: inside the block every nn.Linear (the LM head too) is packed and
+    the logits are the plain model's to fp32 rounding; after it, even when the block
+    raises, the model holds its own modules again, its weights untouched."""
+    from grpoctl.rollout.packed import PackedLinear, can_pack, packed_linears
+
+    model, _ = llama
+    ids = torch.tensor([[5, 17, 33, 2, 90, 41]])
+    linears = {name: m for name, m in model.named_modules() if type(m) is torch.nn.Linear}
+    weights = {name: p.clone() for name, p in model.named_parameters()}
+    with torch.inference_mode():
+        plain = model(ids).logits
+        assert can_pack(model)
+        with packed_linears(model, rows_hint=4):
+            inside = {name: m for name, m in model.named_modules() if name in linears}
+            assert all(type(m) is PackedLinear for m in inside.values())
+            assert type(model.get_output_embeddings()) is PackedLinear
+            packed = model(ids).logits
+        with pytest.raises(ValueError), packed_linears(model, rows_hint=4):
+            raise ValueError("a failure while sampling")
+    assert (packed - plain).abs().max() < 1e-5
+    assert all(dict(model.named_modules())[name] is m for name, m in linears.items())
+    assert all(torch.equal(p, weights[name]) for name, p in model.named_parameters())
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    assert not can_pack(half)  # fp32 on a CPU only
+    with packed_linears(half, rows_hint=4):
+        assert not any(type(m) is PackedLinear for m in half.modules())
+
+
+def test_the_sampler_uses_packed_linears(llama, monkeypatch):
+    from grpoctl.rollout import packed
+
+    calls = []
+    forward = packed.PackedLinear.forward
+    monkeypatch.setattr(packed.PackedLinear, "forward",
+                        lambda self, x: calls.append(1) or forward(self, x))
+    model, tok = llama
+    generate(model, tok, PROMPTS, 2, SamplingParams(max_new_tokens=4), progress=False)
+    assert len(calls) > 0
+    assert not any(type(m) is packed.PackedLinear for m in model.modules())
 
 
 def test_stop_and_length(llama):

@@ -167,13 +167,15 @@ def generate(model, tokenizer, prompts: list[dict], group_size: int, sampling: S
 def _sample_hf(model, tokenizer, prompts, prompt_ids, rows, sampling, stop_ids, batch_size,
                progress):
     from grpoctl.rollout.hf import sample_batch, sequence_seed
+    from grpoctl.rollout.packed import packed_linears
 
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_ids)
     results = []
     was_training = model.training
     model.eval()  # no dropout while sampling, whatever mode the trainer left the model in
     try:
-        with _progress_bar(progress, len(prompts)) as advance:
+        with packed_linears(model, min(batch_size, len(rows))), \
+                _progress_bar(progress, len(prompts)) as advance:
             for start in range(0, len(rows), batch_size):
                 batch = rows[start:start + batch_size]
                 seeds = [sequence_seed(sampling.seed, prompts[i]["prompt_id"], s) for i, s in batch]
