@@ -42,8 +42,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_throughput import FlopCounter, load_average, matmul_gflops  # noqa: E402
+from bench_vllm import arith_prompts  # noqa: E402
 
-TEMPLATE = "{prompt} Put the final answer in \\boxed{}."
 KINDS = {"aten::mm": "matmul", "aten::addmm": "matmul", "mkldnn::_linear_pointwise": "matmul",
          "aten::cat": "cache",
          "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
@@ -95,7 +95,6 @@ def main() -> None:
     import grpoctl.rollout.hf as hf
     import grpoctl.rollout.packed as packed
     from grpoctl.models import load_policy, load_tokenizer
-    from grpoctl.prompts import load_prompts, render_prompt
     from grpoctl.rollout import SamplingParams, generate
 
     warnings.filterwarnings("ignore")
@@ -107,8 +106,7 @@ def main() -> None:
     yard = matmul_gflops(1024, 1024, 1024)
     model, tokenizer = load_policy(args.model), load_tokenizer(args.model)
     counter = FlopCounter(model)
-    prompts = [dict(p, text=render_prompt(tokenizer, p["text"], TEMPLATE))
-               for p in load_prompts("arith:test", limit=args.prompts)]
+    prompts = arith_prompts(tokenizer, args.prompts)
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens, seed=0)
     in_place, can_pack = hf.preallocate, packed.can_pack
     variants = ("baseline", "cache", "grpoctl")

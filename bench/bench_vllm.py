@@ -55,14 +55,21 @@ def yardstick(threads: int) -> float:
         torch.set_num_threads(before)
 
 
+def arith_prompts(tokenizer, limit: int) -> list[dict]:
+    """The first `limit` arith:test problems in the model's chat template with TEMPLATE:
+    the prompts of this script and of bench_hf_rollout.py."""
+    from grpoctl.prompts import load_prompts, render_prompt
+
+    return [dict(p, text=render_prompt(tokenizer, p["text"], TEMPLATE))
+            for p in load_prompts("arith:test", limit=limit)]
+
+
 def hf_rollout(model_dir: str, args) -> tuple[float, list[dict]]:
     from grpoctl.models import load_policy, load_tokenizer
-    from grpoctl.prompts import load_prompts, render_prompt
     from grpoctl.rollout import SamplingParams, generate
 
     model, tokenizer = load_policy(model_dir), load_tokenizer(model_dir)
-    prompts = load_prompts("arith:test", limit=args.prompts)
-    rendered = [dict(p, text=render_prompt(tokenizer, p["text"], TEMPLATE)) for p in prompts]
+    rendered = arith_prompts(tokenizer, args.prompts)
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens, seed=0)
     generate(model, tokenizer, rendered[:2], 1, sampling, progress=False)  # warm-up
     start = time.perf_counter()
