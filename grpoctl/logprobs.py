@@ -47,8 +47,8 @@ def _keep_logits(model, n: int) -> dict:
 
 def _shared_prompt_logits(model, prompts: list[list[int]], prompt_of_row: list[int],
                           completion_ids: list[list[int]], pad_id: int, tc: int, device):
-    """Logits [B, Tc, V] scoring each completion token, right-aligned as in the module
-    docstring, with each distinct prompt run once.
+    """Logits [B, Tc, V] scoring each completion token, LEFT-aligned (column j scores
+    completion token j), with each distinct prompt run once.
 
     1. The distinct prompts, left padded: their KV cache and the logits of their last
        column (which score each completion's first token).
@@ -75,13 +75,25 @@ def _shared_prompt_logits(model, prompts: list[list[int]], prompt_of_row: list[i
     out2 = model(input_ids=completions, attention_mask=torch.cat([prompt_mask[rows],
                  completion_mask], dim=1), position_ids=start + torch.arange(tc, device=device),
                  use_cache=True, **{cache_argument(model): cache})
-    # Left-aligned scores: column j scores completion token j.
-    scores = torch.cat([out.logits[:, -1:][rows], out2.logits[:, :-1]], dim=1)
-    # Right-align (the layout of the one-pass path): column c of row i holds its token
-    # c - (Tc - length_i); columns before the completion repeat column 0 (masked out).
-    lengths = completion_mask.sum(-1, keepdim=True)
-    source = (torch.arange(tc, device=device) - (tc - lengths)).clamp(min=0)
-    return scores.gather(1, source.unsqueeze(-1).expand(-1, -1, scores.shape[-1]))
+    return torch.cat([out.logits[:, -1:][rows], out2.logits[:, :-1]], dim=1)
+
+
+def _target_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float,
+                     with_entropy: bool):
+    """log softmax(logits / T) at each target, and (no gradient) each row's entropy."""
+    logits = logits.float()  # fp32 for the softmax
+    if temperature != 1.0:
+        logits = logits / temperature
+    # log softmax at the target = logit[target] - logsumexp(logits): no [B, Tc, V] log-prob tensor.
+    lse = torch.logsumexp(logits, -1)
+    logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    entropies = None
+    if with_entropy:
+        with torch.no_grad():  # H = lse - Σ p·logit over the vocabulary, a diagnostic only
+            logits, lse = logits.detach(), lse.detach()
+            p = torch.exp(logits - lse.unsqueeze(-1))
+            entropies = lse - (p * logits).sum(-1)
+    return logprobs, entropies
 
 
 def padded_completion_logprobs(model, prompt_ids: list[list[int]], completion_ids: list[list[int]],
@@ -109,7 +121,8 @@ def padded_completion_logprobs(model, prompt_ids: list[list[int]], completion_id
         return empty, (empty.clone() if with_entropy else None), mask.to(device)
 
     distinct, prompt_of_row = distinct_rows(prompt_ids)
-    logits = None
+    logits = None  # [B, Tc, V]
+    right_aligned = True
     # A prompt repeats: run it once, share its cache. Not under gradient checkpointing
     # (models.py): a layer that writes a cache cannot be replayed, so it would keep
     # its activations and the memory saving would be lost.
@@ -117,27 +130,26 @@ def padded_completion_logprobs(model, prompt_ids: list[list[int]], completion_id
                                                and is_gradient_checkpointing(model)):
         logits = _shared_prompt_logits(model, distinct, prompt_of_row, completion_ids, pad_id,
                                        tc, device)
-    if logits is None:  # one pass over prompt + completion
+    if logits is not None:
+        targets, right_aligned = right_pad(completion_ids, pad_id, tc)[0], False
+    else:  # one pass over prompt + completion
         input_ids, attention_mask, position_ids = (
             t.to(device) for t in (input_ids, attention_mask, position_ids))
         out = model(input_ids=input_ids, attention_mask=attention_mask,
                     position_ids=position_ids, use_cache=False, **_keep_logits(model, tc + 1))
         logits = out.logits[:, -(tc + 1):-1, :]  # the Tc columns before each completion token
+        targets = input_ids[:, -tc:]
+    logprobs, entropies = _target_logprobs(logits, targets.to(device), temperature, with_entropy)
     mask = mask.to(device)
-    logits = logits.float()  # fp32 for the softmax
-    if temperature != 1.0:
-        logits = logits / temperature
-    targets = input_ids[:, -tc:].to(device)
-    # log softmax at the target = logit[target] - logsumexp(logits): no [B, Tc, V] log-prob tensor.
-    logprobs = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)
+    if not right_aligned:
+        # Column c of row i takes its token c - (Tc - length_i), on [B, Tc] values rather
+        # than on the [B, Tc, V] logits; columns before the completion are masked below.
+        source = (torch.arange(tc) - (tc - lengths).unsqueeze(1)).clamp(min=0).to(device)
+        logprobs = logprobs.gather(1, source)
+        entropies = None if entropies is None else entropies.gather(1, source)
     logprobs = torch.where(mask, logprobs, torch.zeros_like(logprobs))
-
-    entropies = None
-    if with_entropy:
-        with torch.no_grad():  # H = -Σ p log p over the vocabulary, a diagnostic only
-            logp_all = torch.log_softmax(logits.detach(), dim=-1)
-            entropies = -(logp_all.exp() * logp_all).sum(-1)
-            entropies = torch.where(mask, entropies, torch.zeros_like(entropies))
+    if entropies is not None:
+        entropies = torch.where(mask, entropies, torch.zeros_like(entropies))
     return logprobs, entropies, mask
 
 

@@ -60,12 +60,16 @@ class UpdateConfig(UpdateSettings):
 def make_optimizer(model, cfg: UpdateConfig) -> torch.optim.AdamW:
     """AdamW over the model's trainable parameters (each tied weight once).
 
-    foreach/fused are left to torch: on CPU that is the plain per-parameter loop,
-    deterministic run to run, so a resumed run reproduces an uninterrupted one.
+    torch's fused kernel where it has one (CPU, CUDA): one pass over each parameter
+    instead of about six, 0.15 s instead of 0.5-0.65 s a step for a 135M model on two
+    cores; elementwise, so deterministic run to run (a resumed run reproduces an
+    uninterrupted one).
     """
     params = [p for p in model.parameters() if p.requires_grad]
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point()
+                                 for p in params)
     return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
-                             weight_decay=cfg.weight_decay)
+                             weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 # --- settings that come from the records --------------------------------------
@@ -347,16 +351,33 @@ def _optimizer_step(model, optimizer: torch.optim.Optimizer, params: list, cfg: 
         _refuse(params, f"the gradient norm is {grad_norm} (the loss was finite: "
                         f"{policy_loss:.6g}); check the scale of the advantages")
     try:
+        _check_step_size(optimizer)
         optimizer.step()
-    except RuntimeError as e:  # e.g. an lr that overflows the weights' dtype
+    except RuntimeError as e:
         _refuse(params, f"the optimizer step failed ({first_line(e)}) with lr "
                         f"{optimizer.param_groups[0]['lr']:g}")
     optimizer.zero_grad(set_to_none=True)
-    if not all(torch.isfinite(p).all() for p in params):  # finite gradients, too large a step
+    # A sum is finite iff every element is (NaN and ±inf propagate), unless it overflows:
+    # one pass over the weights; the exact test only where a sum is not finite.
+    if not all(torch.isfinite(p.sum()) or torch.isfinite(p).all() for p in params):
         raise GrpoctlError(f"update refused: the optimizer step (lr "
                            f"{optimizer.param_groups[0]['lr']:g}, gradient norm {grad_norm:.3g}) "
                            f"made parameters infinite or NaN; nothing was saved")
     return grad_norm
+
+
+def _check_step_size(optimizer: torch.optim.Optimizer) -> None:
+    """RuntimeError when Adam's step size lr / (1 - β1^t) (or an lr) overflows a parameter's
+    dtype, before the step touches anything (torch's per-parameter loop raises this
+    itself, mid-step; its fused kernel writes infinities instead)."""
+    for group in optimizer.param_groups:
+        beta1 = group.get("betas", (0.0,))[0]
+        for p in group["params"]:
+            step = float(optimizer.state.get(p, {}).get("step", 0)) + 1
+            size = group["lr"] / (1 - beta1 ** step)
+            if size > torch.finfo(p.dtype).max:
+                raise RuntimeError(f"the step size lr / (1 - beta1^{step:g}) = {size:.3g} "
+                                   f"overflows {str(p.dtype).removeprefix('torch.')}")
 
 
 def update_step(model, optimizer: torch.optim.Optimizer, records: list[dict],
