@@ -107,6 +107,32 @@ def test_shared_prompt_pass_matches_unpadded_forward_passes(which, request):
     assert any(p.grad.abs().max() > 1e-3 for p in model.parameters())  # a real gradient
 
 
+def test_target_logprobs_values_entropy_and_gradient_match_log_softmax():
+    # The hand-written softmax backward (d log p_t / d z_v = [v = t] - p_v) against
+    # autograd through log_softmax, with uneven weights on the tokens.
+    from grpoctl.logprobs import _target_logprobs
+
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 5, 40) * 4).requires_grad_()
+    targets = torch.randint(0, 40, (3, 5))
+    weights = torch.randn(3, 5)
+    logp, entropy = _target_logprobs(logits, targets, 0.7, with_entropy=True)
+    (logp * weights).sum().backward()
+    grad = logits.grad.clone()
+
+    logits.grad = None
+    logp_all = torch.log_softmax(logits / 0.7, -1)
+    expected = logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    (expected * weights).sum().backward()
+    assert torch.allclose(logp, expected, atol=1e-5)
+    assert torch.allclose(entropy, -(logp_all.exp() * logp_all).sum(-1), atol=1e-5)
+    assert not entropy.requires_grad
+    assert torch.allclose(grad, logits.grad, atol=1e-5) and grad.abs().max() > 0.1
+    with torch.no_grad():
+        again, none = _target_logprobs(logits, targets, 0.7, with_entropy=False)
+    assert none is None and torch.equal(again, logp.detach())
+
+
 def test_logprobs_carry_gradients_and_temperature_zero_means_one(tiny_model):
     model = load_policy(tiny_model)
     lp, ent = completion_logprobs(model, [[5, 6]], [[7, 8]], temperature=0)
