@@ -192,6 +192,9 @@ def main() -> None:
                         "see bench/README.md)")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--target", type=float, default=0.7,
+                        help="the ratio to meet (0.7 on the embedded model; issue 10 asks 0.6 "
+                             "on SmolLM2-135M)")
     parser.add_argument("--loss-agg", choices=sorted(LOSS_TYPES), default="token-mean")
     parser.add_argument("--forward-all", action="store_true",
                         help="grpoctl forwards zero-advantage sequences too, as TRL does")
@@ -246,19 +249,19 @@ def main() -> None:
     assert torch.get_num_threads() == args.threads, "something changed torch's thread count"
 
     print(f"{'prompts x G':<12} {'trainer':<8} {'s/step':>7} {'(min-max)':>13} {'generate':>9}"
-          f" {'reward':>7} {'other':>6} {'mean len':>9} {'ratio':>6} {'target':>7}")
+          f" {'reward':>7} {'other':>6} {'mean len':>9} {'ratio':>7} {'target':>7}")
     for p, g in configs:
         ours, theirs = results[(p, g, "grpoctl")], results[(p, g, "trl")]
         ratio = median(ours["times"]) / median(theirs["times"])
         for name, res in (("grpoctl", ours), ("trl", theirs)):
             step, gen, rew = median(res["times"]), median(res["generate"]), median(res["reward"])
-            last = (f" {ratio:>5.2f}x {'met' if ratio <= 0.7 else 'missed':>7}"
+            last = (f" {ratio:>5.3f}x {'met' if ratio <= args.target else 'missed':>7}"
                     if name == "grpoctl" else "")
             spread = f"({min(res['times']):.2f}-{max(res['times']):.2f})"
             print(f"{f'{p} x {g}':<12} {name:<8} {step:>7.3f} {spread:>13} {gen:>9.3f}"
                   f" {rew:>7.3f} {step - gen - rew:>6.3f} {median(res['length']):>9.1f}{last}")
     print(f"# medians over {args.rounds * args.steps} steps; ratio = grpoctl s/step / TRL "
-          f"s/step (target <= 0.70); 'other' = update + bookkeeping; load average after "
+          f"s/step (target <= {args.target:g}); 'other' = update + bookkeeping; load average after "
           f"{load_average()}")
 
 
