@@ -400,8 +400,8 @@ def update(
         grpoctl update adv.jsonl --policy ckpt-1 --out ckpt-2 --mini-batches 4 \\
             --update-epochs 2 --clip-ratio-c 3
     """
+    from grpoctl.config import UpdateConfig
     from grpoctl.lora import LoraSettings
-    from grpoctl.update import UpdateConfig, run_update
 
     cfg = UpdateConfig(lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
                        beta1=beta1, beta2=beta2, adam_eps=adam_eps, clip_eps=clip_eps,
@@ -411,6 +411,9 @@ def update(
                        mini_batches=mini_batches, update_epochs=update_epochs)
     lora = LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
                         target_modules=lora_target_modules)
+    cfg.check()  # a bad flag fails here in a fraction of a second, before torch is imported
+    from grpoctl.update import run_update
+
     result = run_update(records, policy, out, cfg, ref_dir=ref, dtype=dtype, device=device,
                         trust_remote_code=trust_remote_code, metrics_path=metrics,
                         fsdp=fsdp, attn_implementation=attn_implementation,

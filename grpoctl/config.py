@@ -306,6 +306,31 @@ class UpdateSettings:
 
 
 @dataclass
+class UpdateConfig(UpdateSettings):
+    """Every knob of one update step: the shared ones (config.UpdateSettings, documented
+    there with their defaults and sources) and those the records can supply."""
+
+    temperature: float | None = None
+    """Temperature the log-probs are computed at; None = the records' sampling.temperature
+    (1.0 when absent). 0 (greedy) is scored at 1.0, like the records' logprobs."""
+    max_tokens: int | None = None
+    """The generation budget for loss_agg="constant"; None = the records'
+    sampling.max_new_tokens."""
+    skip_zero_advantage: bool = True
+    """Do not forward sequences whose advantage is exactly 0 when kl_coef is 0: their loss
+    and gradient are exactly 0 (they still count in the normalisers). Tied 2-GRPO pairs
+    are most pairs, so this saves most of the update's time."""
+
+    def check(self) -> None:
+        """Every setting in its range, or a one-line GrpoctlError naming the flag."""
+        super().check()
+        if self.temperature is not None and not (math.isfinite(self.temperature)
+                                                 and self.temperature >= 0):  # as rollout refuses it
+            raise GrpoctlError(f"--temperature: expected a finite number >= 0 (0 = greedy, "
+                               f"scored at 1), got {self.temperature}")
+
+
+@dataclass
 class AdapterSettings:
     lora_r: int = 0
     """Adapter rank; 0 = train every parameter. TRL's examples use 16, peft's default 8."""

@@ -32,29 +32,12 @@ from pathlib import Path
 import torch
 
 from grpoctl import checkpoint, distributed, lora
-from grpoctl.config import UpdateSettings
+from grpoctl.config import UpdateConfig
 from grpoctl.errors import GrpoctlError, first_line
 from grpoctl.logprobs import padded_completion_logprobs
 from grpoctl.losses import (clipped_policy_loss, dual_clip, kl_k3, token_weights,
                             truncated_is_weights)
 from grpoctl.records import NEEDS_UPDATE, RecordError, STDIO, dumps, read_records, source_name
-
-
-@dataclass
-class UpdateConfig(UpdateSettings):
-    """Every knob of one update step: the shared ones (config.UpdateSettings, documented
-    there with their defaults and sources) and those the records can supply."""
-
-    temperature: float | None = None
-    """Temperature the log-probs are computed at; None = the records' sampling.temperature
-    (1.0 when absent). 0 (greedy) is scored at 1.0, like the records' logprobs."""
-    max_tokens: int | None = None
-    """The generation budget for loss_agg="constant"; None = the records'
-    sampling.max_new_tokens."""
-    skip_zero_advantage: bool = True
-    """Do not forward sequences whose advantage is exactly 0 when kl_coef is 0: their loss
-    and gradient are exactly 0 (they still count in the normalisers). Tied 2-GRPO pairs
-    are most pairs, so this saves most of the update's time."""
 
 
 def make_optimizer(model, cfg: UpdateConfig) -> torch.optim.AdamW:
@@ -92,20 +75,11 @@ def _one_value(records: list[dict], key: str, source: str, lines: list[int] | No
     return None if found is None else found[0]
 
 
-def check_config(cfg: UpdateConfig) -> None:
-    """Every setting in its range, or a one-line GrpoctlError naming the flag."""
-    cfg.check()
-    if cfg.temperature is not None and not (math.isfinite(cfg.temperature)
-                                            and cfg.temperature >= 0):  # as rollout refuses it
-        raise GrpoctlError(f"--temperature: expected a finite number >= 0 (0 = greedy, scored "
-                           f"at 1), got {cfg.temperature}")
-
-
 def resolve_config(records: list[dict], cfg: UpdateConfig, source: str = "<records>",
                    lines: list[int] | None = None) -> UpdateConfig:
-    """cfg, checked (`check_config`), with temperature (and max_tokens for "constant")
+    """cfg, checked (`UpdateConfig.check`), with temperature (and max_tokens for "constant")
     filled in from the records."""
-    check_config(cfg)
+    cfg.check()
     temperature = cfg.temperature
     if temperature is None:
         temperature = _one_value(records, "temperature", source, lines)
@@ -667,7 +641,7 @@ def run_update(adv_path: str, policy_dir, out_dir, cfg: UpdateConfig, ref_dir=No
                                 load_training_policy, resolve_model_dir)
 
     lora.check_save_mode(save_lora)  # before any model is loaded
-    check_config(cfg)  # and before anything is read
+    cfg.check()  # and before anything is read
 
     policy_dir = resolve_model_dir(policy_dir)  # `default` = the embedded model
     ref_dir = None if ref_dir is None else resolve_model_dir(ref_dir)

@@ -337,7 +337,7 @@ def flag_argv(command: str, tmp_path: Path) -> list[str]:
 # What is not refused yet, and the values that pass. click's FloatRange lets NaN through
 # (every comparison with NaN is false) and these flags have no check of their own;
 # --lora-alpha is checked only with --lora-r > 0. The fixes belong in cli.py (a float
-# type that refuses NaN/inf) and update.check_config: see tests/reliability/README.md.
+# type that refuses NaN/inf) and UpdateConfig.check: see tests/reliability/README.md.
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 def test_a_non_finite_flag_value_is_a_flag_error(value, tmp_path, monkeypatch, capfd):
     """Every float option of every command (read from the CLI, so a new one is covered):
