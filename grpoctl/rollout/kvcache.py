@@ -2,10 +2,11 @@
 
 transformers' DynamicCache appends each new token's keys and values with torch.cat,
 which copies the layer's whole cache every step: for a batch of 128 rows on
-SmolLM2-135M that copy was a fifth of the decode time on 2 CPU cores. `preallocate` gives each plain full-attention layer
-a buffer with room for the whole completion, writes each step's keys and values
-into it and hands attention a view of the filled part: the same numbers, no copy
-(0.94x the rollout's time there: bench/bench_hf_rollout.py).
+SmolLM2-135M that copy was a fifth of the decode time on 2 CPU cores. `preallocate`
+gives each plain full-attention layer a buffer with room for the whole completion,
+writes each step's keys and values into it and hands attention a view of the filled
+part: the same numbers, no copy (0.94x the rollout's time there:
+bench/bench_hf_rollout.py).
 
 Only layers of exactly transformers' DynamicLayer are converted; sliding-window,
 quantized or a remote model's own layers keep their own behaviour.
