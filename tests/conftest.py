@@ -120,3 +120,12 @@ def policy_records(model, *, n_prompts: int = 3, group: int = 2, seed: int = 0) 
     for r, lp in zip(records, logps):
         r["logprobs"] = lp.tolist()
     return records
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
+def pytest_collection_modifyitems(items):
+    # Under pytest-xdist (`--dist loadgroup`, pyproject's addopts) every test that needs the
+    # converted SmolLM2 runs on one worker, so the ~45 s conversion happens once.
+    for item in items:
+        if "smollm2_dir" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("smollm2"))
