@@ -412,6 +412,7 @@ def update(
     lora = LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
                         target_modules=lora_target_modules)
     cfg.check()  # a bad flag fails here in a fraction of a second, before torch is imported
+    lora.check()
     from grpoctl.update import run_update
 
     result = run_update(records, policy, out, cfg, ref_dir=ref, dtype=dtype, device=device,

@@ -34,12 +34,12 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+from grpoctl.config import AdapterSettings
 from grpoctl.errors import GrpoctlError, first_line
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MERGED_DIR = "merged"
-SAVE_MODES = ("adapter", "merged")
 
 
 @dataclass
@@ -64,21 +64,12 @@ class LoraSettings:
         return 2.0 * self.r if self.alpha is None else float(self.alpha)
 
     def check(self) -> None:
-        if self.r < 0:
-            raise GrpoctlError(f"--lora-r: must be >= 0, got {self.r}")
-        if self.alpha is not None and not self.alpha > 0:
-            raise GrpoctlError(f"--lora-alpha: must be > 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise GrpoctlError(f"--lora-dropout: must be in [0, 1), got {self.dropout}")
-        if not self.target_modules.strip():
-            raise GrpoctlError("--lora-target-modules: empty")
+        AdapterSettings(self.r, self.alpha, self.dropout, self.target_modules).check()
 
 
 def check_save_mode(save_lora: str) -> None:
     """--save-lora is "adapter" or "merged", or a one-line error."""
-    if save_lora not in SAVE_MODES:
-        raise GrpoctlError(f"--save-lora: expected one of {', '.join(SAVE_MODES)}, "
-                           f"got {save_lora!r}")
+    AdapterSettings(save_lora=save_lora).check()
 
 
 def is_adapter_dir(path) -> bool:

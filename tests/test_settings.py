@@ -78,6 +78,7 @@ LOOP_BAD = [
     (["--group-size", "1"], "--group-size"),
     (["--estimator", "pairwise", "-G", "4"], "--estimator pairwise needs --group-size 2"),
     (["--lora-dropout", "0.995"], "--lora-dropout"),
+    (["--lora-alpha", "0"], "--lora-alpha"),
     (["--save-lora", "both"], "--save-lora"),
     (["--dtype", "float8"], "--dtype"),
     (["--top-p", "0"], "--top-p"),
@@ -103,7 +104,7 @@ UPDATE_BAD = [(flags, fragment) for flags, fragment in LOOP_BAD
               if flags[0] in ("--loss-agg", "--beta1", "--adam-eps", "--clip-ratio-c",
                               "--clip-eps-high", "--mini-batches", "--update-epochs", "--is-cap",
                               "--lr", "--weight-decay", "--kl-coef", "--lora-dropout",
-                              "--save-lora", "--dtype")]
+                              "--lora-alpha", "--save-lora", "--dtype")]
 
 
 @pytest.mark.parametrize("flags, fragment", UPDATE_BAD, ids=[" ".join(f) for f, _ in UPDATE_BAD])
