@@ -209,9 +209,9 @@ def rollout(
     no_chat_template: NoChatTemplate = False,
     system: System = None,
     group_size: GroupSize = 2,
-    temperature: Temperature = 1.0,
-    top_p: TopP = 1.0,
-    top_k: TopK = 0,
+    temperature: Temperature = LoopConfig.temperature,
+    top_p: TopP = LoopConfig.top_p,
+    top_k: TopK = LoopConfig.top_k,
     max_new_tokens: MaxNewTokens = 256,
     seed: Seed = 0,
     batch_size: BatchSize = 64,
@@ -442,14 +442,14 @@ def eval_(
     no_chat_template: NoChatTemplate = False,
     system: System = None,
     samples: Annotated[int, typer.Option("--samples", "-k", min=1, help="Samples per prompt: k of "
-                                         "Mean@k and Pass@k.")] = 4,
+                                         "Mean@k and Pass@k.")] = LoopConfig.eval_samples,
     pass_k: Annotated[Optional[int], typer.Option(help="k of Pass@k when smaller than "
                                                   "--samples (unbiased estimator).")] = None,
     greedy: Annotated[bool, typer.Option("--greedy", help="Greedy decoding (one sample per "
                                          "prompt is enough).")] = False,
-    temperature: Temperature = 0.7,
-    top_p: TopP = 0.8,
-    top_k: TopK = 20,
+    temperature: Temperature = LoopConfig.eval_temperature,  # the paper's evaluation sampling
+    top_p: TopP = LoopConfig.eval_top_p,
+    top_k: TopK = LoopConfig.eval_top_k,
     max_new_tokens: MaxNewTokens = 1024,
     seed: Seed = 0,
     batch_size: BatchSize = 64,
@@ -598,15 +598,15 @@ def loop(
     eval_every: Annotated[int, option("Evaluation", min=1, help="Evaluate every N steps (and at the "
                                             "start and end).")] = 50,
     eval_samples: Annotated[int, option("Evaluation", min=1, help="Samples per held-out prompt: k of "
-                                              "Mean@k and Pass@k.")] = 4,
+                                              "Mean@k and Pass@k.")] = LoopConfig.eval_samples,
     eval_limit: Annotated[Optional[int], option("Evaluation", help="Evaluate on the first N held-out "
                                                       "prompts.")] = None,
     eval_temperature: Annotated[float, option("Evaluation", min=0.0, help="Evaluation sampling "
-                                                    "temperature (the paper's 0.7).")] = 0.7,
+                                                    "temperature (the paper's 0.7).")] = LoopConfig.eval_temperature,
     eval_top_p: Annotated[float, option("Evaluation", min=0.0, max=1.0, help="Evaluation nucleus mass "
-                                              "(the paper's 0.8).")] = 0.8,
+                                              "(the paper's 0.8).")] = LoopConfig.eval_top_p,
     eval_top_k: Annotated[int, option("Evaluation", min=0, help="Evaluation top-k (the paper's 20; "
-                                            "0 = off).")] = 20,
+                                            "0 = off).")] = LoopConfig.eval_top_k,
     run_dir: Annotated[Optional[str], option("Run", help="Run directory [default: "
                                                    "runs/DATE-TIME-gG-sSEED].")] = None,
     seed: Seed = LoopConfig.seed,
