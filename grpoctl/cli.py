@@ -636,10 +636,11 @@ def loop(
 
         grpoctl loop -G 2 --score-cmd 'python my_scorer.py' --run-dir runs/custom
     """
+    cfg = _loop_config(ctx.params)
+    cfg.resolved()  # a bad flag fails here, before grpoctl.loop imports torch (run_loop does it too)
     from grpoctl.display import make_display
     from grpoctl.loop import run_loop
 
-    cfg = _loop_config(ctx.params)
     given = _flags_given(ctx, cfg) if resume else None
     try:
         run = run_loop(cfg, resume=resume, display=make_display(quiet), given=given)
