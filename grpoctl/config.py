@@ -324,11 +324,7 @@ class UpdateConfig(UpdateSettings):
     def check(self) -> None:
         """Every setting in its range, or a one-line GrpoctlError naming the flag."""
         super().check()
-        # refused as rollout refuses it
-        if self.temperature is not None and not (math.isfinite(self.temperature)
-                                                 and self.temperature >= 0):
-            raise GrpoctlError(f"--temperature: expected a finite number >= 0 (0 = greedy, "
-                               f"scored at 1), got {self.temperature}")
+        _number(self, "temperature", 0, optional=True)  # as rollout refuses it
 
 
 @dataclass
