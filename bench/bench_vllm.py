@@ -80,7 +80,11 @@ def hf_rollout(model_dir: str, args) -> tuple[float, list[dict]]:
 
 
 def vllm_rollout(model_dir: str, args, eager: bool, out: Path, cache: Path) -> dict:
-    """One `grpoctl rollout --backend vllm` process; its timings from its stderr lines.
+    """One `grpoctl rollout --backend vllm` process, timed by when its stderr lines arrive:
+    start = launch to "rollout: N prompts x G samples ..." (printed when the engine is
+    ready, just before sampling: imports, model load, compile or cache, KV cache);
+    generation = the "in S s" of its "rollout: wrote ..." line; exit = that line to the
+    process's end (vLLM's shutdown and Python's own, after the records are on disk).
 
     cache: its VLLM_CACHE_ROOT (empty at a pair's first start, so nothing that an earlier
     run compiled is found)."""
@@ -89,17 +93,18 @@ def vllm_rollout(model_dir: str, args, eager: bool, out: Path, cache: Path) -> d
                "--group-size", str(args.group_size), "--max-new-tokens", str(args.max_new_tokens),
                "--template", TEMPLATE, "--backend", "vllm", "--dtype", "float32",
                "--seed", "0", "-o", str(out)] + (["--enforce-eager"] if eager else [])
-    start = time.perf_counter()
-    proc = subprocess.run(command, capture_output=True, text=True,
-                          env=dict(os.environ, VLLM_CACHE_ROOT=str(cache)))
-    total = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"vLLM rollout failed:\n{proc.stderr[-3000:]}")
-    # "rollout: wrote N records, T completion tokens, in S s": S is the generation alone
-    line = next(l for l in proc.stderr.splitlines() if l.startswith("rollout: wrote"))
-    generation = float(line.rsplit(" in ", 1)[1].split()[0])
+    launch = time.perf_counter()
+    proc = subprocess.Popen(command, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, VLLM_CACHE_ROOT=str(cache)))
+    lines = [(time.perf_counter() - launch, line) for line in proc.stderr]
+    returncode, total = proc.wait(), time.perf_counter() - launch
+    if returncode != 0:
+        sys.exit("vLLM rollout failed:\n" + "".join(line for _, line in lines)[-3000:])
+    ready = next(t for t, line in lines if line.startswith("rollout: ") and " prompts x " in line)
+    written, line = next((t, line) for t, line in lines if line.startswith("rollout: wrote"))
     records = [json.loads(l) for l in out.read_text().splitlines()]
-    return {"total_s": total, "generation_s": generation, "records": records}
+    return {"start_s": ready, "generation_s": float(line.rsplit(" in ", 1)[1].split()[0]),
+            "exit_s": total - written, "records": records}
 
 
 def main() -> None:
@@ -131,7 +136,7 @@ def main() -> None:
     rows = []
     if not args.skip_hf:
         seconds, records = hf_rollout(args.model, args)
-        rows.append((f"hf ({args.threads} threads)", args.threads, None, seconds, records))
+        rows.append((f"hf ({args.threads} threads)", args.threads, None, seconds, None, records))
     runs = (([] if args.skip_eager else [("vllm eager", True)] * 2)
             + ([] if args.skip_compiled else [("vllm", False)] * 2))
     with tempfile.TemporaryDirectory(prefix="bench-vllm-") as tmp:
@@ -140,24 +145,26 @@ def main() -> None:
             res = vllm_rollout(args.model, args, eager, Path(tmp) / f"{i}.jsonl",
                                Path(tmp) / f"cache-{i // 2}")
             rows.append((f"{name} ({'first' if i % 2 == 0 else 'second'})", 1,
-                         res["total_s"] - res["generation_s"], res["generation_s"],
-                         res["records"]))
+                         res["start_s"], res["generation_s"], res["exit_s"], res["records"]))
 
     print(f"yardstick: torch.mm fp32 1024^3 {yard[1]:.1f} GFLOP/s on 1 thread, "
           f"{yard[args.threads]:.1f} on {args.threads}")
-    print(f"{'backend':<24} {'start s':>8} {'gen s':>7} {'tokens':>7} {'tokens/s':>9} "
-          f"{'GFLOP/s':>8} {'of yardstick':>12}")
+    print(f"{'backend':<24} {'start s':>8} {'gen s':>7} {'exit s':>7} {'tokens':>7} "
+          f"{'tokens/s':>9} {'GFLOP/s':>8} {'of yardstick':>12}")
     first_rate = None  # the ratio column: tokens/s against the first row (hf unless skipped)
-    for name, threads, start_s, gen_s, recs in rows:
+    for name, threads, start_s, gen_s, exit_s, recs in rows:
         tokens = sum(len(r["completion_ids"]) for r in recs)
         achieved = counter.batch(recs, rollout=True) / gen_s / 1e9
         first_rate = first_rate or tokens / gen_s
-        start_text = "-" if start_s is None else f"{start_s:.1f}"
-        print(f"{name:<24} {start_text:>8} {gen_s:>7.1f} {tokens:>7} {tokens / gen_s:>9.0f} "
+        start_text, exit_text = ("-", "-") if start_s is None else (f"{start_s:.1f}",
+                                                                     f"{exit_s:.1f}")
+        print(f"{name:<24} {start_text:>8} {gen_s:>7.1f} {exit_text:>7} {tokens:>7} "
+              f"{tokens / gen_s:>9.0f} "
               f"{achieved:>8.1f} {achieved / yard[threads]:>11.0%}   "
               f"x{tokens / gen_s / first_rate:.2f} the first row's tokens/s")
-    print(f"# start s = process wall time minus generation (imports, model load, engine "
-          f"start, writing); load average {load_average()}")
+    print(f"# start s = launch to the engine ready (imports, model load, compile or its "
+          f"cache, KV cache); exit s = records written to the process's end; "
+          f"load average {load_average()}")
 
 
 if __name__ == "__main__":
