@@ -68,6 +68,29 @@ def test_truncate_hand_worked():
     # p = 0.6, 0.3 stays (0.5 < 0.6 * 0.95 = 0.57) and 0.15 goes (0.8 >= 0.57).
     assert kept(top_k=3, top_p=0.6) == [0, 1, 0, 1]
     assert kept(top_k=3, top_p=0.5) == [0, 1, 0, 0]  # 0.5 >= 0.475: 0.3 goes too
+    # ties at the k-th value are kept: top-2 of three 0.3s keeps all three (mass 0.9)
+    probs = torch.tensor([[0.3, 0.1, 0.3, 0.3]])
+    assert kept(top_k=2) == [1, 0, 1, 1] and kept(top_k=2, top_p=0.9) == [1, 0, 1, 1]
+    assert sum(kept(top_k=2, top_p=0.5)) == 2  # 0.6 above the third: >= 0.45
+
+
+def test_truncate_top_k_then_top_p_on_a_large_vocabulary():
+    """top-k with top-p (the paper's evaluation sampling) on 49,152-token rows, against the
+    definition written out here: zero below the k-th value, sort the whole row, keep a
+    token while the mass ranked above it is < top_p of what top-k left."""
+    gen = torch.Generator().manual_seed(0)
+    probs = (torch.randn(16, 49_152, generator=gen) * 3).softmax(-1)
+    for top_k, top_p in [(20, 0.8), (20, 0.3), (1000, 0.95), (5, 1.0)]:
+        kth = probs.topk(top_k, dim=-1).values[:, -1:]
+        left = probs.masked_fill(probs < kth, 0.0)
+        expected = torch.zeros_like(probs)
+        for row in range(len(probs)):
+            mass, kept_mass = 0.0, float(left[row].sum())
+            for token in left[row].argsort(descending=True)[:top_k].tolist():
+                if mass < top_p * kept_mass:
+                    expected[row, token] = left[row, token]
+                mass += float(left[row, token])
+        assert torch.equal(truncate(probs, top_p=top_p, top_k=top_k), expected), (top_k, top_p)
 
 
 def test_next_tokens_inverse_cdf_and_logprob_before_truncation():
@@ -99,20 +122,29 @@ def test_every_token_of_a_large_vocabulary_can_be_drawn():
     assert int(((cdf32[0, 1:] == cdf32[0, :-1]) & (probs[0, 1:] > 0)).sum()) > 10_000
     # Ten tokens of the second half with probability 1e-11..6e-8 (slices far wider than
     # float64's rounding, far narrower than float32's), each hit by a u in the middle of
-    # its slice, worked out here in float64.
-    cdf = probs[0].double().cumsum(-1)
+    # its slice. The slices, worked out here: blocks of 256 tokens own their fp32 sum,
+    # laid end to end in float64; inside a block each token owns its float64 share.
+    p = probs[0].tolist()
+    block_sums = [float(probs[0, i:i + 256].sum()) for i in range(0, vocab, 256)]
+    total = math.fsum(block_sums)
     late = torch.arange(vocab // 2, vocab)
     rare = late[(probs[0, late] > 1e-11) & (probs[0, late] < 6e-8)]
     assert len(rare) >= 10
     for token in rare[:: len(rare) // 10][:10].tolist():
-        u = (cdf[token - 1] + probs[0, token].double() / 2) / cdf[-1]
-        drawn, _ = uniform_draw(logits, u)
+        b, first = token // 256, token // 256 * 256
+        block_mass = math.fsum(p[first:first + 256])
+        scale = block_sums[b] / block_mass  # the block's sum over its float64 sum
+        start = math.fsum(block_sums[:b]) + math.fsum(p[first:token]) * scale
+        u = (start + p[token] * scale / 2) / total
+        assert abs(p[token] * scale - p[token]) < 1e-6 * p[token]  # its chance, to 1e-6
+        drawn, _ = uniform_draw(logits, torch.tensor(u, dtype=torch.float64))
         assert drawn == token
 
 
 def test_inverse_cdf_is_the_plain_float64_cumsum_draw():
     """The two-level draw (block sums, then one block) against the one-level float64 cumsum
-    written out here, on a vocabulary that is not a multiple of the block, with zeros."""
+    written out here, on a vocabulary that is not a multiple of the block, with zeros. (The
+    two could differ only for a u within fp32 rounding of a block's boundary; none here.)"""
     from grpoctl.rollout.hf import inverse_cdf
 
     gen = torch.Generator().manual_seed(0)

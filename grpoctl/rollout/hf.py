@@ -57,14 +57,26 @@ def truncate(probs: torch.Tensor, top_p: float = 1.0, top_k: int = 0) -> torch.T
     what top-k left. The result is not renormalised (sampling does not need it).
     """
     if 0 < top_k < probs.shape[-1]:
-        kth = probs.topk(top_k, dim=-1).values[:, -1:]
+        values, order = probs.topk(top_k, dim=-1)  # sorted, descending
+        kth = values[:, -1:]
+        if top_p < 1.0 and bool(((probs >= kth).sum(-1) == top_k).all()):
+            # No ties at the k-th value, so the k values are all that top-p needs: sorting
+            # the whole vocabulary instead cost 460 ms a step at 128 x 49,152 on 2 cores.
+            kept = values.masked_fill(~nucleus(values, top_p), 0.0)
+            return torch.zeros_like(probs).scatter(-1, order, kept)
         probs = probs.masked_fill(probs < kth, 0.0)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
-        mass_above = sorted_probs.cumsum(-1) - sorted_probs
-        drop = mass_above >= top_p * sorted_probs.sum(-1, keepdim=True)
-        probs = probs.scatter(-1, order, sorted_probs.masked_fill(drop, 0.0))
+        kept = sorted_probs.masked_fill(~nucleus(sorted_probs, top_p), 0.0)
+        probs = probs.scatter(-1, order, kept)
     return probs
+
+
+def nucleus(sorted_probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """True where a token of rows sorted in descending order is in the nucleus: the mass of
+    the tokens ranked above it is < top_p of the row's mass."""
+    mass_above = sorted_probs.cumsum(-1) - sorted_probs
+    return mass_above < top_p * sorted_probs.sum(-1, keepdim=True)
 
 
 def next_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p: float = 1.0,
@@ -85,29 +97,33 @@ def next_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p
 
 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch.Tensor:
-    """[B]: per row, the first token whose cumulative probability reaches u * total mass.
+    """[B]: per row, the token where u * total mass falls in the cumulative probabilities.
     As u > 0, that token has a non-zero probability (a zero one never raises the sum).
 
-    The cumulative sums are float64: summed in fp32, the sum stops rising once it nears 1 and
-    every later token below fp32's step there (6e-8) could never be drawn (37,640 of a
-    151,936-token vocabulary under random logits). A float64 cumsum over the whole
-    vocabulary costs two 8-byte copies of it per step, so it is done in two levels: block
-    sums pick the block where u falls, then one block per row is summed token by token.
+    The sums must not be one fp32 cumsum: it stops rising once it nears 1, and every later
+    token below fp32's step there (6e-8) could never be drawn (37,640 of a 151,936-token
+    vocabulary under random logits). A float64 copy of the row costs more than the rest of
+    the sampler (the write alone), so the draw has two levels: fp32 sums of blocks of 256
+    tokens, cumulated in float64, pick the block where u falls; then that one block is
+    summed token by token in float64, and u's share of the block's mass picks the token.
+    A block sum is within ~3e-7 of its own mass (not of the row's): each token's chance
+    is its probability to that relative error, however small it is. (Block sums in
+    float64: 33 of 74 ms per step at 128 x 49,152 on 2 cores; now 19 ms in all.)
     """
     rows, vocab = probs.shape
     if vocab % block:
         probs = torch.nn.functional.pad(probs, (0, block - vocab % block))
     blocks = probs.view(rows, -1, block)
-    cumulative = blocks.sum(-1, dtype=torch.float64).cumsum(-1)  # [B, blocks]
-    target = u.double() * cumulative[:, -1]
-    index = torch.searchsorted(cumulative, target.unsqueeze(-1)).clamp(max=blocks.shape[1] - 1)
+    sums = blocks.sum(-1).double()  # [B, blocks]
+    cumulative = sums.cumsum(-1)
+    target = u.double().unsqueeze(-1) * cumulative[:, -1:]
+    # the first block whose cumulative sum reaches the target: its sum is > 0
+    index = torch.searchsorted(cumulative, target).clamp(max=blocks.shape[1] - 1)
     before = torch.where(index > 0, cumulative.gather(-1, (index - 1).clamp(min=0)), 0.0)
+    share = ((target - before) / sums.gather(-1, index)).clamp(0.0, 1.0)  # of the block
     within = blocks.gather(1, index.unsqueeze(-1).expand(rows, 1, block)).squeeze(1)
     within = within.double().cumsum(-1)  # [B, block]
-    # the mass still to cover inside the block: > 0 as the block is the first to reach the
-    # target, and at most the block's own sum (the two sums may round differently)
-    rest = torch.minimum(target.unsqueeze(-1) - before, within[:, -1:])
-    offset = torch.searchsorted(within, rest).squeeze(-1).clamp(max=block - 1)
+    offset = torch.searchsorted(within, share * within[:, -1:]).squeeze(-1).clamp(max=block - 1)
     return (index.squeeze(-1) * block + offset).clamp(max=vocab - 1)
 
 
