@@ -10,8 +10,9 @@ Rows:
   hf         grpoctl.rollout.generate with the transformers model, --threads threads,
              in this process.
   vllm       `grpoctl rollout --backend vllm` as a user runs it, in a new process each
-             time (so the start is a real cold or warm start): import, engine start
-             (model load, compile or not, KV cache), then generation. Run twice in a
+             time (so the start is a real cold or warm start): start (imports, model
+             load, compile or not, KV cache: launch to the engine ready), generation,
+             exit (the records written to the process's end). Run twice in a
              row with an empty VLLM_CACHE_ROOT of their own: the second start can use
              what the first left in vLLM's caches.
   vllm eager the same with --enforce-eager (no compile step).
