@@ -17,8 +17,8 @@ to see (and to test) in twenty lines than through generate's options:
 
 Sampling uses the inverse CDF: one uniform number u per sequence and step, and
 the token is the one whose slice of the cumulative probability u falls in (a draw
-from the truncated distribution, exact to fp32 rounding: inverse_cdf). It was also measured against `model.generate`
-on the tiny test model (see docs/rollout.md).
+from the truncated distribution, exact to fp32 rounding: inverse_cdf). It was also
+measured against `model.generate` on the tiny test model (see docs/rollout.md).
 """
 
 from __future__ import annotations
