@@ -362,10 +362,24 @@ def test_kv_cache_appends_in_place():
         if t < 2:
             assert layer.keys.untyped_storage().data_ptr() == storage  # written in place
     assert layer.get_seq_length() == 9
-    layer.batch_select_indices(torch.tensor([2, 0]))
+    storage = layer.keys.untyped_storage().data_ptr()
+    layer.batch_select_indices(torch.tensor([2, 0]))  # rows move within the buffer
+    assert layer.keys.untyped_storage().data_ptr() == storage
     k, v = step()
     out_k, _ = layer.update(k[:2], v[:2])
     assert torch.equal(out_k, torch.cat([keys[[2, 0]], k[:2]], -2))
+    layer.batch_select_indices(torch.tensor([1, 0, 1]))  # more rows than it holds: gathered
+    assert torch.equal(layer.keys, torch.cat([keys[[0, 2, 0]], k[[1, 0, 1]]], -2))
+
+
+def test_rows_kept_fill_the_done_rows_places_from_the_end():
+    from grpoctl.rollout.hf import rows_kept
+
+    done = torch.tensor([False, True, False, True, False, False])
+    # 4 rows stay: rows 4 and 5 take the places of rows 1 and 3; rows 0 and 2 stay put
+    assert rows_kept(done).tolist() == [0, 4, 2, 5]
+    assert rows_kept(torch.tensor([False, False, True])).tolist() == [0, 1]
+    assert rows_kept(torch.tensor([True, False, False])).tolist() == [2, 1]
 
 
 def test_the_sampler_uses_the_in_place_cache(llama, monkeypatch):

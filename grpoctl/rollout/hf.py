@@ -128,6 +128,16 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch
     return (index.squeeze(-1) * block + offset).clamp(max=vocab - 1)
 
 
+def rows_kept(done: torch.Tensor) -> torch.Tensor:
+    """The rows not done, as indices into the batch: those at the end fill the places of the
+    done rows before them, and every other row keeps its place (so a cache that moves rows
+    in place copies one row per done row: kvcache.AppendInPlaceLayer.batch_select_indices)."""
+    kept = int((~done).sum())
+    keep = torch.arange(kept, device=done.device)
+    keep[done[:kept].nonzero()[:, 0]] = (~done[kept:]).nonzero()[:, 0] + kept
+    return keep
+
+
 @torch.inference_mode()
 def sample_batch(model, prompt_ids: list[list[int]], seeds: list[int], max_new_tokens: int,
                  temperature: float, top_p: float, top_k: int, stop_ids: set[int],
@@ -138,10 +148,11 @@ def sample_batch(model, prompt_ids: list[list[int]], seeds: list[int], max_new_t
     A completion ends at its first stop token (included, finish "stop") or after
     max_new_tokens tokens ("length"). Rows with the same prompt (a group's samples)
     share one prefill of that prompt. With drop_finished (default), finished rows
-    leave the batch and its KV cache whenever they make up a quarter of it, so the
-    long tail of a few long completions does not pay for the short ones (0.71x the
-    time when lengths spread from 1 to 256 tokens: bench/bench_rollout_tail.py);
-    False keeps the batch whole until every row is done, the baseline there.
+    leave the batch and its KV cache, so the long tail of a few long completions does
+    not pay for the short ones (bench/bench_rollout_tail.py): at once where the cache is
+    kvcache's in-place one (a row's copy each), else whenever they make up a quarter of
+    the batch (the cache is copied whole). False keeps the batch whole until every row
+    is done, the baseline there.
     """
     device = model.get_input_embeddings().weight.device
     u = uniforms(seeds, max_new_tokens).to(device)
@@ -162,7 +173,8 @@ def sample_batch(model, prompt_ids: list[list[int]], seeds: list[int], max_new_t
         cache = returned_cache(out)
     can_drop_rows = hasattr(cache, "batch_select_indices")
     mask = mask[rows]
-    preallocate(cache, mask.shape[1] + max_new_tokens)
+    # Rows leave an in-place cache at the cost of a row each; any other copies all it holds.
+    cheap_drops = preallocate(cache, mask.shape[1] + max_new_tokens)
     next_position = next_positions(mask)  # the first completion token's position
 
     n = len(prompt_ids)
@@ -177,8 +189,10 @@ def sample_batch(model, prompt_ids: list[list[int]], seeds: list[int], max_new_t
         done |= torch.isin(tok, stop)
         if bool(done.all()) or t == max_new_tokens - 1:
             break
-        if drop_finished and can_drop_rows and int(done.sum()) * 4 >= len(live):
-            keep = (~done).nonzero().squeeze(-1)
+        finished = int(done.sum())
+        if drop_finished and can_drop_rows and finished and (
+                cheap_drops or finished * 4 >= len(live)):
+            keep = rows_kept(done)
             cache.batch_select_indices(keep)
             live, tok, done = live[keep], tok[keep], done[keep]
             mask, next_position = mask[keep], next_position[keep]

@@ -52,17 +52,28 @@ if DynamicLayer is not None:
             return self.keys, self.values
 
         def batch_select_indices(self, indices: torch.Tensor) -> None:
-            self._keys, self._values = self._keys[indices], self._values[indices]
+            """Keep rows `indices`, in that order. Only rows whose place changes are copied,
+            so filling a finished row's place with the last row costs one row, not the cache."""
+            rows = len(indices)
+            if rows > self._keys.shape[0]:  # more rows than the buffer holds: gather them all
+                self._keys, self._values = self._keys[indices], self._values[indices]
+            else:
+                moved = (indices != torch.arange(rows, device=indices.device)).nonzero()[:, 0]
+                source = indices[moved]  # gathered before written: safe for any order
+                self._keys[moved], self._values[moved] = self._keys[source], self._values[source]
+                self._keys, self._values = self._keys[:rows], self._values[:rows]
             length = self.keys.shape[-2]
             self.keys, self.values = self._keys[:, :, :length], self._values[:, :, :length]
 
 
-def preallocate(cache, capacity: int) -> None:
+def preallocate(cache, capacity: int) -> bool:
     """Convert, in place, every filled plain DynamicLayer of `cache` into an
-    AppendInPlaceLayer with room for `capacity` positions (prompt + completion)."""
+    AppendInPlaceLayer with room for `capacity` positions (prompt + completion).
+    True when every layer is now one (rows then leave the cache at the cost of a row)."""
     if DynamicLayer is None:
-        return
+        return False
     layers = getattr(cache, "layers", None) or []
     for i, layer in enumerate(layers):
         if type(layer) is DynamicLayer and layer.is_initialized and layer.keys.dim() == 4:
             layers[i] = AppendInPlaceLayer(layer, capacity)
+    return bool(layers) and all(type(layer) is AppendInPlaceLayer for layer in layers)
