@@ -422,6 +422,80 @@ def test_packed_linears_same_numbers_and_the_model_given_back(llama):
         assert not any(type(m) is PackedLinear for m in half.modules())
 
 
+def test_decode_attention_by_hand():
+    """rollout/attention.py at a decode step (one query token) against attention written
+    out head by head: query head h attends with key/value head h // (heads / kv_heads),
+    masked keys get no weight."""
+    from grpoctl.rollout.attention import decode_attention_forward
+
+    gen = torch.Generator().manual_seed(0)
+    batch, heads, kv_heads, keys, dim = 3, 6, 2, 7, 8
+    query = torch.randn(batch, heads, 1, dim, generator=gen)
+    key = torch.randn(batch, kv_heads, keys, dim, generator=gen)
+    value = torch.randn(batch, kv_heads, keys, dim, generator=gen)
+    seen = torch.ones(batch, 1, 1, keys, dtype=torch.bool)
+    seen[0, ..., :3] = False  # left padding of row 0
+    seen[2, ..., :1] = False
+    expected = torch.zeros(batch, 1, heads, dim)
+    for b in range(batch):
+        for h in range(heads):
+            kv = h // (heads // kv_heads)
+            scores = [float(query[b, h, 0] @ key[b, kv, j]) / math.sqrt(dim) for j in range(keys)]
+            weights = [math.exp(x) if seen[b, 0, 0, j] else 0.0 for j, x in enumerate(scores)]
+            for j, w in enumerate(weights):
+                expected[b, 0, h] += w / sum(weights) * value[b, kv, j]
+    out, _ = decode_attention_forward(None, query, key, value, seen)
+    assert out.shape == (batch, 1, heads, dim)
+    assert (out - expected).abs().max() < 1e-5
+    additive = torch.zeros(seen.shape).masked_fill(~seen, float("-inf"))
+    out, _ = decode_attention_forward(None, query, key, value, additive)
+    assert (out - expected).abs().max() < 1e-5
+
+
+def test_decode_attention_same_logits_and_the_setting_given_back(llama, monkeypatch):
+    """Inside the block the model's decode steps go through decode_attention_forward and
+    give sdpa's logits to fp32 rounding (left padding, several steps); after it, even
+    when the block raises, the model is on sdpa again. A model on eager is left alone."""
+    from grpoctl.padding import cache_argument, left_pad, positions, returned_cache
+    from grpoctl.rollout import attention
+
+    calls = []
+    forward = attention.decode_attention_forward
+    monkeypatch.setattr(attention, "decode_attention_forward", lambda module, q, *args, **kw:
+                        calls.append(q.shape[2]) or forward(module, q, *args, **kw))
+    model, _ = llama
+    ids, mask = left_pad([[5, 17, 33, 2, 90], [41, 7]], 0)
+
+    def decode(steps=4):
+        logits, cache, m, pos = [], None, mask, positions(mask)
+        step_ids = ids
+        with torch.inference_mode():
+            for _ in range(steps):
+                out = model(input_ids=step_ids, attention_mask=m, position_ids=pos,
+                            use_cache=True, **{cache_argument(model): cache})
+                cache, step_ids = returned_cache(out), out.logits[:, -1:].argmax(-1)
+                logits.append(out.logits[:, -1])
+                m, pos = torch.cat([m, m.new_ones(2, 1)], -1), pos[:, -1:] + 1
+        return torch.stack(logits)
+
+    plain = decode()
+    assert calls == []
+    with attention.decode_attention(model):
+        assert model.config._attn_implementation == attention.NAME
+        routed = decode()
+    assert 1 in calls and (routed - plain).abs().max() < 1e-5
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError), attention.decode_attention(model):
+        raise ValueError("a failure while sampling")
+    assert model.config._attn_implementation == "sdpa"
+    model.config._attn_implementation = "eager"
+    try:
+        with attention.decode_attention(model):
+            assert model.config._attn_implementation == "eager"
+    finally:
+        model.config._attn_implementation = "sdpa"
+
+
 def test_the_sampler_uses_packed_linears(llama, monkeypatch):
     from grpoctl.rollout import packed
 

@@ -166,6 +166,7 @@ def generate(model, tokenizer, prompts: list[dict], group_size: int, sampling: S
 
 def _sample_hf(model, tokenizer, prompts, prompt_ids, rows, sampling, stop_ids, batch_size,
                progress):
+    from grpoctl.rollout.attention import decode_attention
     from grpoctl.rollout.hf import sample_batch, sequence_seed
     from grpoctl.rollout.packed import packed_linears
 
@@ -174,7 +175,7 @@ def _sample_hf(model, tokenizer, prompts, prompt_ids, rows, sampling, stop_ids, 
     was_training = model.training
     model.eval()  # no dropout while sampling, whatever mode the trainer left the model in
     try:
-        with packed_linears(model, min(batch_size, len(rows))), \
+        with packed_linears(model, min(batch_size, len(rows))), decode_attention(model), \
                 _progress_bar(progress, len(prompts)) as advance:
             for start in range(0, len(rows), batch_size):
                 batch = rows[start:start + batch_size]
