@@ -86,15 +86,17 @@ def next_tokens(logits: torch.Tensor, u: torch.Tensor, temperature: float, top_p
 
     logits: [B, V] in fp32. u: [B] uniform numbers in (0, 1].
     temperature 0 is greedy (argmax; log-probs then use temperature 1).
-    The log-prob is log_softmax(logits / T) at the token, before top-p/top-k.
+    The log-prob is log_softmax(logits / T) at the token, before top-p/top-k: taken as
+    the log of the token's softmax probability (one pass over the vocabulary fewer),
+    which is log_softmax's value to fp32 rounding for any token with a chance above
+    1e-38 of being drawn (below, fp32's subnormals round it).
     """
     if temperature == 0:
-        logprobs = logits.log_softmax(-1)
         tokens = logits.argmax(-1)
-    else:
-        logprobs = (logits if temperature == 1 else logits / temperature).log_softmax(-1)
-        tokens = inverse_cdf(truncate(logprobs.exp(), top_p, top_k), u)
-    return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        return tokens, logits.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    probs = (logits if temperature == 1 else logits / temperature).softmax(-1)
+    tokens = inverse_cdf(truncate(probs, top_p, top_k), u)
+    return tokens, probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1).log()
 
 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor, block: int = 256) -> torch.Tensor:
