@@ -4,9 +4,10 @@
 
 GRPO completions on real tasks end anywhere between a few and max-new-tokens
 tokens. `rollout.hf.sample_batch` drops finished rows from the batch and its KV
-cache whenever they make up a quarter of it; the baseline (`drop_finished=False`,
-run in the same process, alternating with it) keeps decoding padding for them
-until the last row ends. Both must sample the very same tokens (checked).
+cache at the step they finish (the last rows move into their places); the baseline
+(`drop_finished=False`, run in the same process, alternating with it) keeps decoding
+padding for them until the last row ends. Both must sample the very same tokens
+(checked).
 
 The model is a random Llama (hidden 256, 4 layers, byte vocabulary) whose EOS
 logit is pinned to 0, so each token ends the completion with a probability of
