@@ -53,8 +53,9 @@ def decode_attention_forward(module, query, key, value, attention_mask, dropout=
 
 
 def _applies(model) -> bool:
-    """True where switching is safe: a CPU model on sdpa whose modeling code looks its
-    attention and masks up by name (then the name is all that changes)."""
+    """True where switching is safe (and then registers NAME): a CPU model on sdpa whose
+    modeling code, transformers' own, looks its attention and masks up by name (so the
+    name is all that changes; a remote model's code might branch on it)."""
     try:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -62,9 +63,10 @@ def _applies(model) -> bool:
         return False
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
     config = getattr(base, "config", None)
-    modeling = vars(sys.modules.get(type(base).__module__, object()))
+    module = type(base).__module__
+    modeling = getattr(sys.modules.get(module), "__dict__", {})
     if (config is None or getattr(config, "_attn_implementation", None) != "sdpa"
-            or getattr(config, "sub_configs", None)
+            or getattr(config, "sub_configs", None) or not module.startswith("transformers.")
             or "ALL_ATTENTION_FUNCTIONS" not in modeling or "create_causal_mask" not in modeling
             or next(base.parameters()).device.type != "cpu"):
         return False
