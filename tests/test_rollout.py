@@ -466,23 +466,23 @@ def test_decode_attention_same_logits_and_the_setting_given_back(llama, monkeypa
     model, _ = llama
     ids, mask = left_pad([[5, 17, 33, 2, 90], [41, 7]], 0)
 
-    def decode(steps=4):
-        logits, cache, m, pos = [], None, mask, positions(mask)
-        step_ids = ids
+    def decode(tokens):  # the prompts, then one token per row and step
+        logits, cache, m, pos, step_ids = [], None, mask, positions(mask), ids
         with torch.inference_mode():
-            for _ in range(steps):
+            for next_ids in tokens:
                 out = model(input_ids=step_ids, attention_mask=m, position_ids=pos,
                             use_cache=True, **{cache_argument(model): cache})
-                cache, step_ids = returned_cache(out), out.logits[:, -1:].argmax(-1)
+                cache, step_ids = returned_cache(out), next_ids
                 logits.append(out.logits[:, -1])
                 m, pos = torch.cat([m, m.new_ones(2, 1)], -1), pos[:, -1:] + 1
         return torch.stack(logits)
 
-    plain = decode()
+    tokens = torch.tensor([[[7], [90]], [[33], [5]], [[2], [2]], [[41], [17]]])
+    plain = decode(tokens)
     assert calls == []
     with attention.decode_attention(model):
         assert model.config._attn_implementation == attention.NAME
-        routed = decode()
+        routed = decode(tokens)
     assert 1 in calls and (routed - plain).abs().max() < 1e-5
     assert model.config._attn_implementation == "sdpa"
     with pytest.raises(ValueError), attention.decode_attention(model):
