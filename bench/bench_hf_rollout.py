@@ -108,7 +108,7 @@ def main() -> None:
     counter = FlopCounter(model)
     prompts = arith_prompts(tokenizer, args.prompts)
     sampling = SamplingParams(max_new_tokens=args.max_new_tokens, seed=0)
-    in_place, can_pack, applies = hf.preallocate, packed.can_pack, attention._applies
+    in_place, can_pack, switchable = hf.preallocate, packed.can_pack, attention._switchable_config
     variants = ("baseline", "cache", "packed", "grpoctl")
 
     def rollout(variant: str) -> tuple[float, list[dict]]:
@@ -117,14 +117,15 @@ def main() -> None:
         if variant in ("baseline", "cache"):
             packed.can_pack = lambda model: False
         if variant != "grpoctl":
-            attention._applies = lambda model: False
+            attention._switchable_config = lambda model: None
         try:
             start = time.perf_counter()
             records = generate(model, tokenizer, prompts, args.group_size, sampling,
                                batch_size=len(prompts) * args.group_size, progress=False)
             return time.perf_counter() - start, records
         finally:
-            hf.preallocate, packed.can_pack, attention._applies = in_place, can_pack, applies
+            hf.preallocate, packed.can_pack, attention._switchable_config = (
+                in_place, can_pack, switchable)
 
     generate(model, tokenizer, prompts[:2], 1, sampling, progress=False)  # warm-up
     best: dict[str, tuple[float, list[dict]]] = {}

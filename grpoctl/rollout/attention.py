@@ -52,15 +52,15 @@ def decode_attention_forward(module, query, key, value, attention_mask, dropout=
     return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
-def _applies(model) -> bool:
-    """True where switching is safe (and then registers NAME): a CPU model on sdpa whose
-    modeling code, transformers' own, looks its attention and masks up by name (so the
-    name is all that changes; a remote model's code might branch on it)."""
+def _switchable_config(model):
+    """The config to switch where switching is safe (then NAME is registered), else None:
+    a CPU model on sdpa whose modeling code, transformers' own, looks its attention and
+    masks up by name (so the name is all that changes; a remote model's might branch on it)."""
     try:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     except ImportError:  # a transformers before these interfaces
-        return False
+        return None
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
     config = getattr(base, "config", None)
     module = type(base).__module__
@@ -69,20 +69,20 @@ def _applies(model) -> bool:
             or getattr(config, "sub_configs", None) or not module.startswith("transformers.")
             or "ALL_ATTENTION_FUNCTIONS" not in modeling or "create_causal_mask" not in modeling
             or next(base.parameters()).device.type != "cpu"):
-        return False
+        return None
     AttentionInterface.register(NAME, decode_attention_forward)
     AttentionMaskInterface.register(NAME, sdpa_mask)
-    return True
+    return config
 
 
 @contextlib.contextmanager
 def decode_attention(model):
     """Within the block, `model` (a CPU model on sdpa) attends at decode steps with
     decode_attention_forward; its attention setting is "sdpa" again after."""
-    if not _applies(model):
+    config = _switchable_config(model)
+    if config is None:
         yield
         return
-    config = (model.get_base_model() if hasattr(model, "get_base_model") else model).config
     config._attn_implementation = NAME
     try:
         yield
