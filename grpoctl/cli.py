@@ -18,6 +18,7 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
+from grpoctl import process
 from grpoctl.config import FLAGS, LoopConfig, UpdateSettings
 from grpoctl.errors import GrpoctlError
 
@@ -280,9 +281,11 @@ def score(
 
         grpoctl score r.jsonl --reward my_rewards.py:brevity=0.5
     """
-    from grpoctl.records import NEEDS_SCORE, read_records, source_name, write_records
+    from grpoctl.records import (NEEDS_SCORE, check_output, read_records, source_name,
+                                 write_records)
     from grpoctl.rewards import parse_reward_specs, score_records
 
+    check_output(output, [records])
     specs = parse_reward_specs(reward or ["math"])
     rows = read_records(records, NEEDS_SCORE)
     scored, stats = score_records(rows, specs, workers=workers, timeout=timeout,
@@ -321,8 +324,10 @@ def advantage(
         grpoctl rollout -G 2 | grpoctl score | grpoctl advantage --estimator pairwise --drop-zero
     """
     from grpoctl.advantages import compute_advantages
-    from grpoctl.records import NEEDS_ADVANTAGE, read_records, source_name, write_records
+    from grpoctl.records import (NEEDS_ADVANTAGE, check_output, read_records, source_name,
+                                 write_records)
 
+    check_output(output, [records])
     rows = read_records(records, NEEDS_ADVANTAGE)
     out, stats = compute_advantages(rows, estimator=estimator, std=std, eps=eps,
                                     allow_uneven=allow_uneven, drop_zero=drop_zero,
@@ -795,9 +800,13 @@ def main() -> None:
     # exceptions (fastapi/typer discussion #1832), hence the private module.
     from typer._click import exceptions as click_errors
 
+    process.reopen_closed_standard_streams()
     watched = sys.stdout = _WatchedStdout(sys.stdout)
     try:
-        _main(click_errors, watched)
+        with process.interrupt_on_termination_signals():
+            _main(click_errors, watched)
+    except SystemExit as e:  # 130 for SIGTERM/SIGHUP too; say which it was
+        raise SystemExit(process.exit_status(e.code)) from None
     finally:
         if sys.stdout is watched:
             sys.stdout = watched._stream

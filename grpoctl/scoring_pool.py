@@ -137,6 +137,9 @@ def _stdout_to_stderr() -> None:
 
 def _worker(conn, func: Callable, timeout: float, wall: float, memory_mb: int | None) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    for name in ("SIGTERM", "SIGHUP"):  # the parent's handlers (process.py) are not for here
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_DFL)
     _stdout_to_stderr()
     signal.signal(signal.SIGPROF, _raise_timeout)
     signal.signal(signal.SIGALRM, _raise_timeout)
