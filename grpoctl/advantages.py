@@ -40,7 +40,7 @@ from collections.abc import Sequence
 
 from grpoctl.config import ESTIMATORS, STD_MODES, AdvantageSettings
 from grpoctl.errors import GrpoctlError
-from grpoctl.records import RecordError, group_by_prompt
+from grpoctl.records import RecordError, group_by_prompt, line_of
 
 DEFAULT_EPS = AdvantageSettings.adv_eps  # verl's GRPO 1e-6; TRL's GRPOTrainer adds 1e-4
 
@@ -116,14 +116,15 @@ def rloo_advantages(rewards: Sequence[float]) -> list[float]:
 
 def _check_inputs(records: Sequence[dict], source: str) -> None:
     for i, r in enumerate(records):
+        line = line_of(records, i)
         if not isinstance(r.get("prompt_id"), str):
-            raise RecordError(source, i + 1, "prompt_id", "missing or not a string")
+            raise RecordError(source, line, "prompt_id", "missing or not a string")
         reward = r.get("reward")
         if reward is None:
-            raise RecordError(source, i + 1, "reward", "missing (run `grpoctl score` first)")
+            raise RecordError(source, line, "reward", "missing (run `grpoctl score` first)")
         is_number = isinstance(reward, (int, float)) and not isinstance(reward, bool)
         if not (is_number and math.isfinite(reward)):
-            raise RecordError(source, i + 1, "reward", f"expected a finite number, got {reward!r}")
+            raise RecordError(source, line, "reward", f"expected a finite number, got {reward!r}")
 
 
 def compute_advantages(records: Sequence[dict], estimator: str = "group", std: str = "group",
@@ -137,8 +138,7 @@ def compute_advantages(records: Sequence[dict], estimator: str = "group", std: s
     allow_uneven: accept groups whose size differs from the most common size (default:
         an error, since it usually means a truncated or concatenated rollout file).
     drop_zero: leave out groups whose advantages are all zero (DAPO dynamic sampling).
-    source: file name for errors; records carry no line numbers, so record i is
-        reported as line i + 1 (exact for files without blank lines).
+    source: file name for errors (lines as records.line_of finds them).
     Groups are found by prompt_id wherever their records stand (interleaving is fine).
     stats: n, groups, group_size (the most common), sizes {size: groups}, zero_groups,
         zero_fraction, dropped_groups, dropped_records, kept, reward_mean,
@@ -161,7 +161,7 @@ def compute_advantages(records: Sequence[dict], estimator: str = "group", std: s
     sizes = Counter(len(rows) for rows in groups.values())
     expected = max(sizes, key=lambda s: (sizes[s], s))  # most common; ties -> larger
     for prompt_id, rows in groups.items():
-        line = rows[0] + 1
+        line = line_of(records, rows[0])
         if len(rows) == 1:
             raise RecordError(source, line, "prompt_id",
                               f"group {prompt_id!r} has 1 sample; advantages compare samples of "

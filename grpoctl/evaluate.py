@@ -26,8 +26,8 @@ from rich.table import Table
 from grpoctl.errors import GrpoctlError
 from grpoctl.models import check_model_dir, check_vocab, load_policy, load_tokenizer
 from grpoctl.prompts import load_prompts, render_prompt
-from grpoctl.records import (NEEDS_ADVANTAGE, RecordError, _kind, group_by_prompt, read_records,
-                             write_records)
+from grpoctl.records import (NEEDS_ADVANTAGE, RecordError, _kind, check_output, group_by_prompt,
+                             line_of, read_records, write_records)
 from grpoctl.rewards import DEFAULT_TIMEOUT_S, parse_reward_specs, score_records
 from grpoctl.rollout import SamplingParams, generate, policy_step, tokenize_prompts
 
@@ -71,7 +71,7 @@ def summarize(records: list[dict], k: int | None = None, by: str | Sequence[str]
 
     k defaults to the smallest group size. `by` names a `meta` field (e.g. `subject`,
     `level`), or several, for a per-value breakdown of each under "by". `source` names
-    the records in errors; record i is reported as line i + 1.
+    the records in errors (lines as records.line_of finds them).
     """
     fields = [f for f in ([by] if isinstance(by, str) else by or ()) if f]
     groups = group_by_prompt(records)
@@ -99,10 +99,11 @@ def _breakdown(records: list[dict], groups: dict[str, list[int]], per_prompt: li
                by: str, source: str) -> dict:
     """{str(value of meta[by]): Mean@k, Pass@k and prompts of the prompts with that value};
     a group is keyed by its first record, and every other record of it is checked too."""
-    keys = [breakdown_key(records[ix[0]], by, source, ix[0] + 1) for ix in groups.values()]
+    keys = [breakdown_key(records[ix[0]], by, source, line_of(records, ix[0]))
+            for ix in groups.values()]
     for indices in groups.values():  # every record of a group, not only its first
         for i in indices[1:]:
-            breakdown_key(records[i], by, source, i + 1)
+            breakdown_key(records[i], by, source, line_of(records, i))
     values = sorted(set(keys), key=lambda v: (v is None, str(v)))
     return {str(value): _average([p for p, key in zip(per_prompt, keys) if key == value])
             for value in values}
@@ -162,6 +163,8 @@ def run_eval(model: str | None, scored: str | None, prompts_source: str, samples
     """
     if (model is None) == (scored is None):
         raise GrpoctlError("eval: give either --model (sample and score) or --scored FILE")
+    if save:
+        check_output(save, [scored, prompts_source])
     if scored is not None:
         records = read_records(scored, NEEDS_ADVANTAGE)
         summary = summarize(records, k=pass_k, by=by, source=scored)

@@ -20,7 +20,7 @@ import os
 import stat
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import IO, Any
 
 from grpoctl.errors import GrpoctlError
@@ -36,7 +36,7 @@ class RecordError(GrpoctlError):
         where = source if line is None else f"{source}:{line}"
         what = f"field '{field}': " if field else ""
         super().__init__(f"{where}: {what}{message}")
-        self.source, self.line, self.field = source, line, field
+        self.source, self.line, self.field, self.reason = source, line, field, message
 
 
 # --- the schema -------------------------------------------------------------
@@ -357,12 +357,48 @@ def _json_line(raw: bytes | str, source: str, lineno: int, first: bool) -> dict:
     return value
 
 
-def parse_records(data: bytes, source: str, require: Iterable[str] = ()) -> list[dict]:
+class Records(list):
+    """The records of a file, and `lines`: the line each is on (blank lines are skipped,
+    so record i is not always on line i + 1). Errors found after reading name the line
+    with `line_of`."""
+
+    def __init__(self, records=(), lines=None):
+        super().__init__(records)
+        self.lines = list(lines) if lines is not None else list(range(1, len(self) + 1))
+
+
+def line_of(records: Sequence[dict], i: int) -> int:
+    """The line record i was read from (i + 1 for records that were not read from a file)."""
+    lines = getattr(records, "lines", None)
+    return lines[i] if lines is not None and i < len(lines) else i + 1
+
+
+class _FileChecks:
+    """What must hold across the records of one file: (prompt_id, sample) pairs unique,
+    and the records of one prompt_id agree on GROUP_FIELDS."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.first_line: dict[tuple[str, int], int] = {}
+        self.group_first: dict[tuple[str, str], tuple[Any, int]] = {}
+
+    def add(self, record: dict, lineno: int) -> None:
+        if "prompt_id" in record and "sample" in record:
+            key = (record["prompt_id"], record["sample"])
+            if key in self.first_line:
+                raise RecordError(self.source, lineno, "sample",
+                                  f"duplicate (prompt_id, sample) = ({shown(key[0])}, "
+                                  f"{shown(key[1])}), first on line {self.first_line[key]}")
+            self.first_line[key] = lineno
+        if isinstance(record.get("prompt_id"), str):
+            _check_group_agrees(record, lineno, self.group_first, self.source)
+
+
+def parse_records(data: bytes, source: str, require: Iterable[str] = ()) -> Records:
     """Parse JSONL bytes into validated records (see read_records)."""
     require = tuple(require)
-    records: list[dict] = []
-    first_line: dict[tuple[str, int], int] = {}
-    group_first: dict[tuple[str, str], tuple[Any, int]] = {}
+    records = Records()
+    checks = _FileChecks(source)
     for lineno, record in iter_jsonl(data, source):
         try:
             check_record(record, require, source, lineno)
@@ -371,16 +407,9 @@ def parse_records(data: bytes, source: str, require: Iterable[str] = ()) -> list
         except ValueError as e:
             raise RecordError(source, lineno, None, f"a number JSON cannot hold here: "
                               f"{first_line_of(e)}") from None
-        if "prompt_id" in record and "sample" in record:
-            key = (record["prompt_id"], record["sample"])
-            if key in first_line:
-                raise RecordError(source, lineno, "sample",
-                                  f"duplicate (prompt_id, sample) = ({shown(key[0])}, "
-                                  f"{shown(key[1])}), first on line {first_line[key]}")
-            first_line[key] = lineno
-        if isinstance(record.get("prompt_id"), str):
-            _check_group_agrees(record, lineno, group_first, source)
+        checks.add(record, lineno)
         records.append(record)
+        records.lines.append(lineno)
     if not records:
         raise RecordError(source, None, None, "is empty: no records")
     return records
@@ -497,10 +526,16 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         with _open_special(path, mode) as f:
             yield f
         return
+    if os.path.islink(path):  # the file it points to is replaced; the link stays a link
+        path = os.path.realpath(path)
     directory = os.path.dirname(os.path.abspath(path))
     try:
+        kept_mode = stat.S_IMODE(os.stat(path).st_mode)  # a replaced file keeps its mode
+    except OSError:
+        kept_mode = umask_mode()
+    try:
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-        os.chmod(fd, umask_mode())
+        os.chmod(fd, kept_mode)
     except OSError as e:
         raise GrpoctlError(f"{path}: cannot write: {e.strerror}") from None
     try:
@@ -515,6 +550,44 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         if isinstance(e, OSError) and not isinstance(e, GrpoctlError):
             raise GrpoctlError(f"{path}: cannot write: {e.strerror or e}") from None
         raise
+
+
+def check_output(path: str, inputs: Iterable[str | None] = ()) -> None:
+    """Refuse, before any work, an output path (`-o`) whose writing would lose a file:
+    one of the command's `inputs`, a directory, a file in a missing directory, or an
+    existing file that is not JSONL records (its first line not an object with a
+    prompt_id; an empty file is fine). A records file is replaced, as a re-run expects."""
+    if path == STDIO or _is_special_file(path):
+        return
+    where = os.path.abspath(path)
+    if os.path.isdir(where):
+        raise GrpoctlError(f"{path}: is a directory; give the output a file name")
+    if not os.path.isdir(os.path.dirname(where)):
+        raise GrpoctlError(f"{path}: cannot write: no such directory {os.path.dirname(where)}")
+    if not os.path.exists(where):
+        return
+    for given in inputs:
+        if given and given != STDIO and os.path.exists(given) and os.path.samefile(given, where):
+            raise GrpoctlError(f"{path}: is the input {given}; an input is never replaced: "
+                               "write to another file")
+    if not _is_records_file(where):
+        raise GrpoctlError(f"{path}: exists and is not a JSONL records file; it is not "
+                           "replaced: remove it or choose another output")
+
+
+def _is_records_file(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            first = f.readline()
+    except OSError:
+        return False  # unreadable: not knowingly ours
+    if not first.strip():
+        return True
+    try:
+        record = json.loads(first)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(record, dict) and "prompt_id" in record
 
 
 def _check_depth(record: dict) -> None:
@@ -538,12 +611,19 @@ def write_records(records: Iterable[dict], path: str) -> None:
     no output at all.
     """
     lines = []
+    checks = _FileChecks(source_name(path))
     for i, r in enumerate(records):
         try:
             _check_depth(r)
             lines.append(dumps(r) + "\n")
+            check_record(r, line=i + 1)  # what a stage writes, the next one can read
+            checks.add(r, i + 1)
         except UnwritableError as e:
             raise UnwritableError(f"{source_name(path)}: record {i + 1}: {e}") from None
+        except RecordError as e:
+            field = f"field '{e.field}': " if e.field else ""
+            raise UnwritableError(f"{source_name(path)}: record {i + 1}: cannot write it: "
+                                  f"{field}{e.reason}") from None
     if path == STDIO:
         try:
             sys.stdout.writelines(lines)
@@ -580,23 +660,24 @@ def check_same_records(before: list[dict], after: list[dict], source: str,
     """Raise RecordError unless `after` holds exactly the samples of `before`: the same
     (prompt_id, sample) pairs, none dropped, added or duplicated (parse_records refuses
     duplicates), and every IDENTITY_FIELDS field of the input kept and unchanged.
-    Lines of `after` are counted from 1 in its order (`source` names it)."""
+    Lines of `after` are its lines when read from a file (`source` names it)."""
     by_key = {(r.get("prompt_id"), r.get("sample")): r for r in before}
     seen = set()
     for i, r in enumerate(after):
+        line = line_of(after, i)
         key = (r.get("prompt_id"), r.get("sample"))
         original = by_key.get(key)
         if original is None:
-            raise RecordError(source, i + 1, "prompt_id",
+            raise RecordError(source, line, "prompt_id",
                               f"(prompt_id, sample) = ({shown(key[0])}, {shown(key[1])}) is not "
                               f"in {input_name}; a stage may not add or rename samples")
         seen.add(key)
         for field in IDENTITY_FIELDS:
             if field in original and field not in r:
-                raise RecordError(source, i + 1, field, f"missing; {input_name} has it, and a "
+                raise RecordError(source, line, field, f"missing; {input_name} has it, and a "
                                   "stage must keep every field it does not own")
             if field in original and r[field] != original[field]:
-                raise RecordError(source, i + 1, field,
+                raise RecordError(source, line, field,
                                   f"changed from {shown(original[field])} in {input_name} to "
                                   f"{shown(r[field])}; a stage may not change a sample's identity")
     missing = [k for k in by_key if k not in seen]

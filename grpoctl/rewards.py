@@ -36,6 +36,7 @@ User rewards and `format` run in the calling process, without a time limit.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import numbers
 import os
@@ -47,10 +48,10 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from grpoctl import scoring_pool
+from grpoctl import process, scoring_pool
 from grpoctl.answers import extract_answer, last_boxed, match_without_sympy
 from grpoctl.errors import GrpoctlError
-from grpoctl.records import MAX_MAGNITUDE, RecordError, shown
+from grpoctl.records import MAX_MAGNITUDE, RecordError, line_of, shown
 
 DEFAULT_SPECS = ("math",)
 DEFAULT_TIMEOUT_S = 2.0
@@ -132,21 +133,23 @@ def load_user_reward(target: str) -> Callable:
     if not where or not fn_name:
         raise GrpoctlError(f"reward '{target}': expected path/to/file.py:fn or module:fn")
     try:
-        if where.endswith(".py") or "/" in where or os.sep in where:
-            if not os.path.isfile(where):
-                raise GrpoctlError(f"reward '{target}': no such file {where}")
-            module_name = f"grpoctl_user_reward_{abs(hash(os.path.abspath(where)))}"
-            spec = importlib.util.spec_from_file_location(module_name, where)
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[module_name] = module  # so dataclasses/pickle inside it work
-            spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(where)
-    except GrpoctlError:
+        with stdout_to_stderr():  # what the module prints as it loads is not a record
+            if where.endswith(".py") or "/" in where or os.sep in where:
+                if not os.path.isfile(where):
+                    raise GrpoctlError(f"reward '{target}': no such file {where}")
+                module_name = f"grpoctl_user_reward_{abs(hash(os.path.abspath(where)))}"
+                spec = importlib.util.spec_from_file_location(module_name, where)
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[module_name] = module  # so dataclasses/pickle inside it work
+                spec.loader.exec_module(module)
+            else:
+                module = importlib.import_module(where)
+    except (GrpoctlError, KeyboardInterrupt):
         raise
-    except Exception as e:
-        raise GrpoctlError(f"reward '{target}': importing {where} failed: "
-                           f"{type(e).__name__}: {e}") from None
+    except BaseException as e:  # sys.exit() at import time too: one line, not a silent exit
+        what = (f"called sys.exit({shown(e.code)})" if isinstance(e, SystemExit)
+                else f"failed: {type(e).__name__}: {_message(e)}")
+        raise GrpoctlError(f"reward '{target}': importing {where} {what}") from None
     fn = getattr(module, fn_name, None)
     if not callable(fn):
         raise GrpoctlError(f"reward '{target}': {where} has no function '{fn_name}'")
@@ -327,6 +330,8 @@ def _user_value(spec: RewardSpec, record: dict, source: str, line: int,
     the reward and the record."""
     field_name = f"rewards.{spec.name}"
     where = f"reward '{spec.text}'"
+    if spec.keywords is None or "record" in spec.keywords:
+        record = copy.deepcopy(record)  # what the reward changes in it is not written
     try:
         if spec.keywords is None:
             out = spec.fn(record["completion"], record.get("answer"), record)
@@ -338,8 +343,9 @@ def _user_value(spec: RewardSpec, record: dict, source: str, line: int,
         raise RecordError(source, line, field_name,
                           f"{where} raised {type(e).__name__}: {_message(e)}") from None
     except BaseException as e:  # sys.exit(), KeyboardInterrupt, GeneratorExit ... from user code
-        if isinstance(e, KeyboardInterrupt) and (sigint is None or sigint.received):
-            raise  # a real Ctrl-C: the CLI says "interrupted"
+        if isinstance(e, KeyboardInterrupt) and (sigint is None or sigint.received
+                                                 or process.terminated_by):
+            raise  # a real Ctrl-C (or SIGTERM/SIGHUP): the CLI says "interrupted"
         what = (f"called sys.exit({shown(e.code)})" if isinstance(e, SystemExit)
                 else f"raised {type(e).__name__}" + (f": {_message(e)}" if str(e) else ""))
         raise RecordError(source, line, field_name,
@@ -376,11 +382,11 @@ def _check_gold_answers(records: Sequence[dict], source: str) -> None:
     for i, r in enumerate(records):
         answer = r.get("answer")
         if answer is None:
-            raise RecordError(source, i + 1, "answer",
+            raise RecordError(source, line_of(records, i), "answer",
                               "is missing or null; the 'math' reward needs a gold answer "
                               "(score unlabeled prompts with a user reward instead)")
         if not isinstance(answer, str) or not answer.strip():
-            raise RecordError(source, i + 1, "answer",
+            raise RecordError(source, line_of(records, i), "answer",
                               f"expected a non-empty string, got {answer!r}")
 
 
@@ -465,8 +471,8 @@ def _judge_math(records: Sequence[dict], workers: int | None, timeout: float,
             what = "timed out" if key == "timeouts" else "failed"
             more = (f" (and {len(rows) - 1} more records with the same answer)"
                     if len(rows) > 1 else "")
-            reporter.warn(f"{source}:{rows[0] + 1}: math reward {what} ({outcome.message}); "
-                          f"reward 0{more}")
+            reporter.warn(f"{source}:{line_of(records, rows[0])}: math reward {what} "
+                          f"({outcome.message}); reward 0{more}")
         if progress is not None:
             progress.advance(task)
             now = time.monotonic()
@@ -494,8 +500,7 @@ def score_records(records: Sequence[dict], specs: Sequence[RewardSpec | str] | N
         (CPU time, not wall time: the verdict does not depend on the machine's load;
         scoring_pool).
     progress: show a progress bar on stderr when many pairs go to math-verify.
-    source: the file name used in error messages; records carry no line numbers, so
-        record i is reported as line i + 1 (exact for files without blank lines).
+    source: the file name used in error messages (lines as records.line_of finds them).
     stats: n, reward_mean, component_means, and for `math`: fast_path (decided without
         sympy), cached, verified (distinct pairs sent to math-verify), no_answer,
         timeouts, errors (records), workers, seconds, records_per_s.
@@ -508,7 +513,7 @@ def score_records(records: Sequence[dict], specs: Sequence[RewardSpec | str] | N
         raise GrpoctlError(f"--timeout must be a positive number of seconds, got {timeout}")
     for i, r in enumerate(records):
         if not isinstance(r.get("completion"), str):
-            raise RecordError(source, i + 1, "completion", "missing or not a string")
+            raise RecordError(source, line_of(records, i), "completion", "missing or not a string")
     if any(spec.kind == "math" for spec in specs):
         _check_gold_answers(records, source)
     stats = {"n": len(records), "fast_path": 0, "cached": 0, "verified": 0, "no_answer": 0,
@@ -524,8 +529,10 @@ def score_records(records: Sequence[dict], specs: Sequence[RewardSpec | str] | N
                            for r in records]
         elif spec.kind == "user":
             with stdout_to_stderr(), _SigintWatch() as sigint:
-                per_spec[k] = [_user_value(spec, r, source, i + 1, sigint)
+                per_spec[k] = [_user_value(spec, r, source, line_of(records, i), sigint)
                                for i, r in enumerate(records)]
+            if sigint.received:  # a Ctrl-C the reward caught and carried on from
+                raise KeyboardInterrupt
     for k, spec in enumerate(specs):
         if spec.kind == "math":
             math_values = _judge_math(records, workers, timeout, reporter, source, stats)
@@ -539,14 +546,14 @@ def score_records(records: Sequence[dict], specs: Sequence[RewardSpec | str] | N
         for k, spec in enumerate(specs):
             for name, v in per_spec[k][i].items():
                 if name in components:
-                    raise RecordError(source, i + 1, f"rewards.{name}",
+                    raise RecordError(source, line_of(records, i), f"rewards.{name}",
                                       f"reward '{spec.text}' writes component '{name}', "
                                       "which another reward also writes")
                 components[name] = v
                 total += spec.weight * v
         if not (math.isfinite(total) and abs(total) <= MAX_MAGNITUDE):
             terms = " + ".join(f"{spec.weight:g} x {spec.name}" for spec in specs)
-            raise RecordError(source, i + 1, "reward",
+            raise RecordError(source, line_of(records, i), "reward",
                               f"the weighted sum of the rewards ({terms}) is {total:g}; a reward "
                               f"must be a finite number of at most {MAX_MAGNITUDE:g} in size")
         out.append({**r, "rewards": components, "reward": total})

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,8 @@ from grpoctl.errors import GrpoctlError, first_line
 from grpoctl.logprobs import padded_completion_logprobs
 from grpoctl.losses import (clipped_policy_loss, dual_clip, kl_k3, token_weights,
                             truncated_is_weights)
-from grpoctl.records import NEEDS_UPDATE, RecordError, STDIO, dumps, read_records, source_name
+from grpoctl.records import (NEEDS_UPDATE, STDIO, RecordError, dumps, line_of, read_records,
+                             source_name)
 
 
 def make_optimizer(model, cfg: UpdateConfig) -> torch.optim.AdamW:
@@ -58,7 +58,7 @@ def make_optimizer(model, cfg: UpdateConfig) -> torch.optim.AdamW:
 # --- settings that come from the records --------------------------------------
 
 
-def _one_value(records: list[dict], key: str, source: str, lines: list[int] | None):
+def _one_value(records: list[dict], key: str, source: str):
     """records[*].sampling[key] when every record that has it agrees; None when none has it."""
     found = None
     for i, r in enumerate(records):
@@ -68,25 +68,25 @@ def _one_value(records: list[dict], key: str, source: str, lines: list[int] | No
         if found is None:
             found = (value, i)
         elif value != found[0]:
-            first, here = (lines[found[1]], lines[i]) if lines else (found[1] + 1, i + 1)
+            first, here = line_of(records, found[1]), line_of(records, i)
             raise RecordError(source, here, "sampling",
                               f"{key} is {value!r} but {found[0]!r} on line {first}: "
                               f"one update needs one {key}; pass it explicitly")
     return None if found is None else found[0]
 
 
-def resolve_config(records: list[dict], cfg: UpdateConfig, source: str = "<records>",
-                   lines: list[int] | None = None) -> UpdateConfig:
+def resolve_config(records: list[dict], cfg: UpdateConfig, source: str = "<records>"
+                   ) -> UpdateConfig:
     """cfg, checked (`UpdateConfig.check`), with temperature (and max_tokens for "constant")
     filled in from the records."""
     cfg.check()
     temperature = cfg.temperature
     if temperature is None:
-        temperature = _one_value(records, "temperature", source, lines)
+        temperature = _one_value(records, "temperature", source)
     temperature = 1.0 if not temperature else float(temperature)  # 0 = greedy, scored at 1
     max_tokens = cfg.max_tokens
     if cfg.loss_agg == "constant" and max_tokens is None:
-        max_tokens = _one_value(records, "max_new_tokens", source, lines)
+        max_tokens = _one_value(records, "max_new_tokens", source)
         if not max_tokens:
             raise GrpoctlError("--loss-agg constant needs the generation budget: pass "
                                "--max-tokens or use records with sampling.max_new_tokens")
@@ -586,19 +586,10 @@ def update_batch(model, optimizer: torch.optim.Optimizer, records: list[dict],
 # --- the stage, end to end ------------------------------------------------------
 
 
-def _record_lines(path: str, count: int) -> list[int]:
-    """The line number of each record: read_records skips blank lines, so count the rest."""
-    if path != STDIO and os.path.isfile(path):
-        with open(path, "rb") as f:
-            lines = [n for n, raw in enumerate(f.read().split(b"\n"), start=1) if raw.strip()]
-        if len(lines) == count:
-            return lines
-    return list(range(1, count + 1))  # stdin: exact unless it had blank lines
-
-
-def check_token_ids(records: list[dict], vocab_size: int, source: str, lines: list[int]) -> None:
+def check_token_ids(records: list[dict], vocab_size: int, source: str) -> None:
     """Every prompt non-empty and every token id < vocab_size, or a RecordError naming the line."""
-    for r, line in zip(records, lines):
+    for i, r in enumerate(records):
+        line = line_of(records, i)
         if not r["prompt_ids"]:
             raise RecordError(source, line, "prompt_ids", "is empty: the first completion token "
                               "needs at least one prompt token before it")
@@ -654,8 +645,7 @@ def run_update(adv_path: str, policy_dir, out_dir, cfg: UpdateConfig, ref_dir=No
     if adv_path == STDIO and distributed.launched():
         raise GrpoctlError("under torchrun every rank reads the whole file: give a path, not -")
     records = read_records(adv_path, NEEDS_UPDATE)
-    lines = _record_lines(adv_path, len(records))
-    cfg = resolve_config(records, cfg, source, lines)
+    cfg = resolve_config(records, cfg, source)
     if cfg.kl_coef > 0 and ref_dir is None:
         raise GrpoctlError("--kl-coef > 0 needs a reference policy (--ref)")
 
@@ -665,12 +655,12 @@ def run_update(adv_path: str, policy_dir, out_dir, cfg: UpdateConfig, ref_dir=No
     model = load_training_policy(policy_dir, dtype, device, trust_remote_code,
                                  attn_implementation, gradient_checkpointing, lora_settings)
     check_vocab(tokenizer, model, str(policy_dir))
-    check_token_ids(records, _vocab_size(model), source, lines)
+    check_token_ids(records, _vocab_size(model), source)
     ref_model = None
     if ref_dir is not None:
         ref_model = load_policy(ref_dir, dtype, device, trust_remote_code,
                                 attn_implementation).requires_grad_(False)
-        check_token_ids(records, _vocab_size(ref_model), source, lines)
+        check_token_ids(records, _vocab_size(ref_model), source)
 
     model = distributed.wrap_model(model, "fsdp" if fsdp else "ddp")  # before the optimizer
     optimizer = make_optimizer(model, cfg)

@@ -28,7 +28,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 from grpoctl.errors import GrpoctlError
 from grpoctl.models import check_model_dir, check_vocab, load_policy, load_tokenizer
 from grpoctl.prompts import load_prompts, render_prompt
-from grpoctl.records import write_records
+from grpoctl.records import check_output, write_records
 
 BACKENDS = ("hf", "vllm")
 
@@ -241,6 +241,7 @@ def run_rollout(model_dir: str, prompts_source: str, output: str = "-", group_si
     sampling.check()
     if backend not in BACKENDS:
         raise GrpoctlError(f"--backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    check_output(output, [prompts_source])
     prompts = load_prompts(prompts_source, prompt_field=prompt_field, answer_field=answer_field,
                            answer_after=answer_after, id_field=id_field, limit=limit, shard=shard)
     check_model_dir(model_dir)
