@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 import signal
-import time
 
 import pytest
 
@@ -56,9 +55,7 @@ def test_extraction_only_reads_the_tail_of_huge_text():
     huge = r"\boxed{" + "x" * (MAX_SCAN_CHARS + 10) + "}"
     assert last_boxed(huge) is None
     assert extract_answer("y" * 1_000_000 + r" \boxed{42}") == "42"
-    start = time.perf_counter()
-    extract_answer("{" * 500_000 + "}" * 500_000)  # 1 MB of braces
-    assert time.perf_counter() - start < 1.0
+    assert extract_answer("{" * 500_000 + "}" * 500_000) is None  # 1 MB of braces, no answer
 
 
 @pytest.mark.parametrize("gold, pred, expected", [
@@ -258,19 +255,14 @@ def test_pathological_completions_score_zero_within_the_limit(capsys):
     normal = [(r"so \boxed{\frac{10}{2}}", "5"), (r"\boxed{5}", "5"), (r"\boxed{6}", "5"),
               ("#### 5", "5")]
     records = _records(*normal[:2], *[(c, "5") for c in PATHOLOGICAL.values()], *normal[2:])
-    timeout = 1.0
-    start = time.perf_counter()
-    out, stats = score_records(records, timeout=timeout, workers=2, progress=False,
+    out, stats = score_records(records, timeout=1.0, workers=2, progress=False,
                                source="bad.jsonl")
-    elapsed = time.perf_counter() - start
     rewards = [r["reward"] for r in out]
     assert rewards[:2] == [1.0, 1.0] and rewards[-2:] == [0.0, 1.0]
     assert rewards[2:-2] == [0.0] * len(PATHOLOGICAL)
     assert stats["timeouts"] >= 2           # the towers at least run into the limit
-    # Every item is cut off at timeout + grace; with 2 workers the batch cannot take
-    # longer than the sum of those limits over 2, plus start-up.
-    bound = len(PATHOLOGICAL) * (timeout + scoring_pool.HARD_GRACE_S) / 2 + 5
-    assert elapsed < bound
+    # No wall-clock bound (a loaded machine would break it): the limits are CPU time,
+    # checked in tests/reliability/test_time_limits.py.
     err = capsys.readouterr().err
     assert err.count("math reward timed out") == stats["timeouts"]
     assert "bad.jsonl:5: math reward timed out" in err  # the power tower, 5th record
@@ -291,17 +283,14 @@ def _stuck_or_crashing(x):
 
 
 def test_pool_hard_limit_crash_and_memory_cap():
-    start = time.perf_counter()
     outcomes = scoring_pool.run_pool(_stuck_or_crashing, list(range(10)), workers=2,
                                      timeout=0.3, chunk_size=3, memory_mb=256)
-    elapsed = time.perf_counter() - start
     assert [o.status for o in outcomes] == ["ok"] * 3 + ["timeout", "ok", "error", "ok",
                                                          "error", "ok", "ok"]
     assert [o.value for o in outcomes if o.status == "ok"] == [0, 10, 20, 40, 60, 80, 90]
     assert outcomes[3].message == "used 1.3 s of CPU time without answering; worker killed"
     assert outcomes[5].message == "worker died (exit code 3)"
     assert outcomes[7].message == "ran out of memory"
-    assert elapsed < 30  # the stuck item is killed after 1.3 CPU seconds, however busy the machine
 
 
 def test_pool_soft_limit_interrupts_python_code():
