@@ -232,13 +232,15 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer: torch.optim.Optimizer,
     lora.check_save_mode(save_lora)
 
     out = Path(out_dir).absolute()
+    if out.is_symlink():  # the directory it points to is replaced; the link stays a link
+        out = out.resolve()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-        tmp.chmod(umask_mode(0o777))  # mkdtemp makes 0700
     except OSError as e:
         raise GrpoctlError(f"{out}: cannot write checkpoint: {e.strerror or e}") from None
     try:
+        tmp.chmod(umask_mode(0o777))  # mkdtemp makes 0700 (in the try: Ctrl-C removes tmp)
         if lora.has_lora(model):
             lora.save_adapter(model, tmp)
             if save_lora == "merged":

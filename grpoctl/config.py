@@ -325,6 +325,7 @@ class UpdateConfig(UpdateSettings):
         """Every setting in its range, or a one-line GrpoctlError naming the flag."""
         super().check()
         _number(self, "temperature", 0, optional=True)  # as rollout refuses it
+        _whole(self, "max_tokens", 1, optional=True)
 
 
 @dataclass

@@ -26,8 +26,8 @@ from rich.table import Table
 from grpoctl.errors import GrpoctlError
 from grpoctl.models import check_model_dir, check_vocab, load_policy, load_tokenizer
 from grpoctl.prompts import load_prompts, render_prompt
-from grpoctl.records import (NEEDS_ADVANTAGE, RecordError, _kind, check_output, group_by_prompt,
-                             line_of, read_records, write_records)
+from grpoctl.records import (NEEDS_ADVANTAGE, STDIO, RecordError, _kind, check_output,
+                             group_by_prompt, line_of, read_records, write_records)
 from grpoctl.rewards import DEFAULT_TIMEOUT_S, parse_reward_specs, score_records
 from grpoctl.rollout import SamplingParams, generate, policy_step, tokenize_prompts
 
@@ -163,8 +163,12 @@ def run_eval(model: str | None, scored: str | None, prompts_source: str, samples
     """
     if (model is None) == (scored is None):
         raise GrpoctlError("eval: give either --model (sample and score) or --scored FILE")
+    if save == STDIO:
+        raise GrpoctlError("--save -: stdout carries the summary; give --save a file")
     if save:
         check_output(save, [scored, prompts_source])
+    if pass_k is not None and pass_k < 1:
+        raise GrpoctlError(f"--pass-k must be >= 1, got {pass_k}")
     if scored is not None:
         records = read_records(scored, NEEDS_ADVANTAGE)
         summary = summarize(records, k=pass_k, by=by, source=scored)

@@ -283,6 +283,20 @@ def check_vocab(tokenizer, model, source: str = "model") -> None:
                            f"embeds only {n_embed}")
 
 
+def position_limit(model) -> int | None:
+    """The positions the model has (max_position_embeddings, or GPT-2's n_positions), or
+    None when its config does not say. Past them absolute position embeddings fail with an
+    IndexError and rotary ones give numbers the model was never trained on."""
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
 # --- tiny models, for tests and the embedded default ------------------------
 
 

@@ -81,7 +81,13 @@ def _read_csv(text: str, source: str) -> list[tuple[str, dict]]:
     try:
         for row in reader:
             # line_num is the line the row ends on (a quoted field may span lines).
-            rows.append((f"{source}:{reader.line_num}", dict(row)))
+            where = f"{source}:{reader.line_num}"
+            fields = sum(v is not None for k, v in row.items() if k is not None) \
+                + len(row.get(None) or [])  # DictReader's None key: the fields past the header
+            if fields != len(reader.fieldnames):
+                raise GrpoctlError(f"{where}: bad CSV row: {fields} fields, the header has "
+                                   f"{len(reader.fieldnames)}")
+            rows.append((where, dict(row)))
     except csv.Error as e:  # an unclosed quote, a field over csv's size limit
         # The bad row starts on the line after the last row read whole.
         raise GrpoctlError(f"{source}:{reader.line_num + 1}: bad CSV row: {e}") from None

@@ -535,10 +535,10 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
         kept_mode = umask_mode()
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-        os.chmod(fd, kept_mode)
     except OSError as e:
         raise GrpoctlError(f"{path}: cannot write: {e.strerror}") from None
     try:
+        os.chmod(fd, kept_mode)  # inside the try: a Ctrl-C here still removes tmp
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             yield f
             f.flush()
@@ -556,7 +556,8 @@ def check_output(path: str, inputs: Iterable[str | None] = ()) -> None:
     """Refuse, before any work, an output path (`-o`) whose writing would lose a file:
     one of the command's `inputs`, a directory, a file in a missing directory, or an
     existing file that is not JSONL records (its first line not an object with a
-    prompt_id; an empty file is fine). A records file is replaced, as a re-run expects."""
+    prompt_id and a sample, as every record grpoctl writes; an empty file is fine). A
+    records file is replaced, as a re-run expects."""
     if path == STDIO or _is_special_file(path):
         return
     where = os.path.abspath(path)
@@ -587,7 +588,7 @@ def _is_records_file(path: str) -> bool:
         record = json.loads(first)
     except (ValueError, RecursionError):
         return False
-    return isinstance(record, dict) and "prompt_id" in record
+    return isinstance(record, dict) and "prompt_id" in record and "sample" in record
 
 
 def _check_depth(record: dict) -> None:

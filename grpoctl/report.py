@@ -26,13 +26,15 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 from grpoctl.config import LoopConfig
 from grpoctl.errors import GrpoctlError
-from grpoctl.records import RecordError, atomic_open, iter_jsonl
+from grpoctl.records import RecordError, atomic_open, iter_jsonl, umask_mode
 
 # Settings that do not change what a run learns: runs that differ only in these
 # are seeds (or reruns) of one setting.
@@ -73,6 +75,10 @@ def load_run(run_dir: str | os.PathLike) -> dict:
     # A run written before a setting existed ran with its default (as --resume reads it),
     # so it compares equal to a newer run that kept that default.
     config = {**_default_settings(), **config}
+    for key, default in _default_settings().items():
+        if not _same_kind(config[key], default):
+            raise GrpoctlError(f"{config_path}: field '{key}': expected "
+                               f"{type(default).__name__}, got {config[key]!r}")
 
     metrics_path = path / "metrics.jsonl"
     if not metrics_path.is_file():
@@ -90,6 +96,17 @@ def _default_settings() -> dict:
     return dataclasses.asdict(LoopConfig())
 
 
+def _same_kind(value, default) -> bool:
+    """A setting of the type its default has (None: any; a number for a float)."""
+    if default is None or value is None:
+        return True
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, (int, float)):
+        return _is_number(value) and (isinstance(value, int) or isinstance(default, float))
+    return isinstance(value, type(default))
+
+
 def _read_lines(path: Path, required: tuple, numbers: tuple) -> list[dict]:
     """JSON lines sorted by step; a last line cut short by a crash is ignored."""
     text = path.read_text(encoding="utf-8", errors="replace")
@@ -98,7 +115,8 @@ def _read_lines(path: Path, required: tuple, numbers: tuple) -> list[dict]:
         for field in required:
             if field not in record:
                 raise RecordError(str(path), lineno, field, "missing")
-        if not (isinstance(record["step"], int) and record["step"] >= 0):
+        step = record["step"]
+        if not (isinstance(step, int) and not isinstance(step, bool) and step >= 0):
             raise RecordError(str(path), lineno, "step", f"expected an integer >= 0, got "
                               f"{record['step']!r}")
         for field in numbers:
@@ -110,7 +128,12 @@ def _read_lines(path: Path, required: tuple, numbers: tuple) -> list[dict]:
 
 
 def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int no float holds
+        return False
 
 
 # --- the figures of one run ----------------------------------------------------
@@ -504,29 +527,66 @@ def write_report(run_dirs: list[str], out_dir: str, labels: list[str] | None = N
     rows = table_rows(groups, base_index)
 
     out = Path(out_dir)
+    _check_report_dir(out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        out.absolute().parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.absolute().name}.", suffix=".tmp",
+                                    dir=out.absolute().parent))
     except OSError as e:
         raise GrpoctlError(f"{out}: cannot create output directory: {e.strerror}") from None
-    note = _matplotlib_missing()
-    plots = []
-    if note is None:
-        import matplotlib
+    try:  # everything is written in tmp, then moved into place: no half report
+        tmp.chmod(umask_mode(0o777))
+        note = _matplotlib_missing()
+        plots = []
+        if note is None:
+            import matplotlib
 
-        with matplotlib.rc_context(STYLE):
-            if any(r["evals"] for r in runs):
-                plot_accuracy(groups, str(out / "accuracy.png"))
-                plots.append(str(out / "accuracy.png"))
-            plot_training(groups, str(out / "training.png"))
-            plots.append(str(out / "training.png"))
-    else:
-        print(note, file=sys.stderr)
+            with matplotlib.rc_context(STYLE):
+                if any(r["evals"] for r in runs):
+                    plot_accuracy(groups, str(tmp / "accuracy.png"))
+                    plots.append("accuracy.png")
+                plot_training(groups, str(tmp / "training.png"))
+                plots.append("training.png")
+        else:
+            print(note, file=sys.stderr)
+        with atomic_open(tmp / "report.md") as f:
+            f.write(report_markdown(rows, groups[base_index]["label"], baseline is None,
+                                    plots, note, out_dir=out))
+        if out.exists():  # a report before: its files replaced one by one, each whole
+            for name in sorted(os.listdir(tmp)):
+                os.replace(tmp / name, out / name)
+            tmp.rmdir()
+        else:
+            os.rename(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, GrpoctlError):
+            raise GrpoctlError(f"{out}: cannot write the report: {e.strerror or e}") from None
+        raise
+    return {"report": str(out / "report.md"), "plots": [str(out / p) for p in plots],
+            "rows": rows, "note": note}
 
-    report_path = out / "report.md"
-    with atomic_open(report_path) as f:
-        f.write(report_markdown(rows, groups[base_index]["label"], baseline is None,
-                                [os.path.basename(p) for p in plots], note, out_dir=out))
-    return {"report": str(report_path), "plots": plots, "rows": rows, "note": note}
+
+# What `report` writes: an existing output directory may hold these and nothing else.
+REPORT_FILES = ("report.md", "accuracy.png", "training.png")
+
+
+def _check_report_dir(out: Path) -> None:
+    """An existing -o must be an earlier report (or empty): never a run directory or a
+    directory of the user's own files, whose same-named files would be replaced."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise GrpoctlError(f"{out}: exists and is not a directory; -o takes a directory")
+    others = sorted(set(os.listdir(out)) - set(REPORT_FILES))
+    report_md = out / "report.md"
+    if not others and report_md.is_file():
+        with open(report_md, "rb") as f:
+            if not f.read(64).startswith(b"# grpoctl report\n"):
+                others = ["report.md (not one grpoctl wrote)"]
+    if others:
+        raise GrpoctlError(f"{out}: holds files a report does not write ({', '.join(others[:3])}"
+                           f"{', ...' if len(others) > 3 else ''}); choose a new -o")
 
 
 def _baseline_group(groups: list[dict], runs: list[dict], resolved: list[str],

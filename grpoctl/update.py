@@ -586,13 +586,37 @@ def update_batch(model, optimizer: torch.optim.Optimizer, records: list[dict],
 # --- the stage, end to end ------------------------------------------------------
 
 
-def check_token_ids(records: list[dict], vocab_size: int, source: str) -> None:
-    """Every prompt non-empty and every token id < vocab_size, or a RecordError naming the line."""
+def _check_metrics_path(path: str, inputs: list) -> None:
+    """--metrics is appended to: a JSONL file of metrics or a new one, never a directory, an
+    input, or a file inside the policy, reference or output directory."""
+    where = Path(path).absolute()
+    if where.is_dir():
+        raise GrpoctlError(f"{path}: cannot write metrics: is a directory")
+    if not where.parent.is_dir():
+        raise GrpoctlError(f"{path}: cannot write metrics: no such directory {where.parent}")
+    for given in inputs:
+        if given is None or given == STDIO or not Path(given).exists():
+            continue
+        given = Path(given).resolve()
+        if where.resolve() == given or where.resolve().is_relative_to(given):
+            raise GrpoctlError(f"{path}: cannot write metrics there: it is (or is inside) "
+                               f"{given}, which this command reads or writes")
+
+
+def check_token_ids(records: list[dict], vocab_size: int, source: str,
+                    positions: int | None = None) -> None:
+    """Every prompt non-empty, every token id < vocab_size and every sequence within the
+    model's `positions` (models.position_limit), or a RecordError naming the line."""
     for i, r in enumerate(records):
         line = line_of(records, i)
         if not r["prompt_ids"]:
             raise RecordError(source, line, "prompt_ids", "is empty: the first completion token "
                               "needs at least one prompt token before it")
+        length = len(r["prompt_ids"]) + len(r["completion_ids"])
+        if positions is not None and length > positions:
+            raise RecordError(source, line, "completion_ids",
+                              f"prompt and completion are {length} tokens, more than the "
+                              f"model's {positions} positions (max_position_embeddings)")
         for field in ("prompt_ids", "completion_ids"):
             ids = r[field]
             if ids and max(ids) >= vocab_size:
@@ -629,7 +653,7 @@ def run_update(adv_path: str, policy_dir, out_dir, cfg: UpdateConfig, ref_dir=No
     Returns the metrics (with "step").
     """
     from grpoctl.models import (check_model_dir, check_vocab, load_policy, load_tokenizer,
-                                load_training_policy, resolve_model_dir)
+                                load_training_policy, position_limit, resolve_model_dir)
 
     lora.check_save_mode(save_lora)  # before any model is loaded
     cfg.check()  # and before anything is read
@@ -638,9 +662,8 @@ def run_update(adv_path: str, policy_dir, out_dir, cfg: UpdateConfig, ref_dir=No
     ref_dir = None if ref_dir is None else resolve_model_dir(ref_dir)
     checkpoint.check_out_dir(out_dir, [None if adv_path == STDIO else adv_path, policy_dir,
                                        ref_dir])
-    if metrics_path and not Path(metrics_path).absolute().parent.is_dir():  # not after the save
-        raise GrpoctlError(f"{metrics_path}: cannot write metrics: no such directory "
-                           f"{Path(metrics_path).absolute().parent}")
+    if metrics_path:  # checked now, not after the save
+        _check_metrics_path(metrics_path, [adv_path, policy_dir, ref_dir, out_dir])
     source = source_name(adv_path)
     if adv_path == STDIO and distributed.launched():
         raise GrpoctlError("under torchrun every rank reads the whole file: give a path, not -")
@@ -655,12 +678,13 @@ def run_update(adv_path: str, policy_dir, out_dir, cfg: UpdateConfig, ref_dir=No
     model = load_training_policy(policy_dir, dtype, device, trust_remote_code,
                                  attn_implementation, gradient_checkpointing, lora_settings)
     check_vocab(tokenizer, model, str(policy_dir))
-    check_token_ids(records, _vocab_size(model), source)
+    check_token_ids(records, _vocab_size(model), source, position_limit(model))
     ref_model = None
     if ref_dir is not None:
         ref_model = load_policy(ref_dir, dtype, device, trust_remote_code,
                                 attn_implementation).requires_grad_(False)
-        check_token_ids(records, _vocab_size(ref_model), source)
+        check_token_ids(records, _vocab_size(ref_model), source,
+                        position_limit(ref_model))
 
     model = distributed.wrap_model(model, "fsdp" if fsdp else "ddp")  # before the optimizer
     optimizer = make_optimizer(model, cfg)

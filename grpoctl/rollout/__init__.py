@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from rich.console import Console
@@ -26,7 +26,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
                            TimeRemainingColumn)
 
 from grpoctl.errors import GrpoctlError
-from grpoctl.models import check_model_dir, check_vocab, load_policy, load_tokenizer
+from grpoctl.models import check_model_dir, check_vocab, load_policy, load_tokenizer, position_limit
 from grpoctl.prompts import load_prompts, render_prompt
 from grpoctl.records import check_output, write_records
 
@@ -97,6 +97,27 @@ def tokenize_prompts(tokenizer, prompts: list[dict]) -> list[list[int]]:
     return ids
 
 
+def within_positions(sampling: SamplingParams, prompt_ids: list[list[int]], prompts: list[dict],
+                     positions: int | None) -> SamplingParams:
+    """`sampling` with max_new_tokens cut to what the longest prompt leaves of the model's
+    positions (said on stderr; the records hold the budget used). A prompt that fills
+    them is an error naming it. As vLLM caps a completion at its max_model_len."""
+    if positions is None or not prompt_ids:
+        return sampling
+    longest = max(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
+    room = positions - len(prompt_ids[longest])
+    if room < 1:
+        raise GrpoctlError(f"prompt {prompts[longest]['prompt_id']!r} is "
+                           f"{len(prompt_ids[longest])} tokens: the model has "
+                           f"{positions} positions, no room for a completion")
+    if sampling.max_new_tokens <= room:
+        return sampling
+    print(f"warning: --max-new-tokens {sampling.max_new_tokens} cut to {room}: the longest "
+          f"prompt is {len(prompt_ids[longest])} tokens and the model has {positions} "
+          "positions", file=sys.stderr, flush=True)
+    return replace(sampling, max_new_tokens=room)
+
+
 def generate(model, tokenizer, prompts: list[dict], group_size: int, sampling: SamplingParams,
              batch_size: int = 64, policy: dict | None = None, backend: str = "hf",
              progress: bool = True, logprobs: bool = True) -> list[dict]:
@@ -138,6 +159,7 @@ def generate(model, tokenizer, prompts: list[dict], group_size: int, sampling: S
         results = sample_vllm(model, prompts, prompt_ids, group_size, sampling, stop_ids, progress,
                               with_logprobs=logprobs)
     else:
+        sampling = within_positions(sampling, prompt_ids, prompts, position_limit(model))
         results = _sample_hf(model, tokenizer, prompts, prompt_ids, rows, sampling, stop_ids,
                              batch_size, progress)
 
