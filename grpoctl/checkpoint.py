@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fnmatch
 import json
 import math
 import os
@@ -189,6 +190,19 @@ def trainer_step(model_dir) -> int:
 # --- atomic directory writing ------------------------------------------------
 
 
+# What a checkpoint directory holds: save_checkpoint's files, what transformers and peft
+# save for a model, an adapter and a tokenizer. Anything else there is the user's, and
+# replacing the checkpoint (atomically, as a whole directory) would delete it.
+CHECKPOINT_FILES = (
+    "config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
+    "model.safetensors.index.json", "optimizer.safetensors", "trainer_state.json",
+    "adapter_config.json", "adapter_model.safetensors", "README.md", "merged",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "*.tiktoken",
+    "chat_template.jinja", "chat_template.json", "additional_chat_templates",
+)
+
+
 def is_checkpoint(path: Path) -> bool:
     """A directory holding the files only save_checkpoint writes together."""
     return path.is_dir() and (path / TRAINER_STATE_FILE).is_file() \
@@ -200,8 +214,9 @@ def check_out_dir(out_dir, inputs=()) -> None:
 
     An existing out_dir is replaced whole, so it must be a grpoctl checkpoint (e.g. the
     policy being updated in place), and it must not hold any of `inputs` (the records
-    file, the policy or reference directory): `--out .` or a directory of one's own
-    files is refused, before anything is loaded.
+    file, the policy or reference directory) or anything a checkpoint does not
+    (CHECKPOINT_FILES: a user's notes beside the weights): `--out .` or a directory of
+    one's own files is refused, before anything is loaded.
     """
     out = Path(out_dir).resolve()
     if out.exists() and not is_checkpoint(out):
@@ -213,6 +228,13 @@ def check_out_dir(out_dir, inputs=()) -> None:
                 and Path(given).resolve() != out:
             raise GrpoctlError(f"{out_dir}: holds the input {given}, which replacing it would "
                                f"delete: choose another --out")
+    foreign = [name for name in sorted(os.listdir(out)) if not any(
+        fnmatch.fnmatchcase(name, pattern) for pattern in CHECKPOINT_FILES)] \
+        if out.exists() else []
+    if foreign:
+        raise GrpoctlError(f"{out_dir}: also holds {', '.join(foreign[:3])}"
+                           f"{', ...' if len(foreign) > 3 else ''}, which a checkpoint does not "
+                           "and replacing it would delete: move them out or choose a new --out")
 
 
 def save_checkpoint(out_dir, model, tokenizer, optimizer: torch.optim.Optimizer,

@@ -229,3 +229,15 @@ def test_a_csv_quote_left_open_is_an_error_not_a_swallowed_file(tmp_path):
     table.write_text('prompt,answer\nfirst,1\n"second,2\nthird,3\nfourth,4\n', encoding="utf-8")
     with pytest.raises(GrpoctlError, match=r"p\.csv:3: bad CSV row: unexpected end of data"):
         load_prompts(str(table))
+
+
+@pytest.mark.parametrize("row, fields", [("second", 1), ("second,2,extra", 3)])
+def test_a_csv_row_with_more_or_fewer_fields_than_the_header_is_an_error(tmp_path, row, fields):
+    table = tmp_path / "p.csv"
+    table.write_text(f'prompt,answer\nfirst,1\n\n{row}\n', encoding="utf-8")  # line 4
+    with pytest.raises(GrpoctlError, match=rf"p\.csv:4: bad CSV row: {fields} fields, the "
+                                           r"header has 2"):
+        load_prompts(str(table))
+    table.write_text('prompt,answer\nfirst,1\n"two\nlines",2\n', encoding="utf-8")
+    assert [(p["text"], p["answer"]) for p in load_prompts(str(table))] == \
+        [("first", "1"), ("two\nlines", "2")]

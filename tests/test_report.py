@@ -115,6 +115,15 @@ def test_metrics_lines_are_read_by_the_record_files_jsonl_reader(tmp_path):
                 (d / "metrics.jsonl").write_text('{"reward_mean": 1}\n')),
      "metrics.jsonl:1: field 'step': missing"),
     (lambda d: (d.mkdir(), (d / "config.json").write_text("{}"),
+                (d / "metrics.jsonl").write_text('{"step": true}\n')),
+     "metrics.jsonl:1: field 'step': expected an integer >= 0"),
+    (lambda d: (d.mkdir(), (d / "config.json").write_text("{}"),
+                (d / "metrics.jsonl").write_text('{"step": 1, "rollouts": 1' + "0" * 400 + '}\n')),
+     "metrics.jsonl:1: field 'rollouts': expected a number"),
+    (lambda d: (d.mkdir(), (d / "config.json").write_text('{"group_size": "two"}'),
+                (d / "metrics.jsonl").write_text('{"step": 1}\n')),
+     "config.json: field 'group_size': expected int, got 'two'"),
+    (lambda d: (d.mkdir(), (d / "config.json").write_text("{}"),
                 (d / "metrics.jsonl").write_text('{"step": 1}\n'),
                 (d / "eval.jsonl").write_text('{"step": 0, "mean_at_k": 0.5, "k": 4}\n')),
      "eval.jsonl:1: field 'pass_at_k': missing"),
@@ -351,3 +360,21 @@ def test_without_matplotlib_the_table_is_written_and_a_note_printed(paper_like, 
     text = (out / "report.md").read_text()
     assert "| G=2, 64 prompts/step, lr 8e-06, seeds 0, 1, 2 |" in text
     assert "pip install 'grpoctl[plot]'" in text
+
+
+def test_an_existing_output_directory_must_be_an_earlier_report(paper_like, tmp_path):
+    runs = list(paper_like.values())[:2]
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("# my notes\n")
+    for out in (mine, Path(runs[0])):  # a user's report.md; a run directory
+        before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+        with pytest.raises(GrpoctlError, match="holds files a report does not write"):
+            write_report(runs, str(out))
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    out = tmp_path / "out"
+    write_report(runs, str(out))
+    first = (out / "report.md").read_text()
+    write_report(runs, str(out), labels=["a", "b"])  # an earlier report: replaced
+    assert (out / "report.md").read_text() != first
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]

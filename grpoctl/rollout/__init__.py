@@ -283,6 +283,8 @@ def run_rollout(model_dir: str, prompts_source: str, output: str = "-", group_si
     else:
         model = load_policy(model_dir, dtype, device, trust_remote_code, attn_implementation)
         check_vocab(tokenizer, model, str(model_dir))
+        sampling = within_positions(sampling, tokenize_prompts(tokenizer, rendered), rendered,
+                                    position_limit(model))  # refused or cut before it starts
     policy = {"path": str(model_dir), "step": policy_step(model_dir)}
     if log:
         print(f"rollout: {len(prompts)} prompts x {group_size} samples from {model_dir} "

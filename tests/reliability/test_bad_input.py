@@ -327,6 +327,9 @@ CASES = [
      "Pass@k needs 1 <= k <= the samples per prompt (2 here), got k=-1"),
     ("eval-pass-k-above-samples", [*EVAL, "--pass-k", "8"], lines(SCORED),
      "Pass@k needs 1 <= k <= the samples per prompt (2 here), got k=8"),
+    ("eval-pass-k-zero", [*EVAL, "--pass-k", "0"], lines(SCORED), "--pass-k must be >= 1, got 0"),
+    ("eval-save-to-stdout", ["eval", "--scored", "{in}", "--save", "-"], lines(SCORED),
+     "--save -: stdout carries the summary; give --save a file"),
 
     # rollout: the prompt file is read before the model is loaded
     ("rollout-empty-prompts", ROLLOUT, b"", "in.jsonl: no prompts (the file is empty)"),
@@ -425,6 +428,8 @@ CASES = [
     ("update-unknown-loss-agg", [*UPDATE, "--loss-agg", "sum"], lines(ADVANTAGES),
      "Invalid value for '--loss-agg': 'sum' is not one of 'token-mean', 'seq-mean', 'constant'",
      "torch"),
+    ("update-max-tokens-zero", [*UPDATE, "--max-tokens", "0", "--loss-agg", "constant"],
+     lines(ADVANTAGES), "--max-tokens: must be a whole number >= 1, got 0"),
     ("update-lr-nan", [*UPDATE, "--lr", "nan"], lines(ADVANTAGES),
      "Invalid value for '--lr': 'nan' is not a finite number", "torch"),
     ("update-temperature-negative", [*UPDATE, "--temperature", "-1"], lines(ADVANTAGES),

@@ -128,3 +128,62 @@ def test_update_metrics_into_a_missing_directory_writes_no_checkpoint(tiny_model
                    "--metrics", "nowhere/metrics.jsonl", cwd=workdir)
     one_line_refusal(proc, "nowhere/metrics.jsonl: cannot write metrics: no such directory")
     assert not (workdir / "ckpt").exists()  # refused before the step, not after the save
+
+
+def test_update_metrics_never_appends_to_a_directory_or_an_input(tiny_model, workdir, grpoctl):
+    before = snapshot(workdir)
+    for metrics in ("mine", "adv.jsonl", str(tiny_model / "config.json")):
+        proc = grpoctl("update", "adv.jsonl", "--policy", str(tiny_model), "--out", "ckpt",
+                       "--metrics", metrics, cwd=workdir)
+        one_line_refusal(proc, "cannot write metrics")
+    assert snapshot(workdir) == before  # no checkpoint either: refused before the step
+
+
+def test_an_in_place_update_keeps_the_users_files_in_the_checkpoint(tiny_model, workdir):
+    run_cli("update", "adv.jsonl", "--policy", str(tiny_model), "--out", "ckpt", cwd=workdir,
+            check=True)
+    (workdir / "ckpt" / "NOTES.md").write_text("mine\n")
+    before = snapshot(workdir / "ckpt")
+    proc = run_cli("update", "adv.jsonl", "--policy", "ckpt", "--out", "ckpt", cwd=workdir)
+    one_line_refusal(proc, "ckpt: also holds NOTES.md")
+    assert snapshot(workdir / "ckpt") == before
+
+
+def test_a_symlinked_out_replaces_the_checkpoint_it_points_to(tiny_model, workdir, grpoctl):
+    assert grpoctl("update", "adv.jsonl", "--policy", str(tiny_model), "--out", "ckpt",
+                   cwd=workdir).returncode == 0
+    (workdir / "link").symlink_to("ckpt")
+    proc = grpoctl("update", "adv.jsonl", "--policy", "link", "--out", "link", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert (workdir / "link").is_symlink()
+    assert json.loads((workdir / "ckpt" / "trainer_state.json").read_text())["step"] == 2
+    assert not [p for p in workdir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_sequences_past_the_models_positions(tiny_model, workdir, grpoctl):
+    """update refuses a record longer than the model's positions, naming its line;
+    rollout cuts the budget to what the longest prompt leaves, and says so."""
+    positions = json.loads((tiny_model / "config.json").read_text())["max_position_embeddings"]
+    rows = [json.loads(line) for line in (workdir / "adv.jsonl").read_text().splitlines()]
+    rows[1]["prompt_ids"] = rows[1]["prompt_ids"] * positions  # second record, line 3 below
+    (workdir / "long.jsonl").write_text("\n" + "".join(json.dumps(r) + "\n" for r in rows))
+    proc = grpoctl("update", "long.jsonl", "--policy", str(tiny_model), "--out", "ckpt",
+                   cwd=workdir)
+    one_line_refusal(proc, "long.jsonl:3: field 'completion_ids'", f"{positions} positions")
+    assert not (workdir / "ckpt").exists()
+
+    prompt = "x" * (positions - 8)  # byte tokenizer: a token a character
+    (workdir / "p.jsonl").write_text(json.dumps({"prompt": prompt, "answer": "1"}) + "\n")
+    proc = grpoctl("rollout", "--model", str(tiny_model), "--prompts", "p.jsonl",
+                   "--no-chat-template", "-G", "1", "--max-new-tokens", "64", "--temperature",
+                   "0", "-o", "r.jsonl", cwd=workdir)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert "--max-new-tokens 64 cut to 8" in proc.stderr.decode()
+    record = json.loads((workdir / "r.jsonl").read_text())
+    assert record["sampling"]["max_new_tokens"] == 8
+    assert len(record["prompt_ids"]) + len(record["completion_ids"]) <= positions
+    (workdir / "p.jsonl").write_text(json.dumps({"prompt": "x" * positions}) + "\n")
+    proc = grpoctl("rollout", "--model", str(tiny_model), "--prompts", "p.jsonl",
+                   "--no-chat-template", "-o", "r2.jsonl", cwd=workdir)
+    one_line_refusal(proc, "no room for a completion")
+    assert not (workdir / "r2.jsonl").exists()

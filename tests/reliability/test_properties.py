@@ -168,6 +168,7 @@ def test_any_bytes_as_record_lines_exit_0_or_2_with_one_line(lines, valid_first,
                                                              tmp_path, monkeypatch, capfd):
     data = b"\n".join(([VALID_LINE] if valid_first else []) + lines) + b"\n"
     out = tmp_path / "out.jsonl"
+    out.unlink(missing_ok=True)  # hypothesis runs every example in the same tmp_path
     argv = [*stage, "-"] if stage[0] != "eval" else stage
     if stage[0] != "eval":
         argv += ["-o", str(out)]
