@@ -76,7 +76,7 @@ def summarize(records: list[dict], k: int | None = None, by: str | Sequence[str]
     fields = [f for f in ([by] if isinstance(by, str) else by or ()) if f]
     groups = group_by_prompt(records)
     n_min = min(len(ix) for ix in groups.values())
-    k = k or n_min
+    k = n_min if k is None else k  # 0 is refused below, not taken for "unset"
     if not 0 < k <= n_min:
         raise GrpoctlError(f"Pass@k needs 1 <= k <= the samples per prompt ({n_min} here), "
                            f"got k={k}")
@@ -172,8 +172,6 @@ def run_eval(model: str | None, scored: str | None, prompts_source: str, samples
         raise GrpoctlError("--save -: stdout carries the summary; give --save a file")
     if save:
         check_output(save, [scored, prompts_source])
-    if pass_k is not None and pass_k < 1:
-        raise GrpoctlError(f"--pass-k must be >= 1, got {pass_k}")
     if scored is not None:
         records = read_records(scored, NEEDS_ADVANTAGE)
         summary = summarize(records, k=pass_k, by=by, source=scored)

@@ -208,9 +208,9 @@ def find_latest_run(root: Path = Path("runs")) -> Path:
 
 def remove_stale_temporaries(run: Path) -> None:
     """Delete the `.NAME.*.tmp` files and directories that a killed write or prune left
-    in the run directory, its step directories and checkpoints/ (never read: harmless,
-    but they would pile up over many kills)."""
-    for stale in [*run.glob(".*.tmp"), *run.glob("*/.*.tmp")]:
+    anywhere in the run directory (never read: harmless, but they would pile up over
+    many kills)."""
+    for stale in sorted(run.rglob(".*.tmp"), reverse=True):  # refill-KK/ is two levels down
         if stale.is_dir():
             shutil.rmtree(stale, ignore_errors=True)
         else:
@@ -235,14 +235,19 @@ def prepare_run_dir(cfg: LoopConfig, resume: bool,
         if not config_path.is_file():
             raise GrpoctlError(f"{run}: nothing to resume (no config.json)")
         lock_run_dir(run)  # before touching anything: another loop may be running here
-        remove_stale_temporaries(run)
         try:
             saved = json.loads(config_path.read_text())
             saved["run_dir"] = str(run)
             resumed = LoopConfig(**saved)
-        except (ValueError, TypeError) as e:  # edited by hand, or from another version
+        except (ValueError, TypeError) as e:  # edited by hand, another version, not a run
             raise GrpoctlError(f"{config_path}: cannot read the run's settings: {e}") from None
         changes = resume_changes(saved, given or {}, config_path)
+        finished = max(Run(run).done_steps(), default=0)
+        if "steps" in changes and (changes["steps"][1] or finished) < finished:
+            raise GrpoctlError(f"{run}: --steps {changes['steps'][1]}: the run has finished "
+                               f"{finished} steps, and a run is not shortened; give --steps "
+                               f">= {finished}")
+        remove_stale_temporaries(run)  # a run's, now that config.json says it is one
         if changes:
             resumed = dataclasses.replace(resumed, **{k: new for k, (_, new) in changes.items()})
             resumed.resolved()  # the new values in range, before anything is written
@@ -253,6 +258,11 @@ def prepare_run_dir(cfg: LoopConfig, resume: bool,
     if config_path.exists():
         raise GrpoctlError(f"{run}: run directory already holds a run; add --resume to continue it "
                            "or choose another --run-dir")
+    if run.is_dir() and any(run.iterdir()):  # the user's files: a run would write among them
+        names = sorted(p.name for p in run.iterdir())
+        raise GrpoctlError(f"{run}: exists and is not empty ({', '.join(names[:3])}"
+                           f"{', ...' if len(names) > 3 else ''}); a new run needs a new or "
+                           "empty --run-dir")
     try:
         run.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -568,6 +578,10 @@ def run_loop(cfg: LoopConfig, resume: bool = False, display=None,
     with _removed_if_left_empty(run, new_dir and distributed.is_main()):
         loop = Loop(cfg, run, display)
         prompts = loop.load_prompts(cfg.prompts, cfg.limit)
+        prompts_for_step(prompts, 1, cfg.prompts_per_step, cfg.seed)  # enough prompts for a step
+        parse_reward_specs(cfg.rewards)  # a user reward file that does not load
+        if cfg.rollouts_from:
+            _check_rollouts_from(Path(cfg.rollouts_from), cfg)
         steps = cfg.steps or max(1, round(cfg.epochs * (len(prompts) // cfg.prompts_per_step)))
         eval_prompts = (loop.load_prompts(cfg.eval_prompts, cfg.eval_limit) if cfg.eval_prompts
                         else [])
@@ -676,6 +690,20 @@ def _removed_if_left_empty(run: Path, remove: bool):
             with contextlib.suppress(OSError):
                 run.rmdir()
         raise
+
+
+def _check_rollouts_from(source: Path, cfg: LoopConfig) -> None:
+    """--rollouts-from names a run whose groups this run can train on: a run directory with
+    this run's group size and prompts per step (its samples are not resampled)."""
+    try:
+        saved = json.loads((source / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise GrpoctlError(f"--rollouts-from {source}: not a run directory ({e})") from None
+    for field in ("group_size", "prompts_per_step"):
+        if not isinstance(saved, dict) or saved.get(field) != getattr(cfg, field):
+            theirs = saved.get(field) if isinstance(saved, dict) else None
+            raise GrpoctlError(f"--rollouts-from {source}: its {flag_of(field)} is {theirs!r}, "
+                               f"this run's {getattr(cfg, field)!r}: train with the same")
 
 
 def _eval_due(cfg: LoopConfig, step: int, steps: int) -> bool:

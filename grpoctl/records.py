@@ -362,9 +362,9 @@ class Records(list):
     so record i is not always on line i + 1). Errors found after reading name the line
     with `line_of`."""
 
-    def __init__(self, records=(), lines=None):
-        super().__init__(records)
-        self.lines = list(lines) if lines is not None else list(range(1, len(self) + 1))
+    def __init__(self):
+        super().__init__()
+        self.lines: list[int] = []
 
 
 def line_of(records: Sequence[dict], i: int) -> int:

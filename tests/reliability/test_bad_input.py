@@ -327,7 +327,8 @@ CASES = [
      "Pass@k needs 1 <= k <= the samples per prompt (2 here), got k=-1"),
     ("eval-pass-k-above-samples", [*EVAL, "--pass-k", "8"], lines(SCORED),
      "Pass@k needs 1 <= k <= the samples per prompt (2 here), got k=8"),
-    ("eval-pass-k-zero", [*EVAL, "--pass-k", "0"], lines(SCORED), "--pass-k must be >= 1, got 0"),
+    ("eval-pass-k-zero", [*EVAL, "--pass-k", "0"], lines(SCORED),
+     "Pass@k needs 1 <= k <= the samples per prompt (2 here), got k=0"),
     ("eval-save-to-stdout", ["eval", "--scored", "{in}", "--save", "-"], lines(SCORED),
      "--save -: stdout carries the summary; give --save a file"),
 

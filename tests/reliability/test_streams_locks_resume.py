@@ -364,3 +364,70 @@ def test_resume_refuses_to_replay_from_damaged_advantages(finished_run, tmp_path
                                     "the step trained on 4; the file is damaged and its update "
                                     "cannot be replayed"), err
     assert not (run / "checkpoints" / "step-000002").exists()
+
+
+def _loop_in_process(argv: list[str], monkeypatch, capfd) -> tuple[int, str]:
+    from grpoctl.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["grpoctl", *argv])
+    capfd.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main()
+    return exited.value.code, capfd.readouterr().err
+
+
+def _tree(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*"))
+            if p.is_file()}
+
+
+def test_a_new_loop_never_writes_among_a_users_files(tiny_model, tmp_path, monkeypatch, capfd):
+    users = tmp_path / "mine"
+    (users / "checkpoints" / "step-0").mkdir(parents=True)
+    (users / "notes.txt").write_text("notes\n")
+    (users / "checkpoints" / "step-0" / "weights.bin").write_text("precious\n")
+    before = _tree(users)
+    code, err = _loop_in_process(loop_args(tiny_model, users, "--steps", "1"), monkeypatch, capfd)
+    assert code == 2 and err.strip().endswith("a new run needs a new or empty --run-dir"), err
+    assert _tree(users) == before
+
+
+def test_resume_of_a_directory_that_is_not_a_run_touches_nothing(tmp_path, monkeypatch, capfd):
+    model_like = tmp_path / "model"
+    (model_like / "sub").mkdir(parents=True)
+    (model_like / "config.json").write_text('{"architectures": ["LlamaForCausalLM"]}')
+    (model_like / ".session.tmp").write_text("keep\n")
+    (model_like / "sub" / ".draft.tmp").write_text("keep\n")
+    before = _tree(model_like)
+    code, err = _loop_in_process(["loop", "--resume", "--run-dir", str(model_like)], monkeypatch,
+                                 capfd)
+    assert code == 2 and "cannot read the run's settings" in err, err
+    assert _tree(model_like) == before
+
+
+def test_resume_never_shortens_a_run(finished_run, tmp_path, monkeypatch, capfd):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = _tree(run)
+    code, err = _loop_in_process(["loop", "--resume", "--run-dir", str(run), "--steps", "1"],
+                                 monkeypatch, capfd)
+    assert code == 2 and "the run has finished 2 steps, and a run is not shortened" in err, err
+    assert _tree(run) == before
+
+
+def test_settings_that_fail_later_are_refused_before_the_run_directory(tiny_model, finished_run,
+                                                                      tmp_path, monkeypatch, capfd):
+    """Too many prompts per step, a reward file that does not load, --rollouts-from a run
+    of another group size: refused before config.json, so the directory can be used again."""
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "1+1", "answer": "2"}\n' * 3)
+    cases = [(["--prompts-per-step", "4", "--prompts", str(tmp_path / "prompts.jsonl")],
+              "--prompts-per-step 4 is more than the 3 prompts"),
+             (["--reward", str(tmp_path / "nosuch.py") + ":fn"], "no such file"),
+             (["--rollouts-from", str(finished_run), "--group-size", "4"],
+              "its --group-size is 2, this run's 4")]
+    for more, message in cases:
+        run = tmp_path / "run"
+        code, err = _loop_in_process([*loop_args(tiny_model, run, "--steps", "1"), *more],
+                                     monkeypatch, capfd)
+        assert code == 2 and message in err, err
+        assert not run.exists(), message
