@@ -303,7 +303,8 @@ def test_pickle_weights_are_refused_and_never_loaded(tiny_model, tmp_path, capfd
     for argv in (["rollout", "--model", str(model), "--prompts", str(prompts)],
                  ["update", str(adv), "--policy", str(model), "--out", str(tmp_path / "out")],
                  ["loop", "--model", str(model), "--prompts", str(prompts), "--eval-prompts",
-                  "none", "--run-dir", str(tmp_path / "run"), "--quiet"],
+                  "none", "--prompts-per-step", "1", "--run-dir", str(tmp_path / "run"),
+                  "--quiet"],
                  ["eval", "--model", str(model), "--prompts", str(prompts)]):
         code, err = run_cli_here(argv, capfd)
         assert code == 2 and err == (f"error: {model}: no *.safetensors weights (found "
