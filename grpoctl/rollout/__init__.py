@@ -137,9 +137,9 @@ def generate(model, tokenizer, prompts: list[dict], group_size: int, sampling: S
         policy: {"path", "step"} recorded in every record (default: unknown, 0).
         backend: "hf" or "vllm". There is no fallback from one to the other.
         progress: a progress bar over prompts on stderr.
-        logprobs: False lets the vllm backend skip the log-probs (records then hold
-            []), so evaluation can sample at settings whose log-probs vLLM cannot
-            give (rollout/vllm.py); hf always records them.
+        logprobs: False lets the vllm backend skip the log-probs (its records then
+            have no `logprobs` field), so evaluation can sample at settings whose
+            log-probs vLLM cannot give (rollout/vllm.py); hf always records them.
     Returns records ordered by prompt, then sample 0..G-1.
     """
     if backend not in BACKENDS:
@@ -167,9 +167,9 @@ def generate(model, tokenizer, prompts: list[dict], group_size: int, sampling: S
     # temperature, top_p, top_k, max_new_tokens, seed, backend
     settings = {**asdict(sampling), "backend": backend}
     records = []
-    for (i, sample), (completion_ids, logprobs, finish) in zip(rows, results):
+    for (i, sample), (completion_ids, token_logprobs, finish) in zip(rows, results):
         p = prompts[i]
-        records.append({
+        record = {
             "prompt_id": p["prompt_id"],
             "sample": sample,
             "prompt": p["text"],
@@ -177,12 +177,15 @@ def generate(model, tokenizer, prompts: list[dict], group_size: int, sampling: S
             "answer": p.get("answer"),
             "prompt_ids": prompt_ids[i],
             "completion_ids": completion_ids,
-            "logprobs": logprobs,
+            "logprobs": token_logprobs,
             "finish_reason": finish,
             "policy": dict(policy),
             "sampling": dict(settings),
             "meta": p.get("meta") or {},
-        })
+        }
+        if len(token_logprobs) != len(completion_ids):  # vLLM asked for none: no field
+            del record["logprobs"]
+        records.append(record)
     return records
 
 
