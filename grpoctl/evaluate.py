@@ -104,11 +104,10 @@ def _breakdown(records: list[dict], groups: dict[str, list[int]], per_prompt: li
     for indices in groups.values():  # every record of a group, not only its first
         for i in indices[1:]:
             breakdown_key(records[i], by, source, line_of(records, i))
-    if all(key is None for key in keys) and not any(
-            isinstance(r.get("meta"), dict) and by in r["meta"] for r in records):
-        columns = sorted({c for r in records if isinstance(r.get("meta"), dict) for c in r["meta"]})
+    columns = {c for r in records if isinstance(r.get("meta"), dict) for c in r["meta"]}
+    if by not in columns:
         raise GrpoctlError(f"--by {by}: no record has meta.{by} (the prompt file's columns "
-                           f"are: {', '.join(columns) or 'none'})")
+                           f"are: {', '.join(sorted(columns)) or 'none'})")
     values = sorted(set(keys), key=lambda v: (v is None, str(v)))
     return {str(value): _average([p for p, key in zip(per_prompt, keys) if key == value])
             for value in values}

@@ -700,8 +700,8 @@ def _check_rollouts_from(source: Path, cfg: LoopConfig) -> None:
     except (OSError, ValueError) as e:
         raise GrpoctlError(f"--rollouts-from {source}: not a run directory ({e})") from None
     for field in ("group_size", "prompts_per_step"):
-        if not isinstance(saved, dict) or saved.get(field) != getattr(cfg, field):
-            theirs = saved.get(field) if isinstance(saved, dict) else None
+        theirs = saved.get(field) if isinstance(saved, dict) else None
+        if theirs != getattr(cfg, field):
             raise GrpoctlError(f"--rollouts-from {source}: its {flag_of(field)} is {theirs!r}, "
                                f"this run's {getattr(cfg, field)!r}: train with the same")
 

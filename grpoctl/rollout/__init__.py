@@ -273,6 +273,7 @@ def run_rollout(model_dir: str, prompts_source: str, output: str = "-", group_si
     tokenizer = load_tokenizer(model_dir, trust_remote_code)
     rendered = [dict(p, text=render_prompt(tokenizer, p["text"], template, use_chat_template,
                                            system)) for p in prompts]
+    prompt_ids = tokenize_prompts(tokenizer, rendered)
     if backend == "vllm":
         from grpoctl.rollout.vllm import context_length, load_llm
 
@@ -280,14 +281,14 @@ def run_rollout(model_dir: str, prompts_source: str, output: str = "-", group_si
                          tensor_parallel_size=tensor_parallel_size,
                          gpu_memory_utilization=gpu_memory_utilization,
                          enforce_eager=enforce_eager,
-                         max_model_len=context_length(model_dir,
-                                                      tokenize_prompts(tokenizer, rendered),
+                         max_model_len=context_length(model_dir, prompt_ids,
                                                       sampling.max_new_tokens))
     else:
         model = load_policy(model_dir, dtype, device, trust_remote_code, attn_implementation)
         check_vocab(tokenizer, model, str(model_dir))
-        sampling = within_positions(sampling, tokenize_prompts(tokenizer, rendered), rendered,
-                                    position_limit(model))  # refused or cut before it starts
+        # refused or cut before the line below says sampling starts (generate's check is
+        # then a no-op)
+        sampling = within_positions(sampling, prompt_ids, rendered, position_limit(model))
     policy = {"path": str(model_dir), "step": policy_step(model_dir)}
     if log:
         print(f"rollout: {len(prompts)} prompts x {group_size} samples from {model_dir} "
