@@ -1,6 +1,6 @@
 """Seconds per training step: `grpoctl loop` against TRL's GRPOTrainer, same configuration.
 
-    /work/venv-trl/bin/python bench/bench_vs_trl.py [--model DIR] [--threads 1] [--steps 5]
+    .venv-trl/bin/python bench/bench_vs_trl.py [--model DIR] [--threads 1] [--steps 5]
 
 Needs TRL beside grpoctl (`pip install -e '.[bench]'` in a separate venv, see bench/README.md).
 Both trainers run in this one process, one after the other, round after round
