@@ -8,7 +8,8 @@ samples is correct, estimated without bias from n >= k samples per prompt
     pass@k = 1 - C(n - c, k) / C(n, k)      for c correct out of n.
 
 A sample counts as correct when its `math` reward component is 1 (or, without a
-`math` component, when its total reward is positive).
+`math` component, when its total reward is positive). `hack_rate` is the share of the
+correct (credited) samples whose answer looks gamed (grpoctl/hacks.py).
 
 One evaluation path: whoever samples (`grpoctl eval` here, `loop` between steps)
 calls `rollout.generate(..., logprobs=False)` with its own model, then
@@ -24,8 +25,9 @@ from rich.console import Console
 from rich.table import Table
 
 from grpoctl.errors import GrpoctlError
+from grpoctl.hacks import hack_rate
 from grpoctl.models import check_model_dir, check_vocab, load_policy, load_tokenizer
-from grpoctl.prompts import load_prompts, render_prompt
+from grpoctl.prompts import load_prompts, render_prompt, where_of
 from grpoctl.records import (NEEDS_ADVANTAGE, STDIO, RecordError, _kind, check_output,
                              group_by_prompt, line_of, read_records, write_records)
 from grpoctl.rewards import DEFAULT_TIMEOUT_S, parse_reward_specs, score_records
@@ -65,6 +67,17 @@ def breakdown_key(record: dict, by: str, source: str = "<records>", line: int | 
     return value
 
 
+def check_by_prompts(prompts: list[dict], by: Sequence[str]) -> None:
+    """`eval --model --by`: each prompt's column can be grouped by, checked before sampling,
+    so an error names the prompt file and line (the samples have no file of their own)."""
+    for field in by:
+        for i, p in enumerate(prompts):
+            value = (p.get("meta") or {}).get(field)
+            if isinstance(value, (dict, list)):
+                raise GrpoctlError(f"{where_of(prompts, i)}: field '{field}': expected a string "
+                                   f"or number to group by (--by {field}), got {_kind(value)}")
+
+
 def summarize(records: list[dict], k: int | None = None, by: str | Sequence[str] | None = None,
               source: str = "<records>") -> dict:
     """Mean@k and Pass@k over scored records grouped by prompt_id.
@@ -88,7 +101,8 @@ def summarize(records: list[dict], k: int | None = None, by: str | Sequence[str]
             "pass": pass_at_k(len(correct), sum(correct), min(k, len(correct))),
         })
     summary = _average(per_prompt)
-    summary.update({"k": k, "prompts": len(groups), "samples": len(records)})
+    summary.update({"k": k, "prompts": len(groups), "samples": len(records),
+                    "hack_rate": hack_rate(records)})
     for field in fields:
         summary.setdefault("by", {})[field] = _breakdown(records, groups, per_prompt, field,
                                                          source)
@@ -148,6 +162,8 @@ def print_summary_table(summary: dict, title: str) -> None:
         for key, row in values.items():
             table.add_row(f"{field}={key}", str(row["prompts"]), f"{row['mean_at_k']:.4f}",
                           f"{row['pass_at_k']:.4f}")
+    if "hack_rate" in summary:  # credited samples whose answer looks gamed (hacks.py)
+        table.add_row("hack rate", "", f"{summary['hack_rate']:.4f}", "")
     Console(stderr=True).print(table)
 
 
@@ -178,6 +194,7 @@ def run_eval(model: str | None, scored: str | None, prompts_source: str, samples
     else:
         prompts = load_prompts(prompts_source, prompt_field=prompt_field, answer_field=answer_field,
                                answer_after=answer_after, id_field=id_field, limit=limit)
+        check_by_prompts(prompts, by)  # before sampling; errors name the prompt file's line
         check_model_dir(model)  # "not a model directory" rather than a tokenizer error
         sampling = SamplingParams(temperature=0.0 if greedy else temperature, top_p=top_p,
                                   top_k=top_k, max_new_tokens=max_new_tokens, seed=seed)

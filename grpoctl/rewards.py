@@ -49,8 +49,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from grpoctl import process, scoring_pool
-from grpoctl.answers import extract_answer, last_boxed, match_without_sympy
+from grpoctl.answers import RULE_BOX, find_answer, judge_answer
 from grpoctl.errors import GrpoctlError
+from grpoctl.hacks import hack_rate
 from grpoctl.records import MAX_MAGNITUDE, RecordError, line_of, shown
 
 DEFAULT_SPECS = ("math",)
@@ -197,25 +198,38 @@ def reward_keywords(fn: Callable, target: str = "") -> tuple[str, ...] | None:
 
 
 def format_reward(completion: str, pattern: re.Pattern | None = None) -> float:
-    """1.0 if the completion has a non-empty \\boxed{} answer (or matches `pattern`), else 0.0."""
+    """1.0 if the completion's answer is one non-empty \\boxed{} (boxes that disagree are
+    not one answer), or if it matches `pattern`; else 0.0."""
     if pattern is not None:
         return 1.0 if pattern.search(completion) else 0.0
-    return 1.0 if last_boxed(completion) else 0.0
+    _, rule, hedged = find_answer(completion)
+    return 1.0 if rule == RULE_BOX and not hedged else 0.0
 
 
-def math_reward(completion: str, answer: str) -> float:
-    """1.0 if the completion's final answer equals the gold `answer`, else 0.0.
+def explain_math(completion: str, gold: str, prompt: str | None = None) -> dict:
+    """Why the `math` reward gives what it gives (for `score --explain`): the extracted
+    answer, the rule that found it, the normalised gold, whether the answer is in final
+    form, hedged, or restates the prompt, the verdict's source ("fast path",
+    "math-verify", "not final", "hedged", "restates the prompt", "no answer") and the
+    reward. The reward itself uses the same answers.judge_answer; only math-verify runs
+    here in-process, without a time limit.
+    """
+    out = judge_answer(completion, gold, prompt)
+    if out["verdict"] is None:
+        out["verdict"] = verify_answer((gold, out["pred"]))
+    out.pop("pred", None)
+    out["reward"] = float(out["verdict"])
+    return out
+
+
+def math_reward(completion: str, answer: str, prompt: str | None = None) -> float:
+    """1.0 if the completion's final answer equals the gold `answer`, else 0.0 (a hedged
+    answer, one not in final form, or an expression copied from `prompt` gets 0).
 
     In-process and without a time limit: for one-off use. score_records scores many
     records with caching, parallel workers and per-item limits.
     """
-    pred = extract_answer(completion)
-    if pred is None:
-        return 0.0
-    fast = match_without_sympy(answer, pred)
-    if fast is not None:
-        return float(fast)
-    return float(verify_answer((answer, pred)))
+    return explain_math(completion, answer, prompt)["reward"]
 
 
 _math_verify = None
@@ -354,7 +368,7 @@ def _user_value(spec: RewardSpec, record: dict, source: str, line: int,
     components = {}
     for name, v in values.items():
         problem = None
-        if not isinstance(v, numbers.Real):  # int, float, numpy scalars; a bool is 0 or 1
+        if not _is_number(v):
             problem = "a reward must be a finite number"
         else:
             try:
@@ -370,6 +384,14 @@ def _user_value(spec: RewardSpec, record: dict, source: str, line: int,
             raise RecordError(source, line, field_name, f"{where} returned {returned}; {problem}")
         components[str(name)] = value
     return components
+
+
+def _is_number(v) -> bool:
+    """int, float, bool and numpy's real scalars, numpy.bool_ included (not numbers.Real)."""
+    if isinstance(v, numbers.Real):
+        return True
+    numpy = sys.modules.get("numpy")  # never imported here: a numpy value means it is loaded
+    return numpy is not None and isinstance(v, (numpy.bool_, numpy.integer, numpy.floating))
 
 
 def _message(e: BaseException) -> str:
@@ -423,16 +445,20 @@ def _judge_math(records: Sequence[dict], workers: int | None, timeout: float,
     values = [0.0] * len(records)
     waiting: dict[tuple[str, str], list[int]] = {}  # pairs math-verify must judge -> records
     for i, r in enumerate(records):
-        pred = extract_answer(r["completion"])
-        if pred is None:
+        gold = r["answer"]
+        prompt = r.get("prompt")
+        # The prompt-dependent checks (restated expressions) are decided here, before the
+        # (gold, answer) cache, whose verdicts hold for any prompt.
+        judged = judge_answer(r["completion"], gold, prompt if isinstance(prompt, str) else None)
+        if judged["answer"] is None:
             stats["no_answer"] += 1
             continue
-        gold = r["answer"]
-        fast = match_without_sympy(gold, pred)
-        if fast is not None:
-            stats["fast_path"] += 1
-            values[i] = float(fast)
-        elif (gold, pred) in _verdict_cache:
+        if judged["verdict"] is not None:
+            stats["fast_path" if judged["source"] == "fast path" else "refused"] += 1
+            values[i] = float(judged["verdict"])
+            continue
+        pred = judged["pred"]
+        if (gold, pred) in _verdict_cache:
             stats["cached"] += 1
             values[i] = float(_verdict_cache[(gold, pred)])
         else:
@@ -501,8 +527,10 @@ def score_records(records: Sequence[dict], specs: Sequence[RewardSpec | str] | N
         scoring_pool).
     progress: show a progress bar on stderr when many pairs go to math-verify.
     source: the file name used in error messages (lines as records.line_of finds them).
-    stats: n, reward_mean, component_means, and for `math`: fast_path (decided without
-        sympy), cached, verified (distinct pairs sent to math-verify), no_answer,
+    stats: n, reward_mean, component_means, hack_rate (hacks.hack_rate: the share of
+        credited records whose answer looks gamed), and for `math`: fast_path (decided
+        without sympy), refused (hedged, not in final form, or restating the prompt: 0
+        without sympy), cached, verified (distinct pairs sent to math-verify), no_answer,
         timeouts, errors (records), workers, seconds, records_per_s.
     """
     start = time.perf_counter()
@@ -516,7 +544,7 @@ def score_records(records: Sequence[dict], specs: Sequence[RewardSpec | str] | N
             raise RecordError(source, line_of(records, i), "completion", "missing or not a string")
     if any(spec.kind == "math" for spec in specs):
         _check_gold_answers(records, source)
-    stats = {"n": len(records), "fast_path": 0, "cached": 0, "verified": 0, "no_answer": 0,
+    stats = {"n": len(records), "fast_path": 0, "refused": 0, "cached": 0, "verified": 0, "no_answer": 0,
              "timeouts": 0, "errors": 0,
              "workers": scoring_pool.default_workers() if workers is None else workers}
     reporter = _Reporter(progress)
@@ -562,6 +590,7 @@ def score_records(records: Sequence[dict], specs: Sequence[RewardSpec | str] | N
     names = list(dict.fromkeys(name for r in out for name in r["rewards"]))
     stats["reward_mean"] = sum(r["reward"] for r in out) / n
     stats["component_means"] = {k: sum(r["rewards"].get(k, 0.0) for r in out) / n for k in names}
+    stats["hack_rate"] = hack_rate(out)
     stats["seconds"] = time.perf_counter() - start
     stats["records_per_s"] = len(out) / stats["seconds"] if stats["seconds"] > 0 else 0.0
     return out, stats

@@ -82,7 +82,8 @@ def test_match_without_sympy(gold, pred, expected):
 
 
 def test_math_reward_uses_math_verify_beyond_the_fast_path():
-    assert math_reward(r"so \boxed{\frac{10}{2}}", "5") == 1.0
+    assert math_reward(r"so \boxed{\frac{10}{2}}", "5") == 0.0       # a division left undone
+    assert math_reward(r"so \boxed{\frac{x}{2}}", r"0.5x") == 1.0      # math-verify: x/2 = 0.5x
     assert math_reward(r"so \boxed{\frac{1}{2}}", "0.5") == 1.0
     assert math_reward(r"so \boxed{\frac{1}{3}}", "0.5") == 0.0
     assert math_reward("no answer at all", "5") == 0.0
@@ -178,14 +179,15 @@ def test_weighted_combination_with_a_user_reward_file(tmp_path):
 
 def test_sympy_path_is_taken_and_counted():
     # golds used by no other test, so nothing is in the process-wide verdict cache yet
-    records = _records((r"\boxed{\frac{14}{2}}", "7"),   # math-verify: equal
-                       (r"\boxed{\frac{14}{3}}", "7"),   # math-verify: not equal
-                       (r"\boxed{\frac{14}{2}}", "7"),   # same pair again: verified once
-                       (r"\boxed{7}", "7"),              # fast path
-                       ("nothing", "7"))                 # no answer
+    records = _records((r"\boxed{\frac{14y}{2}}", "7y"),  # math-verify: equal
+                       (r"\boxed{\frac{14y}{3}}", "7y"),  # math-verify: not equal
+                       (r"\boxed{\frac{14y}{2}}", "7y"),  # same pair again: verified once
+                       (r"\boxed{7y}", "7y"),             # fast path
+                       ("nothing", "7y"),                 # no answer
+                       (r"\boxed{\frac{14}{2}}", "7"))    # refused: a division left undone
     out, stats = score_records(records, progress=False)
-    assert [r["reward"] for r in out] == [1.0, 0.0, 1.0, 1.0, 0.0]
-    assert (stats["fast_path"], stats["no_answer"]) == (1, 1)
+    assert [r["reward"] for r in out] == [1.0, 0.0, 1.0, 1.0, 0.0, 0.0]
+    assert (stats["fast_path"], stats["no_answer"], stats["refused"]) == (1, 1, 1)
     assert (stats["verified"], stats["cached"]) == (2, 0)   # 2 distinct pairs
     assert (stats["timeouts"], stats["errors"]) == (0, 0)
     out, stats = score_records(records[:2], progress=False)  # a second call: from the cache
@@ -194,7 +196,7 @@ def test_sympy_path_is_taken_and_counted():
 
 
 def test_in_process_scoring_gives_the_same_rewards():
-    records = _records((r"\boxed{\frac{20}{4}}", "5"), (r"\boxed{\sqrt{2}}", r"\frac{2}{\sqrt{2}}"),
+    records = _records((r"\boxed{\frac{20z}{4}}", "5z"), (r"\boxed{\sqrt{2}}", r"\frac{2}{\sqrt{2}}"),
                        (r"\boxed{x^2}", "x^3"))
     out, _ = score_records(records, workers=0, progress=False)
     assert [r["reward"] for r in out] == [1.0, 1.0, 0.0]
@@ -252,9 +254,11 @@ PATHOLOGICAL = {
 
 
 def test_pathological_completions_score_zero_within_the_limit(capsys):
-    normal = [(r"so \boxed{\frac{10}{2}}", "5"), (r"\boxed{5}", "5"), (r"\boxed{6}", "5"),
+    normal = [(r"so \boxed{\frac{10x}{2}}", "5x"), (r"\boxed{5}", "5"), (r"\boxed{6}", "5"),
               ("#### 5", "5")]
-    records = _records(*normal[:2], *[(c, "5") for c in PATHOLOGICAL.values()], *normal[2:])
+    # A symbolic gold, so that the towers reach math-verify (against a number they are
+    # refused at once as no number, see test_reward_attacks.py).
+    records = _records(*normal[:2], *[(c, "5x") for c in PATHOLOGICAL.values()], *normal[2:])
     out, stats = score_records(records, timeout=1.0, workers=2, progress=False,
                                source="bad.jsonl")
     rewards = [r["reward"] for r in out]

@@ -58,7 +58,9 @@ def test_math500_solutions_against_the_next_problems_answer(data_dir):
                 for r in records]
     assert [r["reward"] for r in out] == expected
     assert sum(expected) <= 2  # a coincidence at most (e.g. gold "x=5", answer "5")
-    assert stats["verified"] > 20  # most pairs really went through math-verify
+    # Numeric golds are decided by exact arithmetic (a final number, or refused as not
+    # final); the symbolic ones really went through math-verify.
+    assert stats["verified"] > 5 and stats["fast_path"] + stats["refused"] > 20
 
 
 def test_every_gsm8k_reference_solution_scores_1(data_dir):

@@ -17,15 +17,16 @@ import sys
 TIMEOUT_S = 2.0  # the default
 
 # (completion, gold answer): each must score 0. Those marked slow go to math-verify
-# and make sympy run for longer than the limit (or forever).
+# and make sympy run for longer than the limit (or forever); their gold is symbolic
+# ("2y"): against a number they are refused at once as not final (docs/rewards.md).
 PATHOLOGICAL = [
     ("{" * 50_000 + "}" * 50_000, "2", False),                        # 100 kB of nested braces
     ("\\boxed{" + "{" * 50_000 + "1" + "}" * 50_000 + "}", "2", False),  # ... inside a box
     ("\\boxed{" * 30_000, "2", False),                                # 30,000 unclosed boxes
-    ("\\boxed{9^{9^{9^{9^{9}}}}}", "2", True),                         # a power tower
-    ("\\boxed{10^{10^{9}}}", "2", True),                              # a billion-digit number
-    ("\\boxed{" + "\\sqrt{" * 2000 + "2" + "}" * 2000 + "}", "2", True),  # deep LaTeX nesting
-    ("\\boxed{" + "(" * 5000 + "1" + ")" * 5000 + "}", "2", True),
+    ("\\boxed{9^{9^{9^{9^{9}}}}}", "2y", True),                         # a power tower
+    ("\\boxed{10^{10^{9}}}", "2y", True),                              # a billion-digit number
+    ("\\boxed{" + "\\sqrt{" * 2000 + "2" + "}" * 2000 + "}", "2y", True),  # deep LaTeX nesting
+    ("\\boxed{" + "(" * 5000 + "1" + ")" * 5000 + "}", "2y", True),
     ("\\boxed{" + "7" * 10_000 + "}", "2", False),                    # 10,000 digits
     ("\\boxed{" + "7" * 10_000 + "+1}", "2", False),                  # ... that sympy must parse
     ("\\boxed{1" + "+1" * 20_000 + "}", "2", False),
@@ -36,7 +37,7 @@ PATHOLOGICAL = [
 # (completion, gold answer, expected reward): scored as usual around them.
 ORDINARY = [("so the answer is \\boxed{4}", "4", 1.0), ("\\boxed{5}", "4", 0.0),
             ("\\boxed{\\frac{1}{2}}", "0.5", 1.0), ("\\boxed{\\dfrac12}", "\\frac{1}{2}", 1.0),
-            ("#### 72", "72", 1.0), ("\\boxed{\\sqrt{4}}", "2", 1.0),
+            ("#### 72", "72", 1.0), ("\\boxed{\\sqrt{4}}", "2", 0.0),  # not final
             ("no answer here", "3", 0.0), ("\\boxed{1{,}000}", "1000", 1.0)]
 
 # Runs `grpoctl score` and reports the peak memory of its whole process tree.
@@ -92,11 +93,12 @@ def test_pathological_completions_score_zero_in_time_and_the_rest_normally(tmp_p
 def test_the_per_item_limit_holds_for_a_worker_stuck_in_c_code(tmp_path):
     """One worker, two items that hang sympy: each is stopped at the hard limit at the
     latest, and the worker is replaced, so the item after them is still scored."""
+    # Symbolic golds: against a number these completions are refused without sympy.
     records = [{"prompt_id": "a", "sample": 0, "completion": "\\boxed{9^{9^{9^{9^{9}}}}}",
-                "answer": "3"},
-               {"prompt_id": "b", "sample": 0, "completion": "\\boxed{10^{10^{9}}}", "answer": "3"},
-               {"prompt_id": "c", "sample": 0, "completion": "\\boxed{\\frac{6}{2}}",
-                "answer": "3"}]
+                "answer": "3y"},
+               {"prompt_id": "b", "sample": 0, "completion": "\\boxed{10^{10^{9}}}", "answer": "3y"},
+               {"prompt_id": "c", "sample": 0, "completion": "\\boxed{\\frac{6y}{2}}",
+                "answer": "3y"}]
     src = tmp_path / "r.jsonl"
     src.write_text("".join(json.dumps(r) + "\n" for r in records))
     proc = subprocess.run([sys.executable, "-m", "grpoctl", "score", str(src), "--timeout", "0.5",
