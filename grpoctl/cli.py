@@ -100,7 +100,8 @@ Reward = Annotated[Optional[list[str]], option(
     "Score", "--reward", "-r", help="Reward as NAME[=WEIGHT], repeatable: `math`, `format`, "
     "`path/file.py:fn`, `module:fn` [default: math].")]
 Workers = Annotated[Optional[int], option(
-    "Score", min=1, help="Scoring processes [default: all cores].")]
+    "Score", min=0, help="Scoring processes; 0 = in this process, for debugging (soft time "
+    "limits only) [default: all cores].")]
 ScoreTimeout = Annotated[float, option(
     "Score", "--timeout", min=0.01, help="CPU seconds a completion's check may take (a "
     "loaded machine gets the same rewards); over it the reward is 0.")]
@@ -111,6 +112,9 @@ Std = Annotated[Literal["group", "batch", "none"], option(
 AdvEps = Annotated[float, option(
     "Advantage", min=0.0, help="ε added to the std before dividing (--estimator group).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
+Threads = Annotated[Optional[int], option(
+    "Model", min=0, help="CPU threads for torch (0 = torch's choice) [default: 1 for the embedded "
+    "model, else 0].")]
 Fsdp = Annotated[bool, option(
     "Model", "--fsdp", help="Under torchrun: shard the optimizer state and the summed gradients "
     "across ranks with FSDP2 (default: every rank holds the whole model and optimizer, "
@@ -167,6 +171,11 @@ IsCap = Annotated[Optional[float], option(
     "Update", help="Truncated importance sampling: weight each token's loss by "
     "min(π_trainer/π_sampler, CAP), correcting the sampler's (e.g. vLLM's) log-prob mismatch; 2.0 "
     "is usual [default: off].")]
+OldLogprobs = Annotated[Optional[str], option(
+    "Update", help="π_old of the PPO ratio: `trainer` (the trainer's log-probs before the first "
+    "optimizer step, as verl) or `sampler` (the records' logprobs) [default: trainer with vLLM, "
+    "a dtype other than float32, several optimizer steps per batch or --is-cap; else "
+    "sampler].")]
 
 
 def _print_version(value: bool) -> None:
@@ -190,6 +199,19 @@ def _progress(quiet: bool) -> bool:
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr)
+
+
+def _use_threads(model: str, threads: int | None) -> None:
+    """--threads of a command that runs `model`, applied before the model loads: the
+    number given, else the model's default (config.resolve_threads, as `loop`); 0 leaves
+    torch's own choice. Every command that runs a model calls this, and only this."""
+    from grpoctl.config import resolve_threads
+
+    threads = resolve_threads(model, threads)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 # --- rollout -------------------------------------------------------------------
@@ -223,6 +245,7 @@ def rollout(
     dtype: Dtype = "float32",
     device: Device = "cpu",
     attn_implementation: AttnImplementation = None,
+    threads: Threads = None,
     trust_remote_code: TrustRemoteCode = False,
     output: Output = "-",
     quiet: Quiet = False,
@@ -244,6 +267,7 @@ def rollout(
 
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
                               max_new_tokens=max_new_tokens, seed=seed)
+    _use_threads(model, threads)
     run_rollout(
         model_dir=model, prompts_source=prompts, output=output, group_size=group_size,
         sampling=sampling, batch_size=batch_size, backend=backend,
@@ -366,6 +390,7 @@ def update(
     temperature: Annotated[Optional[float], typer.Option(help="Divide logits by this [default: "
                                                          "the records' sampling temperature].")] = None,
     is_cap: IsCap = None,
+    old_logprobs: OldLogprobs = None,
     dtype: Dtype = "float32",
     device: Device = "cpu",
     attn_implementation: AttnImplementation = None,
@@ -382,6 +407,7 @@ def update(
     metrics: Annotated[Optional[str], typer.Option(help="Also append the step's metrics (one "
                                                    "JSON line) to this file.")] = None,
     fsdp: Fsdp = False,
+    threads: Threads = None,
 ):
     """Take ONE clipped policy-gradient step over the whole file (or M × E steps with
     --mini-batches/--update-epochs) and save a checkpoint.
@@ -413,22 +439,24 @@ def update(
                        clip_eps_high=clip_eps_high, loss_agg=loss_agg, max_grad_norm=max_grad_norm, kl_coef=kl_coef,
                        micro_batch_size=micro_batch_size, temperature=temperature,
                        max_tokens=max_tokens, is_cap=is_cap, clip_ratio_c=clip_ratio_c,
+                       old_logprobs=old_logprobs,
                        mini_batches=mini_batches, update_epochs=update_epochs)
     lora = LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
                         target_modules=lora_target_modules)
     cfg.check()  # a bad flag fails here in a fraction of a second, before torch is imported
     lora.check()
+    from grpoctl import distributed
     from grpoctl.update import run_update
 
-    result = run_update(records, policy, out, cfg, ref_dir=ref, dtype=dtype, device=device,
-                        trust_remote_code=trust_remote_code, metrics_path=metrics,
-                        fsdp=fsdp, attn_implementation=attn_implementation,
-                        gradient_checkpointing=gradient_checkpointing, lora_settings=lora,
-                        save_lora=save_lora)
-    from grpoctl import distributed
-
-    if distributed.is_main():  # torchrun: one line, from rank 0
-        _log(json.dumps(result))
+    _use_threads(policy, threads)
+    with distributed.left_at_end():  # torchrun: run_update joins the ranks' process group
+        result = run_update(records, policy, out, cfg, ref_dir=ref, dtype=dtype, device=device,
+                            trust_remote_code=trust_remote_code, metrics_path=metrics,
+                            fsdp=fsdp, attn_implementation=attn_implementation,
+                            gradient_checkpointing=gradient_checkpointing, lora_settings=lora,
+                            save_lora=save_lora)
+        if distributed.is_main():  # torchrun: one line, from rank 0
+            _log(json.dumps(result))
 
 
 @app.command("eval")
@@ -468,6 +496,7 @@ def eval_(
     dtype: Dtype = "float32",
     device: Device = "cpu",
     attn_implementation: AttnImplementation = None,
+    threads: Threads = None,
     trust_remote_code: TrustRemoteCode = False,
     save: Annotated[Optional[str], typer.Option(help="Also write the scored samples here.")] = None,
     quiet: Quiet = False,
@@ -489,6 +518,8 @@ def eval_(
     """
     from grpoctl.evaluate import run_eval
 
+    if model is not None:  # --scored alone runs no model (and needs no torch)
+        _use_threads(model, threads)
     summary = run_eval(
         model=model, scored=scored, prompts_source=prompts, prompt_field=prompt_field,
         answer_field=answer_field, answer_after=answer_after, id_field=id_field, limit=limit,
@@ -561,7 +592,8 @@ def loop(
                                          "files stay in the step directory.")] = False,
     max_rollouts_per_step: Annotated[Optional[int], option("Advantage",
         min=1, help="--refill's rollout budget per step, discarded rollouts included "
-        "[default: 16 × --prompts-per-step, what 16-GRPO spends on those prompts].")] = None,
+        "[default: 8 × -G × --prompts-per-step; at G 2 what 16-GRPO spends on those "
+        "prompts].")] = None,
     advantage_cmd: Annotated[Optional[str], option("Advantage", help="Shell command that replaces "
                                                          "`advantage`.")] = None,
     lr: Annotated[Optional[float], option("Update", help="AdamW learning rate [default: 1e-4 for the "
@@ -584,6 +616,7 @@ def loop(
                                                             "backward [default: 256 for the embedded "
                                                             "model, else 8].")] = None,
     is_cap: IsCap = None,
+    old_logprobs: OldLogprobs = None,
     lora_r: LoraR = LoopConfig.lora_r,
     lora_alpha: LoraAlpha = None,
     lora_dropout: LoraDropout = LoopConfig.lora_dropout,
@@ -593,9 +626,7 @@ def loop(
     device: Device = LoopConfig.device,
     attn_implementation: AttnImplementation = None,
     gradient_checkpointing: GradientCheckpointing = False,
-    threads: Annotated[Optional[int], option("Model", min=0, help="CPU threads for torch (0 = torch's "
-                                                   "choice) [default: 1 for the embedded model, "
-                                                   "else 0].")] = None,
+    threads: Threads = None,
     fsdp: Fsdp = False,
     trust_remote_code: TrustRemoteCode = False,
     eval_prompts: Annotated[Optional[str], option("Evaluation", help="Held-out prompts, or `none` "
@@ -643,12 +674,16 @@ def loop(
     """
     cfg = _loop_config(ctx.params)
     cfg.resolved()  # a bad flag fails here, before grpoctl.loop imports torch (run_loop does it too)
+    from grpoctl import distributed
     from grpoctl.display import make_display
     from grpoctl.loop import run_loop
 
     given = _flags_given(ctx, cfg) if resume else None
     try:
-        run = run_loop(cfg, resume=resume, display=make_display(quiet), given=given)
+        # --threads: applied by the run itself (Loop.load), from the run's resolved settings
+        # (with --resume, those in its config.json), by the rule of _use_threads
+        with distributed.left_at_end():  # torchrun: run_loop joins the ranks' process group
+            run = run_loop(cfg, resume=resume, display=make_display(quiet), given=given)
     except KeyboardInterrupt:
         _log("interrupted: finished steps are saved; continue with the same command plus --resume")
         sys.exit(130)
@@ -673,16 +708,102 @@ def _loop_config(flags: dict) -> LoopConfig:
 def _flags_given(ctx: typer.Context, cfg) -> dict:
     """{LoopConfig field: (flag, value)} for the settings named on the command line (what
     --resume compares with the run's saved settings)."""
-    from typer._click.core import ParameterSource
-
     given = {}
     for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name)  # an enum typer does not export: by name
         if param.name in ("run_dir", "resume", "quiet") or \
-                ctx.get_parameter_source(param.name) != ParameterSource.COMMANDLINE:
+                getattr(source, "name", None) != "COMMANDLINE":
             continue
         field = _LOOP_FIELDS.get(param.name, param.name)
         given[field] = (param.opts[0], getattr(cfg, field))
     return given
+
+
+# --- show, diff: reading what a run learned (grpoctl/show.py, grpoctl/diff.py) ------------
+
+
+@app.command()
+def show(
+    source: Annotated[str, typer.Argument(help="Records file (`-` = stdin) or run directory.")],
+    step: Annotated[Optional[int], typer.Option(help="Step of a run directory [default: the "
+                                                "last finished].")] = None,
+    tied: Annotated[bool, typer.Option("--tied", help="Only groups whose rewards all tie.")] = False,
+    contrastive: Annotated[bool, typer.Option("--contrastive", help="Only groups whose rewards "
+                                              "differ.")] = False,
+    wrong: Annotated[bool, typer.Option("--wrong", help="Only groups with a wrong answer.")] = False,
+    right: Annotated[bool, typer.Option("--right", help="Only groups with a right answer.")] = False,
+    prompt_id: Annotated[Optional[str], typer.Option(help="Only this prompt_id (a glob: "
+                                                     "'arith-train-00*').")] = None,
+    grep: Annotated[Optional[str], typer.Option(help="Only groups whose prompt, gold answer or a "
+                                                "completion matches this regular expression.")] = None,
+    limit: Annotated[int, typer.Option(min=0, help="Groups to show (0 = all).")] = 20,
+    tokens: Annotated[bool, typer.Option("--tokens", help="Completions token by token, shaded by "
+                                         "log-prob.")] = False,
+    model: Annotated[Optional[str], typer.Option(help="Tokenizer for --tokens [default: the run's "
+                                                 "model; for a file, token ids].")] = None,
+    policy: Annotated[Optional[str], typer.Option(help="With --tokens: shade by the ratio to this "
+                                                  "checkpoint, with its entropy (loads torch).")] = None,
+    device: Device = "cpu",
+):
+    """Records group by group: the prompt, each completion with its rewards, advantage,
+    length, finish reason, and its answer against the gold.
+
+    A run directory shows the richest file of the step (advantages > scored > rollouts).
+    Reading stops after --limit groups, so big files show at once. Colour on a terminal,
+    plain text in a pipe.
+
+    Examples:
+
+        grpoctl show runs/g2 --contrastive --limit 5
+
+        grpoctl show runs/g2 --step 1 --wrong --grep 'boxed'
+
+        grpoctl show scored.jsonl --prompt-id 'arith-train-0023*' --tokens --model default
+
+        grpoctl show runs/g2 --tokens --policy runs/g2/checkpoints/step-000002 --limit 2
+    """
+    from grpoctl.show import Filters
+    from grpoctl.show import show as show_records
+
+    filters = Filters(tied=tied, contrastive=contrastive, wrong=wrong, right=right,
+                      prompt_id=prompt_id, grep=grep)
+    show_records(source, step, filters, limit or None, tokens, model, policy, device)
+
+
+@app.command()
+def diff(
+    sources: Annotated[list[str], typer.Argument(help="Two records files, run directories (last "
+                                                 "step) or RUN:STEP; or one run with two --step.")],
+    step: Annotated[Optional[list[int]], typer.Option(help="Step(s): twice with one run, once "
+                                                      "for the same step of two runs.")] = None,
+    limit: Annotated[int, typer.Option(min=0, help="Prompts listed, most changed first (0 = "
+                                       "all).")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="The comparison as JSON on stdout.")] = False,
+):
+    """Per prompt in common: accuracy on each side, flips, and the change in length.
+
+    A completion is right when rewards.math == 1 (else reward > 0; unscored: its
+    extracted answer equals the gold). A prompt is solved when at least half its
+    completions are right; a flip is a prompt that changed side.
+
+    Examples:
+
+        grpoctl diff runs/g2:1 runs/g2:16
+
+        grpoctl diff runs/g2 --step 1 --step 16
+
+        grpoctl diff runs/g2-s0 runs/g2-s1 --step 16
+
+        grpoctl diff before.jsonl after.jsonl --json | jq .summary
+    """
+    from grpoctl.diff import compare, print_diff, sides
+
+    a, b = sides(sources, step or [])
+    result = compare(a, b)
+    if as_json:
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        print_diff(result, limit or None)
 
 
 @app.command()
@@ -694,6 +815,9 @@ def report(
                                                        "per run) [default: from its settings].")] = None,
     baseline: Annotated[Optional[str], typer.Option(help="Run the ratios divide by [default: the "
                                                     "largest group size].")] = None,
+    html: Annotated[bool, typer.Option("--html", help="Also index.html and a page per run: plots "
+                                       "linked to each step's groups and completions (works from "
+                                       "file://; grpoctl/report_html.py).")] = False,
 ):
     """Plots and a table of finished runs: accuracy and reward against step, rollouts and seconds.
 
@@ -705,7 +829,16 @@ def report(
         grpoctl report runs/g2-s0 runs/g16-s0 -o report
 
         grpoctl report runs/g2-* runs/g16-* --baseline runs/g16-s0
+
+        grpoctl report runs/g2-s0 --html -o report && xdg-open report/index.html
     """
+    if html:
+        from grpoctl.report_html import write_html_report
+
+        result = write_html_report(run_dirs, out, labels=label or None, baseline=baseline)
+        _log(f"wrote {result['index']} and {len(result['pages'])} run page(s), "
+             f"{result['steps']} steps, {result['bytes'] / 1e6:.1f} MB")
+        return
     from grpoctl.report import write_report
 
     result = write_report(run_dirs, out, labels=label or None, baseline=baseline)
@@ -765,25 +898,27 @@ class _WatchedStdout:
 def _finite_floats(command):
     """Every float option of every command refuses NaN and infinity as a flag error.
 
-    click's float types (and FloatRange's bounds) let "nan" and "inf" through, and a
+    typer's float options (and their min/max bounds) let "nan" and "inf" through, and a
     NaN then surfaces far from its flag (as a NaN loss, or an error about a record).
-    One rule for all of them, so a new option is covered too.
+    One rule for all of them, so a new option is covered too: each parameter's
+    callback (click's public hook, called with the converted value, in every typer
+    version) refuses a float value that is not finite. No option has a callback of
+    its own; one would still run, after the check.
     """
-    from typer._click.types import FloatParamType
-
     for sub in getattr(command, "commands", {}).values():
         for param in sub.params:
-            if isinstance(param.type, FloatParamType) and "convert" not in vars(param.type):
-                param.type.convert = _refusing_non_finite(param.type.convert, param.type)
+            if not getattr(param.callback, "refuses_non_finite", False):
+                param.callback = _refusing_non_finite(param.callback)
     return command
 
 
-def _refusing_non_finite(convert, float_type):
-    def finite(value, param, ctx):
-        number = convert(value, param, ctx)
-        if isinstance(number, float) and not math.isfinite(number):
-            float_type.fail(f"{value!r} is not a finite number", param, ctx)
-        return number
+def _refusing_non_finite(callback):
+    def finite(ctx, param, value):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise typer.BadParameter(f"{str(value)!r} is not a finite number", ctx=ctx,
+                                     param=param)
+        return value if callback is None else callback(ctx, param, value)
+    finite.refuses_non_finite = True
     return finite
 
 
@@ -796,15 +931,11 @@ def main() -> None:
     is joined). stdout that cannot be written (`> /dev/full`) is one line too; a reader
     that went away (`| head`) ends the command quietly with status 1, as click does.
     """
-    # Typer >= 0.26 ships its own copy of click and re-exports only a few of its
-    # exceptions (fastapi/typer discussion #1832), hence the private module.
-    from typer._click import exceptions as click_errors
-
     process.reopen_closed_standard_streams()
     watched = sys.stdout = _WatchedStdout(sys.stdout)
     try:
         with process.interrupt_on_termination_signals():
-            _main(click_errors, watched)
+            _main(watched)
     except SystemExit as e:  # 130 for SIGTERM/SIGHUP too; say which it was
         raise SystemExit(process.exit_status(e.code)) from None
     finally:
@@ -812,7 +943,7 @@ def main() -> None:
             sys.stdout = watched._stream
 
 
-def _main(click_errors, watched: _WatchedStdout) -> None:
+def _main(watched: _WatchedStdout) -> None:
     def fail(message: str, code: int) -> None:
         _settle_stdout()
         print(f"error: {_one_line(message)}", file=sys.stderr)
@@ -826,19 +957,22 @@ def _main(click_errors, watched: _WatchedStdout) -> None:
             sys.exit(1)
         if stdout_error is not None:
             fail(f"<stdout>: cannot write: {stdout_error.strerror or stdout_error}", 2)
-    except click_errors.NoArgsIsHelpError as e:  # plain `grpoctl`: show the help
-        e.show()
-        sys.exit(2)
-    except click_errors.UsageError as e:
-        where = e.ctx.command_path if e.ctx else "grpoctl"
-        fail(f"{where}: {e.format_message()} (see `{where} --help`)", e.exit_code)
-    except click_errors.ClickException as e:
+    except typer.TyperException as e:
+        # Typer >= 0.26 ships its own copy of click and exports none of its exceptions but
+        # BadParameter; all derive from typer.TyperException. A usage error (UsageError and
+        # its subclasses) is the one that carries the context of the command it concerns.
+        if type(e).__name__ == "NoArgsIsHelpError":  # plain `grpoctl`: show the help
+            e.show()  # (typer's own rich_utils tells it by its name, too)
+            sys.exit(2)
+        if hasattr(e, "ctx"):
+            where = e.ctx.command_path if e.ctx else "grpoctl"
+            fail(f"{where}: {e.format_message()} (see `{where} --help`)", e.exit_code)
         fail(e.format_message(), e.exit_code)
     except GrpoctlError as e:
         fail(str(e), e.exit_code)
     except (KeyboardInterrupt, typer.Abort):
         _settle_stdout()
-        print("interrupted", file=sys.stderr)
+        print(process.interrupt_message(), file=sys.stderr)
         sys.exit(130)
     except OSError as e:  # stdout written directly (print) on a full device; else a bug
         if watched.error is not e:
@@ -849,7 +983,6 @@ def _main(click_errors, watched: _WatchedStdout) -> None:
         fail(f"<stdout>: cannot write: {e.strerror or e}", 2)
     # Without standalone mode the app returns the status of `--help` and of explicit
     # exits, and 130 for a Ctrl-C, which typer catches and would end silently.
-    if status == 130:
-        print("interrupted: nothing was written (outputs appear only when a command finishes)",
-              file=sys.stderr)
+    if status == 130:  # which outputs, if any, were put in place before the signal
+        print(process.interrupt_message(), file=sys.stderr)
     sys.exit(status if isinstance(status, int) else 0)

@@ -30,6 +30,7 @@ from grpoctl.errors import GrpoctlError
 ESTIMATORS = ("group", "pairwise", "rloo")
 STD_MODES = ("group", "batch", "none")
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean", "constant")
+OLD_LOGPROBS = ("trainer", "sampler")
 BACKENDS = ("hf", "vllm")
 DTYPES = ("float32", "bfloat16", "float16")
 SAVE_LORA_MODES = ("adapter", "merged")
@@ -79,6 +80,36 @@ def _whole(settings, name: str, low: int, optional: bool = False) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         raise GrpoctlError(f"{flag_of(name)}: must be a whole number >= {low}, got {value!r}")
+
+
+def default_old_logprobs(settings, backend: str | None = "hf",
+                         dtypes: tuple = ("float32",)) -> str:
+    """The π_old a setting of None means (UpdateSettings.old_logprobs):
+
+        "trainer"  with --is-cap (TIS needs it), with more than one optimizer step per
+                   batch (mini_batches × update_epochs > 1: TRL's rule), or when the
+                   sampler is vLLM or any of `dtypes` (trainer's, sampler's) is not float32
+        "sampler"  otherwise: hf sampling in float32, where both agree to ~1e-6
+
+    backend: the sampler's (loop's --backend, or the records' sampling.backend)."""
+    if settings.old_logprobs is not None:
+        return settings.old_logprobs
+    several_steps = settings.mini_batches * settings.update_epochs > 1
+    mismatched = backend == "vllm" or any(d not in (None, "float32") for d in dtypes)
+    return "trainer" if settings.is_cap is not None or several_steps or mismatched else "sampler"
+
+
+def refill_cap(cfg) -> int:
+    """--refill's rollout cap per step: --max-rollouts-per-step, or 8 × G × prompts per step."""
+    return cfg.max_rollouts_per_step or 8 * cfg.group_size * cfg.prompts_per_step
+
+
+def _model_path(name: str, value: str | None) -> None:
+    """A model flag names `default` or an existing directory (models.resolve_model_dir)."""
+    import os
+
+    if value is not None and value != "default" and not os.path.isdir(value):
+        raise GrpoctlError(f"{flag_of(name)} {value}: not a model directory (no such directory)")
 
 
 @dataclass
@@ -223,8 +254,10 @@ class AdvantageSettings:
     """2-GRPO+RS (paper v3) / DAPO dynamic sampling: tied groups replaced by groups of
     fresh prompts until the step is full (refill.py)."""
     max_rollouts_per_step: int | None = None
-    """--refill's budget per step, discarded rollouts included; None = 16 x prompts per
-    step (what 16-GRPO spends on the same prompts: the paper's cap)."""
+    """--refill's budget per step, discarded rollouts included; None = 8 x the step's own
+    rollouts (8 x G x prompts per step): at G = 2 that is 16 x prompts per step, what
+    16-GRPO spends on the same prompts (the paper's cap), and it leaves room to refill at
+    any G (`refill_cap`)."""
     advantage_cmd: str | None = None
     """Shell command replacing the advantage stage."""
 
@@ -233,6 +266,9 @@ class AdvantageSettings:
         _choice(self, "std", STD_MODES)
         _number(self, "adv_eps", 0)
         _whole(self, "max_rollouts_per_step", 1, optional=True)
+        if self.std != "group" and self.estimator != "group":  # advantages.compute_advantages
+            raise GrpoctlError(f"--std {self.std} applies to --estimator group only, "
+                               f"not {self.estimator}")
 
 
 @dataclass
@@ -287,7 +323,15 @@ class UpdateSettings:
     """Truncated importance sampling between sampler and trainer (TIS, losses.py): each
     token's policy loss is weighted by min(π_old/π_sampler, is_cap), and the clipped
     ratio is taken against the trainer's own π_old instead of the records' logprobs.
-    None = off. 2.0 is the common value (Yao et al. 2025; verl, TRL)."""
+    None = off. 2.0 is the common value (Yao et al. 2025; verl, TRL). Needs
+    old_logprobs "trainer" (the default when it is set)."""
+    old_logprobs: str | None = None
+    """π_old of the PPO ratio: "trainer" (the trainer's own log-probs of the sampled
+    tokens before the first optimizer step, as verl always and TRL with several steps
+    per batch) or "sampler" (the records' logprobs). None = "trainer" when the sampler
+    may disagree with the trainer (vLLM, a dtype other than float32), when the batch
+    takes more than one optimizer step, or with --is-cap; else "sampler", which in
+    float32 with the hf sampler agrees with the trainer to ~1e-6 (`default_old_logprobs`)."""
 
     def check(self) -> None:
         _choice(self, "loss_agg", LOSS_AGGREGATIONS)
@@ -299,6 +343,11 @@ class UpdateSettings:
         _number(self, "clip_eps_high", 0, optional=True)
         _number(self, "clip_ratio_c", 1, low_open=True, optional=True)
         _number(self, "is_cap", 0, low_open=True, optional=True)
+        if self.old_logprobs is not None:
+            _choice(self, "old_logprobs", OLD_LOGPROBS)
+        if self.is_cap is not None and self.old_logprobs == "sampler":  # losses.truncated_is_weights
+            raise GrpoctlError("--is-cap weighs each token by π_old_trainer / π_sampler: it needs "
+                               "--old-logprobs trainer (or leave --old-logprobs out)")
         _whole(self, "warmup_steps", 0)
         _whole(self, "micro_batch_size", 1)
         _whole(self, "mini_batches", 1)
@@ -415,6 +464,22 @@ GENERAL_DEFAULTS = {"lr": 1e-6, "max_new_tokens": 1024, "steps": 100, "prompts_p
                     "batch_size": 64, "micro_batch_size": 8, "threads": 0}
 
 
+def resolve_threads(model: str, threads: int | None) -> int:
+    """--threads of any command that runs `model` (rollout, update, eval; loop through
+    LoopConfig.resolved, from the same table): as given, else 1 for the embedded model and
+    0 (torch's choice) for any other."""
+    if threads is not None:
+        return threads
+    return (EMBEDDED_DEFAULTS if model == "default" else GENERAL_DEFAULTS)["threads"]
+
+
+def _holds_adapter(model: str) -> bool:
+    """`model` is a LoRA adapter checkpoint (it trains its adapter, whatever --lora-r)."""
+    import os
+
+    return os.path.isfile(os.path.join(model, "adapter_config.json"))
+
+
 @dataclass
 class LoopConfig(RunSettings, EvalSettings, AdapterSettings, UpdateSettings, AdvantageSettings,
                  ScoreSettings, VllmSettings, SamplingSettings, ModelSettings, PromptSettings):
@@ -444,6 +509,13 @@ class LoopConfig(RunSettings, EvalSettings, AdapterSettings, UpdateSettings, Adv
             raise GrpoctlError("--estimator pairwise needs --group-size 2")
         if cfg.kl_coef > 0 and not cfg.ref:
             raise GrpoctlError("--kl-coef > 0 needs a reference policy (--ref)")
+        _model_path("ref", cfg.ref)  # as `update --ref` refuses it, with --kl-coef 0 too
+        if cfg.lora_r > 0 and cfg.fsdp:  # distributed.wrap_model
+            raise GrpoctlError("--fsdp trains every weight of the model; with LoRA (--lora-r) "
+                               "leave --fsdp out: each rank then holds the model whole")
+        if cfg.dtype == "float16" and cfg.lora_r == 0 and not _holds_adapter(cfg.model):
+            raise GrpoctlError("--dtype float16 cannot train every parameter (AdamW's state "
+                               "underflows in fp16): use bfloat16 or float32, or --lora-r")
         if cfg.refill and cfg.rollouts_from:
             raise GrpoctlError("--refill samples fresh prompts; it cannot reuse --rollouts-from")
         if cfg.max_rollouts_per_step is not None and (
@@ -451,8 +523,14 @@ class LoopConfig(RunSettings, EvalSettings, AdapterSettings, UpdateSettings, Adv
             raise GrpoctlError(f"--max-rollouts-per-step {cfg.max_rollouts_per_step} is less than "
                                f"one step's own rollouts ({cfg.prompts_per_step} prompts x "
                                f"{cfg.group_size})")
+        if cfg.refill and refill_cap(cfg) < (cfg.prompts_per_step + 1) * cfg.group_size:
+            raise GrpoctlError(f"--refill: --max-rollouts-per-step {refill_cap(cfg)} leaves no room "
+                               f"for a refill group (the step's own rollouts are "
+                               f"{cfg.prompts_per_step} x {cfg.group_size}); raise it or leave "
+                               "--refill out")
         if cfg.vllm_sleep and cfg.backend != "vllm":
             raise GrpoctlError("--vllm-sleep needs --backend vllm")
+        cfg.old_logprobs = default_old_logprobs(cfg, cfg.backend, (cfg.dtype, cfg.vllm_dtype))
         return cfg
 
     def group(self, settings: type):

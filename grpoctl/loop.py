@@ -30,24 +30,27 @@ import dataclasses
 import json
 import os
 import random
+import re
 import shutil
-import subprocess
+import sys
 import time
+import types
+import typing
 from pathlib import Path
 
-from grpoctl import distributed
+from grpoctl import distributed, process
 from grpoctl.advantages import compute_advantages
-from grpoctl.config import LoopConfig, UpdateSettings, flag_of
+from grpoctl.config import LoopConfig, UpdateSettings, flag_of, refill_cap
 from grpoctl.display import NullDisplay
 from grpoctl.errors import GrpoctlError
 from grpoctl.evaluate import evaluate_records, is_correct
 from grpoctl.lora import LoraSettings
 from grpoctl.models import check_vocab, load_policy, load_tokenizer, load_training_policy
-from grpoctl.prompts import load_prompts, render_prompt
+from grpoctl.prompts import load_prompts, render_prompt, where_of
 from grpoctl.records import (NEEDS_ADVANTAGE, NEEDS_SCORE, NEEDS_UPDATE, atomic_open,
                              check_same_records, dumps, group_by_prompt, iter_jsonl,
                              parse_records, read_records, write_json, write_records)
-from grpoctl.refill import contrastive_prompts, fresh_prompts, refill_size
+from grpoctl.refill import contrastive_prompts, refill_size, take_prompts
 from grpoctl.rewards import parse_reward_specs, score_records
 from grpoctl.rollout import SamplingParams, generate, tokenize_prompts
 from grpoctl.runlock import lock_run_dir, release_run_dir
@@ -90,7 +93,8 @@ def prompts_for_step(prompts: list[dict], step: int, per_step: int, seed: int) -
 
     Each epoch reshuffles (seeded by seed and epoch) and is cut into len // per_step
     steps, dropping the remainder, so no prompt appears twice in one step (its group
-    would double) and the batch depends only on (seed, step).
+    would double) and the batch depends only on (seed, step). Without --refill only:
+    a --refill run draws from the prompt stream instead (`refill_batch`).
     """
     steps_per_epoch = len(prompts) // per_step
     if steps_per_epoch == 0:
@@ -99,6 +103,25 @@ def prompts_for_step(prompts: list[dict], step: int, per_step: int, seed: int) -
     order = list(range(len(prompts)))
     random.Random(seed * 100_003 + epoch).shuffle(order)
     return [prompts[i] for i in order[k * per_step:(k + 1) * per_step]]
+
+
+def refill_batch(prompts: list[dict], cursor: int, per_step: int, seed: int):
+    """--refill: a step's own prompts (attempt 0), the next per_step of the prompt stream
+    from `cursor` (refill.take_prompts), and the cursor after them. Step 1 (cursor 0)
+    gets prompts_for_step's step-1 batch."""
+    return take_prompts(prompts, cursor, per_step, seed)
+
+
+def refill_cursor(state: "Run", step: int) -> int:
+    """--refill: the prompt stream's position after `step` (0 before step 1), from the
+    finished step's metrics (its `prompt_cursor`)."""
+    if step == 0:
+        return 0
+    cursor = state.done_metrics(step).get("prompt_cursor")
+    if not isinstance(cursor, int):
+        raise GrpoctlError(f"{step_dir(state.path, step) / 'done'}: no prompt_cursor (a --refill "
+                           "run of an older grpoctl cannot be resumed; start it again)")
+    return cursor
 
 
 class Run:
@@ -209,12 +232,72 @@ def find_latest_run(root: Path = Path("runs")) -> Path:
 def remove_stale_temporaries(run: Path) -> None:
     """Delete the `.NAME.*.tmp` files and directories that a killed write or prune left
     anywhere in the run directory (never read: harmless, but they would pile up over
-    many kills)."""
-    for stale in sorted(run.rglob(".*.tmp"), reverse=True):  # refill-KK/ is two levels down
-        if stale.is_dir():
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
-            stale.unlink(missing_ok=True)
+    many kills). One that cannot be removed (a read-only run directory) is one line."""
+    try:
+        for stale in sorted(run.rglob(".*.tmp"), reverse=True):  # refill-KK/ is two levels down
+            if stale.is_dir():
+                shutil.rmtree(stale)
+            else:
+                stale.unlink(missing_ok=True)
+    except OSError as e:
+        where = e.filename or run
+        raise GrpoctlError(f"{where}: cannot remove the temporary file a killed write left: "
+                           f"{e.strerror or e}") from None
+
+
+# A temporary config.json (records.atomic_open's mkstemp name): all a start killed
+# before its config.json was in place leaves.
+_START_TEMPORARY = re.compile(r"\.config\.json\.[A-Za-z0-9_]+\.tmp")
+
+
+def start_temporaries(run: Path) -> list[Path] | None:
+    """The run directory's entries when every one is a temporary config.json a killed
+    start left (an empty directory gives []); None when it holds anything else."""
+    entries = list(run.iterdir())
+    if all(_START_TEMPORARY.fullmatch(p.name) and p.is_file() for p in entries):
+        return entries
+    return None
+
+
+def check_config_types(saved, config_path: Path) -> None:
+    """config.json's fields have the types of LoopConfig's: a hand-edited `"group_size":
+    "2"` is one line naming the file and the field, not a TypeError later in the run."""
+    if not isinstance(saved, dict):
+        raise GrpoctlError(f"{config_path}: cannot read the run's settings: expected a JSON "
+                           f"object, got {type(saved).__name__}")
+    for name, hint in typing.get_type_hints(LoopConfig).items():
+        if name in saved and not _has_type(saved[name], hint):
+            raise GrpoctlError(f"{config_path}: field '{name}': expected {_type_name(hint)}, "
+                               f"got {json.dumps(saved[name])[:40]}")
+
+
+def _has_type(value, hint) -> bool:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_has_type(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_has_type(v, item) for v in value)
+    if isinstance(value, bool):  # JSON true is not a number
+        return hint is bool
+    if hint is float:
+        return isinstance(value, (int, float))
+    return isinstance(value, hint)
+
+
+def _type_name(hint) -> str:
+    return str(hint).replace("<class '", "").replace("'>", "").replace("NoneType", "null")
+
+
+def planned_steps(cfg: LoopConfig) -> int:
+    """The steps cfg's run takes: --steps, or --epochs over its prompts (run_loop's rule)."""
+    if cfg.steps:
+        return cfg.steps
+    prompts = Loop(cfg, Path(cfg.run_dir), NullDisplay()).load_prompts(cfg.prompts, cfg.limit)
+    if cfg.refill:  # epochs of the prompt stream: at most this many steps
+        return max(1, -(-round(cfg.epochs * len(prompts)) // cfg.prompts_per_step))
+    return max(1, round(cfg.epochs * (len(prompts) // cfg.prompts_per_step)))
 
 
 def prepare_run_dir(cfg: LoopConfig, resume: bool,
@@ -233,20 +316,38 @@ def prepare_run_dir(cfg: LoopConfig, resume: bool,
     config_path = run / "config.json"
     if resume:
         if not config_path.is_file():
+            if run.is_dir() and start_temporaries(run):
+                raise GrpoctlError(f"{run}: nothing to resume: the run started here was stopped "
+                                   "before its config.json was written (only its temporary "
+                                   "file is left); start it again without --resume")
             raise GrpoctlError(f"{run}: nothing to resume (no config.json)")
         lock_run_dir(run)  # before touching anything: another loop may be running here
         try:
             saved = json.loads(config_path.read_text())
+            check_config_types(saved, config_path)
             saved["run_dir"] = str(run)
             resumed = LoopConfig(**saved)
-        except (ValueError, TypeError) as e:  # edited by hand, another version, not a run
-            raise GrpoctlError(f"{config_path}: cannot read the run's settings: {e}") from None
+            resumed.resolved()  # values in range too (a hand-edited group_size of -1)
+        except (OSError, UnicodeDecodeError, ValueError, TypeError, GrpoctlError) as e:
+            # edited by hand, another version, not a run
+            message = e.strerror if isinstance(e, OSError) else e
+            if isinstance(e, GrpoctlError) and str(e).startswith(str(config_path)):
+                raise
+            raise GrpoctlError(f"{config_path}: cannot read the run's settings: "
+                               f"{message}") from None
         changes = resume_changes(saved, given or {}, config_path)
         finished = max(Run(run).done_steps(), default=0)
         if "steps" in changes and (changes["steps"][1] or finished) < finished:
             raise GrpoctlError(f"{run}: --steps {changes['steps'][1]}: the run has finished "
                                f"{finished} steps, and a run is not shortened; give --steps "
                                f">= {finished}")
+        if "epochs" in changes and finished:  # the same rule, counted in steps
+            planned = planned_steps(dataclasses.replace(
+                resumed, **{k: new for k, (_, new) in changes.items()}))
+            if planned < finished:
+                raise GrpoctlError(f"{run}: --epochs {changes['epochs'][1]} is {planned} steps: "
+                                   f"the run has finished {finished} steps, and a run is not "
+                                   "shortened; give more --epochs (or --steps)")
         remove_stale_temporaries(run)  # a run's, now that config.json says it is one
         if changes:
             resumed = dataclasses.replace(resumed, **{k: new for k, (_, new) in changes.items()})
@@ -258,7 +359,8 @@ def prepare_run_dir(cfg: LoopConfig, resume: bool,
     if config_path.exists():
         raise GrpoctlError(f"{run}: run directory already holds a run; add --resume to continue it "
                            "or choose another --run-dir")
-    if run.is_dir() and any(run.iterdir()):  # the user's files: a run would write among them
+    leftovers = start_temporaries(run) if run.is_dir() else []
+    if leftovers is None:  # the user's files: a run would write among them
         names = sorted(p.name for p in run.iterdir())
         raise GrpoctlError(f"{run}: exists and is not empty ({', '.join(names[:3])}"
                            f"{', ...' if len(names) > 3 else ''}); a new run needs a new or "
@@ -271,6 +373,12 @@ def prepare_run_dir(cfg: LoopConfig, resume: bool,
     if config_path.exists():  # ... or here, if the first has already written its config
         raise GrpoctlError(f"{run}: run directory already holds a run; add --resume to continue it "
                            "or choose another --run-dir")
+    for stale in leftovers:  # a killed start's temporary config.json: ours, an empty run
+        try:
+            stale.unlink(missing_ok=True)
+        except OSError as e:
+            raise GrpoctlError(f"{stale}: cannot remove the temporary file a killed start "
+                               f"left: {e.strerror}") from None
     return run, dataclasses.replace(cfg, run_dir=str(run))
 
 
@@ -281,13 +389,13 @@ def _external_stage(command: str, input_path: Path, output_path: Path, require: 
     """Run a user's stage command: records on stdin, records on stdout, validated before
     anything is written: `require` present, and the same samples as its input with their
     identity unchanged (records.check_same_records)."""
-    with open(input_path, "rb") as stdin:
-        proc = subprocess.run(command, shell=True, stdin=stdin, capture_output=True)
-    if proc.returncode != 0:
-        last = proc.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
-        raise GrpoctlError(f"stage command {command!r} exited {proc.returncode}: {last[0]}")
+    with open(input_path, "rb") as stdin:  # its process group dies with it (process.py)
+        status, stdout, stderr = process.run_command(command, stdin)
+    if status != 0:
+        last = stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+        raise GrpoctlError(f"stage command {command!r} exited {status}: {last[0]}")
     source = f"output of {command!r}"
-    records = parse_records(proc.stdout, source, require)
+    records = parse_records(stdout, source, require)
     check_same_records(read_records(str(input_path)), records, source, str(input_path))
     write_records(records, str(output_path))
     return records
@@ -321,7 +429,7 @@ class Loop:
         self.optimizer = make_optimizer(self.model, self.update_config())
         if from_checkpoint:
             distributed.load_optimizer_state(self.optimizer, self.model, source)
-        if cfg.ref and cfg.kl_coef > 0:
+        if cfg.ref:  # with --kl-coef 0 the KL is measured, as `update --ref` does
             self.ref_model = load_policy(cfg.ref, cfg.dtype, cfg.device, cfg.trust_remote_code,
                                          cfg.attn_implementation)
 
@@ -421,6 +529,9 @@ class Loop:
         path = directory / "advantages.jsonl"
         if path.is_file():
             records = read_advantages(path)
+        elif not scored:  # --refill kept no group: an empty file, so the step replays
+            records = []
+            write_records(records, str(path))
         elif self.cfg.advantage_cmd:
             records = _external_stage(self.cfg.advantage_cmd, directory / input_name, path,
                                       NEEDS_UPDATE)
@@ -432,27 +543,30 @@ class Loop:
         return records
 
     def refill_stage(self, step: int, prompts: list[dict], batch: list[dict],
-                     records: list[dict], scored: list[dict]):
-        """--refill (refill.py): sample fresh prompts for the tied groups of attempt 0
-        (`records`/`scored`, the step's own `batch`) until prompts_per_step contrastive
-        groups are kept or the rollout cap is reached. Each attempt's files are in
-        refill-KK/, the kept groups' scored records in kept.jsonl.
+                     records: list[dict], scored: list[dict], cursor: int):
+        """--refill (refill.py): sample the next prompts of the stream (from `cursor`, the
+        position after the step's own `batch`) for the tied groups of attempt 0
+        (`records`/`scored`) until prompts_per_step contrastive groups are kept or the
+        rollout cap (config.refill_cap) is reached. Each attempt's files are in
+        refill-KK/ (a damaged one is made again: `drop_damaged_attempt`), the kept
+        groups' scored records in kept.jsonl. A step left short of its quota says so
+        (stderr, and `refill_short` in its metrics) and trains on what it kept.
         Returns (every attempt's records, every attempt's scored records, the kept
-        scored records, the refill metrics)."""
+        scored records, the refill metrics, the stream position after the step)."""
         c = self.cfg
-        wanted, cap = c.prompts_per_step, c.max_rollouts_per_step or 16 * c.prompts_per_step
+        wanted, cap = c.prompts_per_step, refill_cap(c)
         used = {p["prompt_id"] for p in batch}
         kept_ids = contrastive_prompts(scored)[:wanted]
         all_records, all_scored, attempt = list(records), list(scored), 0
         while len(kept_ids) < wanted:
             budget = (cap - len(all_records)) // c.group_size
             count = refill_size(wanted - len(kept_ids), len(kept_ids), len(used), budget)
-            fresh = fresh_prompts(prompts, used, count,
-                                  step_seed(c.seed, step, salt=REFILL_SALT + attempt + 1))
-            if not fresh:  # the cap is reached, or every prompt was used in this step
+            fresh, after = take_prompts(prompts, cursor, count, c.seed, used)
+            if not fresh:  # the cap is reached, or every prompt is in this step
                 break
-            attempt += 1
+            attempt, cursor = attempt + 1, after
             self.display.stage(step, f"refill {attempt}")
+            self.drop_damaged_attempt(step, attempt, fresh)
             records = self.rollout_stage(step, fresh, attempt)
             scored = self.score_stage(step, records, attempt)
             used.update(p["prompt_id"] for p in fresh)
@@ -463,9 +577,42 @@ class Loop:
         kept_scored = [r for r in all_scored if r["prompt_id"] in kept]
         if distributed.is_main():
             write_records(kept_scored, str(step_dir(self.run, step) / "kept.jsonl"))
+            if len(kept) < wanted:
+                _warn(self.display, f"step {step}: --refill kept {len(kept)} of {wanted} "
+                      f"contrastive groups: the cap of {cap} rollouts (or the prompt set) "
+                      f"ran out after {len(all_records)}; training on the {len(kept)} kept")
         metrics = {"refill_attempts": attempt, "groups_sampled": len(used),
-                   "groups_kept": len(kept), "discard_rate": 1 - len(kept) / len(used)}
-        return all_records, all_scored, kept_scored, metrics
+                   "groups_kept": len(kept), "discard_rate": 1 - len(kept) / len(used),
+                   "refill_short": wanted - len(kept)}
+        return all_records, all_scored, kept_scored, metrics, cursor
+
+    def drop_damaged_attempt(self, step: int, attempt: int, prompts: list[dict]) -> None:
+        """Before --refill's attempt `attempt` reuses its files (a resumed step): delete its
+        first file that is not complete for `prompts` (rollouts.jsonl: their G samples;
+        scored.jsonl: the same with rewards), those after it, and the later attempts
+        (made from it). A cut file is thus sampled or scored again, never reused."""
+        directory = attempt_dir(self.run, step, attempt)
+        before = [{"prompt_id": p["prompt_id"], "sample": g}
+                  for p in prompts for g in range(self.cfg.group_size)]
+        names = ["rollouts.jsonl", "scored.jsonl"]
+        for k, name in enumerate(names):
+            path = directory / name
+            if not path.is_file():
+                return
+            try:
+                records = read_records(str(path), (NEEDS_SCORE, NEEDS_ADVANTAGE)[k])
+                check_same_records(before, records, str(path),
+                                   "the attempt's prompts" if k == 0 else names[0])
+            except GrpoctlError as e:
+                self.display.log(f"step {step}: {directory.name}/{name} is incomplete ({e}); "
+                                 "running that stage again")
+                for later in names[k:]:
+                    (directory / later).unlink(missing_ok=True)
+                for later in step_dir(self.run, step).glob("refill-*"):
+                    if later.name > directory.name:
+                        shutil.rmtree(later, ignore_errors=True)
+                return
+            before = records
 
     def update_stage(self, step: int, records: list[dict]) -> dict:
         if not records:  # every group tied and --drop-zero removed them: no gradient this step
@@ -512,17 +659,43 @@ class Loop:
 
 
 def group_stats(scored: list[dict], advantaged: list[dict]) -> dict:
-    """Reward, accuracy and zero-advantage figures of one step."""
+    """Reward, accuracy and zero-advantage figures of one step.
+
+    scored: the step's own prompts' groups (with --refill, its attempt 0: the figures
+    mean what they mean in a run without --refill, comparable across runs);
+    advantaged: what the update trains on."""
+    return {**_reward_figures(scored, ""),
+            "response_length": _mean([len(r["completion_ids"]) for r in scored
+                                      if "completion_ids" in r]),
+            "trained_sequences": len(advantaged)}
+
+
+def refill_stats(sampled: list[dict], kept: list[dict]) -> dict:
+    """--refill's figures apart: `sampled_*` over every attempt's groups (discarded ones
+    included), `trained_*` over the kept groups the update trains on (never tied)."""
+    return {**_reward_figures(sampled, "sampled_"), **_reward_figures(kept, "trained_")}
+
+
+def _reward_figures(scored: list[dict], prefix: str) -> dict:
+    """PREFIXreward_mean, PREFIXaccuracy and PREFIXzero_adv_frac (the share of groups
+    whose rewards all tie) of `scored`; 0.0 for no records."""
     groups = group_by_prompt(scored)
     tied = sum(1 for ix in groups.values() if len({scored[i]["reward"] for i in ix}) == 1)
-    lengths = [len(r["completion_ids"]) for r in scored if "completion_ids" in r]
-    return {
-        "reward_mean": sum(r["reward"] for r in scored) / len(scored),
-        "accuracy": sum(is_correct(r) for r in scored) / len(scored),
-        "zero_adv_frac": tied / len(groups),
-        "response_length": sum(lengths) / len(lengths) if lengths else 0.0,
-        "trained_sequences": len(advantaged),
-    }
+    return {f"{prefix}reward_mean": _mean([r["reward"] for r in scored]),
+            f"{prefix}accuracy": _mean([is_correct(r) for r in scored]),
+            f"{prefix}zero_adv_frac": tied / len(groups) if groups else 0.0}
+
+
+def _mean(values: list) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
+def _warn(display, message: str) -> None:
+    """A warning on stderr: above the progress display, or plain with --quiet."""
+    if type(display) is NullDisplay:
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+    else:
+        display.log(f"warning: {message}")
 
 
 def read_advantages(path: Path, trained: int | None = None) -> list[dict]:
@@ -541,8 +714,8 @@ def read_advantages(path: Path, trained: int | None = None) -> list[dict]:
 
 def append_line(path: Path, record: dict) -> None:
     try:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(dumps(record) + "\n")
+        with open(path, "a", encoding="utf-8") as f, process.committing(path):
+            f.write(dumps(record) + "\n")  # the whole line or none, whenever a signal comes
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:  # a full disk: the `done` file holds the line; resume rebuilds it
@@ -583,11 +756,24 @@ def run_loop(cfg: LoopConfig, resume: bool = False, display=None,
         if cfg.rollouts_from:
             _check_rollouts_from(Path(cfg.rollouts_from), cfg)
         steps = cfg.steps or max(1, round(cfg.epochs * (len(prompts) // cfg.prompts_per_step)))
+        # --refill --epochs: the run ends once that many epochs of the prompt stream are
+        # consumed; `steps` is then a bound (each step takes at least prompts_per_step)
+        prompt_end = round(cfg.epochs * len(prompts)) if cfg.refill and not cfg.steps else None
+        if prompt_end is not None:
+            steps = max(1, -(-prompt_end // cfg.prompts_per_step))
         eval_prompts = (loop.load_prompts(cfg.eval_prompts, cfg.eval_limit) if cfg.eval_prompts
                         else [])
         state = Run(run)
         done = [s for s in state.done_steps() if s <= steps]
+        if prompt_end is not None:  # steps that began before the stream's end
+            done = [s for s in done if refill_cursor(state, s - 1) < prompt_end]
         last_done = max(done, default=0)
+        cursor = refill_cursor(state, last_done) if cfg.refill else 0
+
+        def finished_after(step: int, cursor: int) -> bool:
+            """The run's last step: --steps, or (--refill --epochs) the stream's end."""
+            return step >= steps or (prompt_end is not None and cursor >= prompt_end)
+
         start_ckpt = state.latest_checkpoint(last_done)
         display.log(f"run directory: {run}"
                     + (f" (resuming after step {last_done})" if resume else ""))
@@ -597,7 +783,9 @@ def run_loop(cfg: LoopConfig, resume: bool = False, display=None,
                         "policy than this one (off-policy: the clip, --clip-ratio-c and "
                         "--is-cap bound how far)")
         loop.load(start_ckpt)
-        loop.render(prompts + eval_prompts)  # a chat template that fails, before config.json
+        # a chat template that fails, a prompt too long for the model, a --ref smaller than
+        # the policy: refused before config.json, not at the step that meets them
+        _check_positions(loop, prompts, eval_prompts)
         if distributed.is_main() and not resume:
             write_json(dataclasses.asdict(cfg), run / "config.json")
     if distributed.is_main():
@@ -610,13 +798,19 @@ def run_loop(cfg: LoopConfig, resume: bool = False, display=None,
         display.log(f"replaying the update of step {s} from its saved advantages")
         loop.update_stage(s, read_advantages(step_dir(run, s) / "advantages.jsonl",
                                              state.done_metrics(s).get("trained_sequences")))
-    if last_done > start_ckpt and (last_done % cfg.save_every == 0 or last_done == steps):
+    if last_done > start_ckpt and (last_done % cfg.save_every == 0
+                                   or finished_after(last_done, cursor)):
         display.log(f"saving the checkpoint of step {last_done} again (it was missing)")
         loop.save(last_done, previous)  # e.g. a finished run whose final checkpoint was deleted
     for s in range(last_done + 1, steps + 1) if resume else ():  # every rank, before it reads
-        if step_dir(run, s).is_dir():
-            state.drop_damaged_stage_files(s, prompts_for_step(prompts, s, cfg.prompts_per_step,
-                                                               cfg.seed), cfg, display.log)
+        if not step_dir(run, s).is_dir():
+            continue
+        if cfg.refill and s > last_done + 1:  # its prompts follow from the steps before it
+            shutil.rmtree(step_dir(run, s), ignore_errors=True)
+            continue
+        batch = (refill_batch(prompts, cursor, cfg.prompts_per_step, cfg.seed)[0] if cfg.refill
+                 else prompts_for_step(prompts, s, cfg.prompts_per_step, cfg.seed))
+        state.drop_damaged_stage_files(s, batch, cfg, display.log)
 
     if cfg.backend == "vllm":  # after the replay: the engine gets the replayed weights
         loop.start_engine(prompts + eval_prompts)
@@ -624,16 +818,22 @@ def run_loop(cfg: LoopConfig, resume: bool = False, display=None,
     # Evaluations a crash cut short (before training, or after the last finished step).
     done_evals = _done_evals(run)
     for s in (0, last_done):
-        if eval_prompts and s not in done_evals and (s == 0 or _eval_due(cfg, s, steps)):
+        if eval_prompts and s not in done_evals and (
+                s == 0 or _eval_due(cfg, s, finished_after(s, cursor))):
             _record_eval(loop, run, s, eval_prompts, elapsed, rollouts, display)
             done_evals.add(s)
 
     display.start(steps, first=last_done)
     for step in range(last_done + 1, steps + 1):
+        if step > 1 and finished_after(step - 1, cursor):  # --refill --epochs: consumed
+            break
         t0 = time.perf_counter()
         times = {}
         step_dir(run, step).mkdir(exist_ok=True)
-        batch = prompts_for_step(prompts, step, cfg.prompts_per_step, cfg.seed)
+        if cfg.refill:  # the next prompts of the stream (refill.take_prompts)
+            batch, cursor = refill_batch(prompts, cursor, cfg.prompts_per_step, cfg.seed)
+        else:
+            batch = prompts_for_step(prompts, step, cfg.prompts_per_step, cfg.seed)
 
         display.stage(step, "rollout")
         records = loop.rollout_stage(step, batch)
@@ -641,15 +841,18 @@ def run_loop(cfg: LoopConfig, resume: bool = False, display=None,
         display.stage(step, "score")
         scored = loop.score_stage(step, records)
         times["score_s"] = time.perf_counter() - t0 - sum(times.values())
-        refill = {}
+        refill, own = {}, scored
         kept, kept_name = scored, "scored.jsonl"
         if cfg.refill:
-            records, scored, kept, refill = loop.refill_stage(step, prompts, batch, records, scored)
+            records, scored, kept, refill, cursor = loop.refill_stage(step, prompts, batch,
+                                                                      records, scored, cursor)
+            refill.update(refill_stats(scored, kept), prompt_cursor=cursor,
+                          epochs_consumed=cursor / len(prompts))
             kept_name = "kept.jsonl"
             times["refill_s"] = time.perf_counter() - t0 - sum(times.values())
         display.stage(step, "advantage")
-        advantaged = loop.advantage_stage(step, kept, kept_name) if kept else []
-        stats = {**group_stats(scored, advantaged), **refill}
+        advantaged = loop.advantage_stage(step, kept, kept_name) if kept or cfg.refill else []
+        stats = {**group_stats(own, advantaged), **refill}
         times["advantage_s"] = time.perf_counter() - t0 - sum(times.values())
         display.stage(step, "update")
         update_metrics = loop.update_stage(step, advantaged)
@@ -661,7 +864,8 @@ def run_loop(cfg: LoopConfig, resume: bool = False, display=None,
         update_metrics.pop("step", None)  # the optimizer's count; the loop's step is below
         metrics = {"step": step, **stats, **update_metrics, **times, "rollouts": rollouts,
                    "elapsed_s": elapsed}
-        if step % cfg.save_every == 0 or step == steps:
+        last = finished_after(step, cursor)
+        if step % cfg.save_every == 0 or last:
             display.stage(step, "checkpoint")
             loop.save(step, metrics)
         if distributed.is_main():
@@ -670,7 +874,7 @@ def run_loop(cfg: LoopConfig, resume: bool = False, display=None,
             append_line(run / "metrics.jsonl", metrics)
         display.step_done(metrics)
 
-        if eval_prompts and _eval_due(cfg, step, steps):
+        if eval_prompts and _eval_due(cfg, step, last):
             display.stage(step, "eval")
             _record_eval(loop, run, step, eval_prompts, elapsed, rollouts, display)
     display.stop()
@@ -692,6 +896,43 @@ def _removed_if_left_empty(run: Path, remove: bool):
         raise
 
 
+def _check_positions(loop: Loop, prompts: list[dict], eval_prompts: list[dict]) -> None:
+    """Every prompt (rendered) leaves room for a completion in the policy's positions, as
+    `rollout` requires, named by its file and line; and a --ref model has the positions
+    and vocabulary of every sequence a step can make (`update`'s check, made before step
+    1: its sequences are not known yet, so the longest prompt + --max-new-tokens)."""
+    from grpoctl.models import position_limit
+
+    positions = position_limit(loop.model)
+    longest = 0
+    for group in (prompts, eval_prompts):
+        ids = tokenize_prompts(loop.tokenizer, loop.render(group))
+        for i, row in enumerate(ids):
+            if positions is not None and len(row) >= positions:
+                raise GrpoctlError(f"{where_of(group, i)}: prompt {group[i]['prompt_id']!r} is "
+                                   f"{len(row)} tokens: the model has {positions} positions "
+                                   "(max_position_embeddings), no room for a completion; "
+                                   "shorten it or leave it out")
+        if group is prompts:
+            longest = max(map(len, ids), default=0)
+    if loop.ref_model is None:
+        return
+    reach = longest + loop.cfg.max_new_tokens
+    reach = min(reach, positions) if positions is not None else reach
+    ref_positions = position_limit(loop.ref_model)
+    if ref_positions is not None and ref_positions < reach:
+        raise GrpoctlError(f"--ref {loop.cfg.ref}: the model has {ref_positions} positions "
+                           f"(max_position_embeddings), but a step's sequences reach {reach} "
+                           f"tokens (the longest prompt, {longest}, + --max-new-tokens); use a "
+                           "reference with as many positions as the policy")
+    policy_vocab = loop.model.get_input_embeddings().num_embeddings
+    ref_vocab = loop.ref_model.get_input_embeddings().num_embeddings
+    if ref_vocab < min(policy_vocab, len(loop.tokenizer)):
+        raise GrpoctlError(f"--ref {loop.cfg.ref}: the model embeds {ref_vocab} tokens, fewer "
+                           f"than the policy's tokenizer's {len(loop.tokenizer)}; use a "
+                           "reference with the policy's vocabulary")
+
+
 def _check_rollouts_from(source: Path, cfg: LoopConfig) -> None:
     """--rollouts-from names a run whose groups this run can train on: a run directory with
     this run's group size and prompts per step (its samples are not resampled)."""
@@ -706,8 +947,9 @@ def _check_rollouts_from(source: Path, cfg: LoopConfig) -> None:
                                f"this run's {getattr(cfg, field)!r}: train with the same")
 
 
-def _eval_due(cfg: LoopConfig, step: int, steps: int) -> bool:
-    return step % cfg.eval_every == 0 or step == steps
+def _eval_due(cfg: LoopConfig, step: int, last: bool) -> bool:
+    """Every --eval-every steps, and after the run's last step."""
+    return step % cfg.eval_every == 0 or last
 
 
 def _done_evals(run: Path) -> set[int]:

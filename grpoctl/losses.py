@@ -4,7 +4,8 @@ The paper (and DeepSeekMath) write GRPO as a loss to minimise:
 
     L(θ) = - 1/G Σ_i 1/|o_i| Σ_t [ min(ρ_it A_i, clip(ρ_it, 1-ε_low, 1+ε_high) A_i) - β KL_it ]
 
-    ρ_it   = π_θ(o_it | q, o_i,<t) / π_old(o_it | q, o_i,<t) = exp(logp - old_logp)
+    ρ_it   = π_θ(o_it | q, o_i,<t) / π_old(o_it | q, o_i,<t)
+           = exp(clamp(logp - old_logp, -20, 20))  (`importance_ratio`, verl's clamp)
     A_i    = the advantage of completion i, the same for each of its tokens
     KL_it  = the k3 estimate of KL(π_θ || π_ref) at token t (Schulman, 2020); as a loss its
              expected gradient is that of KL(π_ref || π_θ) (see `kl_k3`)
@@ -25,6 +26,23 @@ import torch
 from grpoctl.config import LOSS_AGGREGATIONS
 
 
+# verl's clamp of the PPO log-ratio before exp (verl/trainer/ppo/core_algos.py,
+# compute_policy_loss_vanilla: `torch.clamp(negative_approx_kl, min=-20.0, max=20.0)`).
+RATIO_LOG_CLAMP = 20.0
+
+
+def importance_ratio(logp: torch.Tensor, old_logp: torch.Tensor) -> torch.Tensor:
+    """ρ = exp(clamp(log π_θ - log π_old, -20, 20)), as verl computes it.
+
+    Without the clamp a log-ratio above ~88.7 gives exp = inf in fp32: the clipped loss
+    can still be finite (min(ρA, 1.2A) = 1.2A for A > 0) while its gradient is
+    0 · inf = NaN, and the step is refused. With it, ρ ≤ e^20 ≈ 4.85e8, and a token
+    whose log-ratio is outside [-20, 20] gets no gradient through ρ (the clamp is flat
+    there): its loss is a finite constant.
+    """
+    return torch.exp(torch.clamp(logp - old_logp, -RATIO_LOG_CLAMP, RATIO_LOG_CLAMP))
+
+
 def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor,
                         mask: torch.Tensor, clip_eps: float = 0.2,
                         clip_eps_high: float | None = None):
@@ -40,13 +58,14 @@ def clipped_policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: 
 
     Returns (loss [B, T], clipped [B, T] bool): `clipped` marks tokens where the
     clipped term is the smaller one, so the token gives no gradient: ρ < 1-ε_low
-    with A < 0, or ρ > 1+ε_high with A > 0.
+    with A < 0, or ρ > 1+ε_high with A > 0. ρ is `importance_ratio` (log-ratio
+    clamped to ±20, as verl).
     """
     eps_low = clip_eps
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     if advantages.dim() == logp.dim() - 1:
         advantages = advantages.unsqueeze(-1)  # one A_i for every token of sequence i
-    ratio = torch.exp(logp - old_logp)
+    ratio = importance_ratio(logp, old_logp)
     unclipped = ratio * advantages
     clipped = torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * advantages
     loss = -torch.minimum(unclipped, clipped)

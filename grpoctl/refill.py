@@ -8,15 +8,25 @@ full number of contrastive pairs, with the rollouts capped at what 16-GRPO spend
 on the same prompts; DAPO's dynamic sampling (Yu et al., 2025) is the same rule for
 any G. `grpoctl loop --refill` runs it:
 
-    attempt 0   the step's own prompts (what the step samples without --refill)
-    attempt k   `refill_size` prompts the step has not used yet (`fresh_prompts`),
-                while fewer than prompts_per_step contrastive groups are kept and
-                the step's rollouts stay within --max-rollouts-per-step
+    attempt 0   the step's own prompts: the next prompts_per_step of the prompt stream
+    attempt k   the next `refill_size` prompts of the stream, while fewer than
+                prompts_per_step contrastive groups are kept and the step's rollouts
+                stay within --max-rollouts-per-step (config.refill_cap)
+
+The prompt stream (`take_prompts`) is epoch 0's shuffled order, then epoch 1's, and so
+on, as DAPO's (and verl's DAPO recipe's) dataloader: refills take the NEXT unused
+prompts of the epoch, so no prompt is drawn twice in an epoch, and an epoch ends when
+its prompts are consumed, discarded ones included. A step that reaches the end of an
+epoch goes on into the next epoch's order (verl's recipe does the same); a prompt the
+step already holds from the old epoch is passed over there (consumed for the new epoch:
+the step's group trains on it once). The stream position after a step, its
+`prompt_cursor`, is in the step's metrics, so a resumed run draws what the uninterrupted
+run drew.
 
 Contrastive groups are kept in attempt order up to prompts_per_step; the others
-(tied, or beyond the count) are discarded but still count as rollouts consumed.
-Everything here is a pure function of the step's files, so a resumed step repeats
-the same attempts.
+(tied, or beyond the count) are discarded but still count as rollouts and prompts
+consumed. Everything here is a pure function of the cursor and the step's files, so a
+resumed step repeats the same attempts.
 """
 
 from __future__ import annotations
@@ -45,7 +55,31 @@ def refill_size(missing: int, kept: int, sampled: int, budget_groups: int) -> in
     return max(0, min(budget_groups, math.ceil(missing / rate)))
 
 
-def fresh_prompts(prompts: list[dict], used: set[str], count: int, seed: int) -> list[dict]:
-    """`count` prompts (or all that are left) whose ids are not in `used`, drawn with `seed`."""
-    unused = [p for p in prompts if p["prompt_id"] not in used]
-    return random.Random(seed).sample(unused, min(count, len(unused)))
+def epoch_order(count: int, seed: int, epoch: int) -> list[int]:
+    """Epoch `epoch`'s shuffled order of `count` prompts (the one loop.prompts_for_step cuts)."""
+    order = list(range(count))
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    return order
+
+
+def take_prompts(prompts: list[dict], cursor: int, count: int, seed: int,
+                 held: set[str] = frozenset()) -> tuple[list[dict], int]:
+    """The next `count` prompts of the stream from position `cursor`, and the position after.
+
+    Position c is prompt epoch_order(N, seed, c // N)[c % N] (N = len(prompts)). A prompt
+    whose id is in `held` (the step's, met again past an epoch's end) or already taken
+    here is passed over, its position consumed. Fewer than `count` come back only when
+    every prompt is already in the step.
+    """
+    n, taken, ids = len(prompts), [], set(held)
+    orders: dict[int, list[int]] = {}
+    while len(taken) < count and len(ids) < n:
+        epoch, k = divmod(cursor, n)
+        if epoch not in orders:
+            orders[epoch] = epoch_order(n, seed, epoch)
+        prompt = prompts[orders[epoch][k]]
+        cursor += 1
+        if prompt["prompt_id"] not in ids:
+            ids.add(prompt["prompt_id"])
+            taken.append(prompt)
+    return taken, cursor

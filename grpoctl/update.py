@@ -1,7 +1,8 @@
 """The `update` stage: the policy-gradient step(s) of one file of records with advantages.
 
-    records (prompt_ids, completion_ids, logprobs = log π_old, advantage)
+    records (prompt_ids, completion_ids, logprobs = the sampler's log π, advantage)
       → recompute log π_θ of every completion token          (logprobs.py)
+      → π_old: the records' logprobs or the trainer's own      (--old-logprobs)
       → clipped surrogate (+ dual clip), optional k3 KL       (losses.py)
       → aggregate with weights computed over the WHOLE batch, backward per micro-batch
       → clip the gradient norm, one AdamW step                (update_step)
@@ -30,12 +31,12 @@ from pathlib import Path
 
 import torch
 
-from grpoctl import checkpoint, distributed, lora
-from grpoctl.config import UpdateConfig
+from grpoctl import checkpoint, distributed, lora, process
+from grpoctl.config import UpdateConfig, default_old_logprobs
 from grpoctl.errors import GrpoctlError, first_line
 from grpoctl.logprobs import padded_completion_logprobs
-from grpoctl.losses import (clipped_policy_loss, dual_clip, kl_k3, token_weights,
-                            truncated_is_weights)
+from grpoctl.losses import (clipped_policy_loss, dual_clip, importance_ratio, kl_k3,
+                            token_weights, truncated_is_weights)
 from grpoctl.records import (NEEDS_UPDATE, STDIO, RecordError, dumps, line_of, read_records,
                              source_name)
 
@@ -78,8 +79,11 @@ def _one_value(records: list[dict], key: str, source: str):
 def resolve_config(records: list[dict], cfg: UpdateConfig, source: str = "<records>"
                    ) -> UpdateConfig:
     """cfg, checked (`UpdateConfig.check`), with temperature (and max_tokens for "constant")
-    filled in from the records."""
+    filled in from the records, and old_logprobs None resolved (`default_old_logprobs`,
+    the sampler's backend from the records' sampling.backend; run_update and the loop
+    resolve it first, knowing the dtype)."""
     cfg.check()
+    old_logprobs = default_old_logprobs(cfg, _one_value(records, "backend", source))
     temperature = cfg.temperature
     if temperature is None:
         temperature = _one_value(records, "temperature", source)
@@ -90,7 +94,8 @@ def resolve_config(records: list[dict], cfg: UpdateConfig, source: str = "<recor
         if not max_tokens:
             raise GrpoctlError("--loss-agg constant needs the generation budget: pass "
                                "--max-tokens or use records with sampling.max_new_tokens")
-    return dataclasses.replace(cfg, temperature=temperature, max_tokens=max_tokens)
+    return dataclasses.replace(cfg, temperature=temperature, max_tokens=max_tokens,
+                               old_logprobs=old_logprobs)
 
 
 # --- one optimizer step ---------------------------------------------------------
@@ -119,7 +124,8 @@ def _refuse(params, message: str):
 
 
 def _trainer_old_logprobs(model, logp, prompts, completions, cfg: UpdateConfig) -> torch.Tensor:
-    """log π_old under the trainer, for TIS: π_θ at the start of the step, without gradient.
+    """log π_old under the trainer (--old-logprobs trainer): π_θ at the start of the step,
+    without gradient.
 
     The parameters do not change before optimizer.step(), so the gradient pass's own
     values, detached, ARE a no-grad forward of π_old (TRL does the same for one
@@ -192,9 +198,10 @@ def _micro_batch_loss(model, records: list[dict], batch: list[int], cfg: UpdateC
                       ref_model, trainer_old: list | None) -> _MicroBatchLoss:
     """The per-token GRPO loss of records[batch] (losses.py, symbol by symbol).
 
-    ρ is taken against the records' logprobs, or with TIS against the trainer's π_old:
-    `trainer_old` (one list per record, fixed for the whole rollout batch by
-    update_batch) or, when None, this pass's own detached values.
+    ρ is taken against π_old (cfg.old_logprobs): the records' logprobs ("sampler") or
+    the trainer's ("trainer"): `trainer_old` (one list per record, fixed for the whole
+    rollout batch by update_batch) or, when None, this pass's own detached values.
+    With --is-cap the policy term is also weighted by min(π_old_trainer/π_sampler, C).
     """
     device = model.get_input_embeddings().weight.device
     prompts = [records[i]["prompt_ids"] for i in batch]
@@ -207,13 +214,13 @@ def _micro_batch_loss(model, records: list[dict], batch: list[int], cfg: UpdateC
     advantages = torch.tensor([float(records[i]["advantage"]) for i in batch], device=device)
 
     is_weight = is_capped = None
-    if cfg.is_cap is None:  # the ratio against the sampler's log-probs
+    if cfg.old_logprobs == "sampler":  # the ratio against the sampler's log-probs
         ratio_against = old_logp
-    else:  # TIS: the ratio against the trainer's π_old, times min(π_old/π_sampler, C)
-        if trainer_old is None:
-            ratio_against = _trainer_old_logprobs(model, logp, prompts, completions, cfg)
-        else:
-            ratio_against = _right_aligned([trainer_old[i] for i in batch], width).to(device)
+    elif trainer_old is None:  # the trainer's π_old: this pass's values, detached
+        ratio_against = _trainer_old_logprobs(model, logp, prompts, completions, cfg)
+    else:  # ... or fixed before the batch's first optimizer step
+        ratio_against = _right_aligned([trainer_old[i] for i in batch], width).to(device)
+    if cfg.is_cap is not None:  # TIS: times min(π_old_trainer/π_sampler, C)
         is_weight, is_capped = truncated_is_weights(ratio_against, old_logp, mask, cfg.is_cap)
     policy_tok, clipped = clipped_policy_loss(logp, ratio_against, advantages, mask,
                                               cfg.clip_eps, cfg.clip_eps_high)
@@ -249,7 +256,7 @@ class _StepStatistics:
     def add(self, mb: _MicroBatchLoss, w: torch.Tensor) -> None:
         """One micro-batch; w = its sequences' token weights (over the whole step)."""
         t, mask = self.totals, mb.mask
-        ratio = torch.exp(mb.logp - mb.old_logp)[mask]  # π_θ against the records' logprobs
+        ratio = importance_ratio(mb.logp, mb.old_logp)[mask]  # π_θ against the records' logprobs
         t["policy_loss"] += (mb.policy_tok.sum(-1) * w).sum().item()
         if mb.kl_tok is not None:
             t["kl"] += (mb.kl_tok.sum(-1) * w).sum().item()
@@ -370,7 +377,7 @@ def update_step(model, optimizer: torch.optim.Optimizer, records: list[dict],
     when given with kl_coef 0 the KL is only measured).
     step: the rollout step's number (from 1), which sets the learning rate
     (`scheduled_lr`); None leaves the optimizer's lr as it is.
-    trainer_old: with TIS (cfg.is_cap), log π_old under the trainer for each record
+    trainer_old: with --old-logprobs trainer, log π_old under the trainer for each record
     (a list of floats, or None for one that is not forwarded), fixed by update_batch
     for the whole rollout batch; None = this step's own detached log-probs.
     The model's mode is left as is (load_policy gives eval mode: no dropout, so the
@@ -404,7 +411,7 @@ def update_step(model, optimizer: torch.optim.Optimizer, records: list[dict],
         per_sequence = mb.loss_tok.sum(-1) * w  # this micro-batch's share of the full-batch loss
         bad = [batch[j] for j in torch.nonzero(~torch.isfinite(per_sequence)).flatten().tolist()]
         if bad:
-            ratio = torch.exp(mb.logp - mb.old_logp).detach()[mb.mask]
+            ratio = importance_ratio(mb.logp, mb.old_logp).detach()[mb.mask]
             _refuse(params, f"the loss is not finite ({per_sequence.sum().item()}) at "
                             f"{_describe(records, bad)}: the ratio π_θ/π_old reaches "
                             f"{ratio.max().item():.3g} (were the records' logprobs "
@@ -454,7 +461,7 @@ def split_mini_batches(records: list[dict], count: int) -> list[list[int]]:
 
 def _fixed_trainer_old_logprobs(model, records: list[dict], mini_batches: list[list[int]],
                                 cfg: UpdateConfig, ref_model) -> list[list[float] | None]:
-    """TIS's π_old for the whole rollout batch: log π_θ of every record this rank will
+    """The trainer's π_old for the whole rollout batch: log π_θ of every record this rank will
     forward in any mini-batch, taken once before the first optimizer step (no gradient,
     no LoRA dropout). The policy moves between optimizer steps; re-taking π_old per
     mini-batch would measure each ratio from a different policy and let the clip see
@@ -535,8 +542,8 @@ def update_batch(model, optimizer: torch.optim.Optimizer, records: list[dict],
     mini-batches of whole prompt groups (`split_mini_batches`): M × E optimizer steps,
     each an `update_step` over its mini-batch alone (its own token weights, so each
     step's loss is exact under micro-batching). π_old stays the behaviour policy for
-    the whole batch: the records' logprobs, or with TIS the trainer's log-probs taken
-    once before the first step. So from the second optimizer step on ρ moves away
+    the whole batch: the records' logprobs, or (--old-logprobs trainer, the default
+    here) the trainer's log-probs taken once before the first step. So from the second optimizer step on ρ moves away
     from 1 and PPO's clip (and the dual clip) act. The learning rate is the rollout
     step's (`scheduled_lr(cfg, step)`) for all M × E steps.
 
@@ -557,7 +564,7 @@ def update_batch(model, optimizer: torch.optim.Optimizer, records: list[dict],
         raise GrpoctlError("--kl-coef > 0 needs a reference policy (--ref)")
     mini_batches = split_mini_batches(records, cfg.mini_batches)
     trainer_old = None
-    if cfg.is_cap is not None:
+    if cfg.old_logprobs == "trainer":
         trainer_old = _fixed_trainer_old_logprobs(model, records, mini_batches, cfg, ref_model)
 
     steps: list[dict] = []
@@ -668,6 +675,8 @@ def run_update(adv_path: str, policy_dir, out_dir, cfg: UpdateConfig, ref_dir=No
     if adv_path == STDIO and distributed.launched():
         raise GrpoctlError("under torchrun every rank reads the whole file: give a path, not -")
     records = read_records(adv_path, NEEDS_UPDATE)
+    cfg = dataclasses.replace(cfg, old_logprobs=default_old_logprobs(
+        cfg, _one_value(records, "backend", source), (dtype,)))
     cfg = resolve_config(records, cfg, source)
     if cfg.kl_coef > 0 and ref_dir is None:
         raise GrpoctlError("--kl-coef > 0 needs a reference policy (--ref)")
@@ -713,7 +722,11 @@ def run_update(adv_path: str, policy_dir, out_dir, cfg: UpdateConfig, ref_dir=No
     if metrics_path and distributed.is_main():
         try:
             with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(dumps(metrics) + "\n")
+                # one whole line or none, and an interrupt after it names the file
+                # (process.py); the open stays interruptible (a FIFO blocks in it)
+                with process.committing(metrics_path):
+                    f.write(dumps(metrics) + "\n")
+                    f.flush()
         except OSError as e:
             raise GrpoctlError(f"{metrics_path}: cannot write metrics: {e.strerror}") from None
     return metrics

@@ -114,3 +114,45 @@ def test_bad_cap_is_refused(tiny_model, cap):
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     with pytest.raises(GrpoctlError, match="--is-cap"):
         update_step(model, optimizer, policy_records(model), UpdateConfig(is_cap=cap))
+
+
+def test_trainer_old_logprobs_take_the_ratio_against_the_trainer(tiny_model):
+    """--old-logprobs trainer without --is-cap: ρ = π_θ / π_old_trainer = 1 in value at the
+    first step, so the sampler's mismatch (here e, e^-0.5, 1) clips nothing and the
+    gradient is the token mean of -A ∇log π_θ, written out by hand."""
+    model = load_policy(tiny_model)
+    records = perturb(policy_records(model))
+    reference = load_policy(tiny_model)
+    logp, _, mask = padded_completion_logprobs(reference, [r["prompt_ids"] for r in records],
+                                               [r["completion_ids"] for r in records])
+    advantages = torch.tensor([r["advantage"] for r in records]).unsqueeze(1)
+    loss = (-(advantages * torch.exp(logp - logp.detach()))[mask]).sum() / mask.sum()
+    loss.backward()
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    metrics = update_step(model, optimizer, records,
+                          UpdateConfig(old_logprobs="trainer", max_grad_norm=0.0))
+    assert metrics["clip_fraction"] == 0.0 and metrics["is_weight_mean"] is None
+    assert metrics["logp_mismatch_max"] == pytest.approx(1.0, abs=1e-5)  # still measured
+    assert metrics["policy_loss"] == pytest.approx(loss.item(), abs=1e-6)
+    for (name, p), (_, q) in zip(model.named_parameters(), reference.named_parameters()):
+        torch.testing.assert_close(before[name] - p, q.grad, rtol=0, atol=1e-6, msg=name)
+
+    # The sampler's log-probs as π_old: the same records clip (ratios e and e^-0.5)
+    sampler = update_step(load_policy(tiny_model), torch.optim.SGD(model.parameters(), lr=0.0),
+                          records, UpdateConfig(old_logprobs="sampler"))
+    assert sampler["clip_fraction"] > 0
+
+
+def test_old_logprobs_default_follows_the_records_backend(tiny_model):
+    """update's None: trainer for records a vLLM sampler wrote, sampler for hf float32."""
+    from grpoctl.update import resolve_config
+
+    records = policy_records(load_policy(tiny_model))
+    assert resolve_config(records, UpdateConfig()).old_logprobs == "sampler"
+    vllm = [dict(r, sampling={**r.get("sampling", {}), "backend": "vllm"}) for r in records]
+    assert resolve_config(vllm, UpdateConfig()).old_logprobs == "trainer"
+    assert resolve_config(records, UpdateConfig(mini_batches=2)).old_logprobs == "trainer"
+    with pytest.raises(GrpoctlError, match="--old-logprobs trainer"):
+        resolve_config(records, UpdateConfig(is_cap=2.0, old_logprobs="sampler"))

@@ -169,3 +169,45 @@ def test_empty_sequences_are_not_counted():
     assert aggregate(per_token, mask, "seq-mean").item() == pytest.approx(3.0)
     assert aggregate(per_token, mask, "constant", max_tokens=5).item() == pytest.approx(1.0)
     assert aggregate(per_token, mask, "token-mean").item() == pytest.approx(2.5)
+
+
+def test_the_log_ratio_is_clamped_at_20_as_verl_does():
+    """Hand-worked: log-ratio 100 → ρ = e^20 (4.85e8), not exp(100) = inf.
+    A = +1: -min(e^20, clip(e^20, 0.8, 1.2)) = -1.2, gradient 0 (the clipped branch).
+    A = -1: -min(-e^20, -1.2) = e^20, gradient 0 (the clamp is flat past 20).
+    Log-ratio 0.1, A = +1: ρ = e^0.1 < 1.2, loss -e^0.1, d/dlogp = -e^0.1."""
+    from grpoctl.losses import clipped_policy_loss, importance_ratio
+
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    for log_ratio, advantage, loss_by_hand, grad_by_hand in [
+            (100.0, 1.0, -1.2, 0.0), (100.0, -1.0, math.exp(20.0), 0.0),
+            (0.1, 1.0, -math.exp(0.1), -math.exp(0.1)), (-100.0, -1.0, 0.8, 0.0)]:
+        logp = torch.tensor([[log_ratio]], requires_grad=True)
+        loss, _ = clipped_policy_loss(logp, torch.zeros(1, 1), torch.tensor([advantage]), mask)
+        loss.sum().backward()
+        assert loss.item() == pytest.approx(loss_by_hand, rel=1e-6)
+        assert math.isfinite(logp.grad.item()) and logp.grad.item() == pytest.approx(
+            grad_by_hand, rel=1e-6, abs=1e-12)
+    assert importance_ratio(torch.tensor(100.0), torch.tensor(0.0)).item() == \
+        pytest.approx(math.exp(20.0), rel=1e-6)
+    # Unclamped, the same A = +1 case had a finite loss and a NaN gradient
+    logp = torch.tensor([100.0], requires_grad=True)
+    ratio = torch.exp(logp)
+    (-torch.minimum(ratio, torch.clamp(ratio, 0.8, 1.2))).sum().backward()
+    assert math.isnan(logp.grad.item())
+
+
+def test_the_k3_clamp_stops_the_gradient_past_2_61_and_minus_11():
+    """k3 = clamp(e^r - r - 1, -10, 10), r = log π_ref - log π_θ (clamped to ±20).
+    e^r - r - 1 = 10 at r ≈ 2.610 (r > 0) and r ≈ -11.000 (e^-11 + 11 - 1 = 10.0000167);
+    past them the value is the bound 10 and the gradient 0 (docs/update.md)."""
+    from grpoctl.losses import kl_k3
+
+    def g(r):
+        return math.exp(r) - r - 1
+
+    assert g(2.61) < 10 < g(2.611) and g(-10.9999) < 10 < g(-11.0)
+    for r, live in [(2.6, True), (2.62, False), (-10.99, True), (-11.01, False)]:
+        logp = torch.tensor([0.0], requires_grad=True)
+        kl_k3(logp, torch.tensor([r])).sum().backward()
+        assert (logp.grad.item() != 0) == live, r

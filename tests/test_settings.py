@@ -87,6 +87,13 @@ LOOP_BAD = [
     (["--epochs", "0"], "--epochs"),
     (["--lr", "-1"], "--lr"),
     (["--weight-decay", "inf"], "--weight-decay"),
+    (["--estimator", "rloo", "--std", "none"], "--std none applies to --estimator group only"),
+    (["--ref", "missing-dir"], "--ref missing-dir: not a model directory"),
+    (["--old-logprobs", "both"], "--old-logprobs"),
+    (["--is-cap", "2", "--old-logprobs", "sampler"], "needs --old-logprobs trainer"),
+    (["--refill", "-G", "16", "--max-rollouts-per-step", "64"], "leaves no room"),
+    (["--lora-r", "4", "--fsdp"], "--fsdp"),
+    (["--dtype", "float16"], "--dtype float16 cannot train every parameter"),
 ]
 
 
@@ -104,7 +111,8 @@ UPDATE_BAD = [(flags, fragment) for flags, fragment in LOOP_BAD
               if flags[0] in ("--loss-agg", "--beta1", "--adam-eps", "--clip-ratio-c",
                               "--clip-eps-high", "--mini-batches", "--update-epochs", "--is-cap",
                               "--lr", "--weight-decay", "--kl-coef", "--lora-dropout",
-                              "--lora-alpha", "--save-lora", "--dtype")]
+                              "--lora-alpha", "--save-lora", "--dtype", "--old-logprobs")
+              and flags[:2] != ["--dtype", "float16"]]
 
 
 @pytest.mark.parametrize("flags, fragment", UPDATE_BAD, ids=[" ".join(f) for f, _ in UPDATE_BAD])
@@ -131,3 +139,43 @@ def test_group_checks_name_the_flag():
     with pytest.raises(config.GrpoctlError, match="--gpu-memory-utilization"):
         config.VllmSettings(gpu_memory_utilization=float("nan")).check()
     LoopConfig().resolved()  # the defaults pass
+
+
+CROSS_RULES = [
+    ["loop", "--estimator", "rloo", "--std", "none"],  # advantages.py's rule, at step 1 before
+    ["loop", "--ref", "missing-dir", "--kl-coef", "0"],  # was ignored; `update` refuses it
+    ["update", "adv.jsonl", "--ref", "missing-dir", "-o", "out"],
+    ["loop", "--is-cap", "2", "--old-logprobs", "sampler"],
+]
+
+
+@pytest.mark.parametrize("argv", CROSS_RULES, ids=[" ".join(a) for a in CROSS_RULES])
+def test_cross_flag_rules_are_refused_before_anything_is_written(argv, tmp_path):
+    """A real subprocess: exit 2, one line, no run directory (nor anything else) written."""
+    from conftest import run_cli
+
+    (tmp_path / "adv.jsonl").write_text('{"prompt_id": "a", "sample": 0, "prompt_ids": [1], '
+                                        '"completion_ids": [2], "logprobs": [-1.0], '
+                                        '"advantage": 1.0}\n')
+    before = sorted(tmp_path.iterdir())
+    extra = ["--steps", "1", "--run-dir", "run", "--eval-prompts", "none"] \
+        if argv[0] == "loop" else []
+    result = run_cli(*argv, *extra, cwd=tmp_path)
+    err = result.stderr.decode().strip()
+    assert result.returncode == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert sorted(tmp_path.iterdir()) == before
+
+
+def test_old_logprobs_default_follows_the_sampler_and_the_optimizer_steps():
+    auto = config.default_old_logprobs
+    base = config.UpdateSettings()
+    assert auto(base) == "sampler"  # hf, float32, one step: they agree to ~1e-6
+    assert auto(base, "vllm") == "trainer"
+    assert auto(base, "hf", ("bfloat16",)) == "trainer"
+    assert auto(base, "hf", ("float32", "bfloat16")) == "trainer"  # a bf16 vLLM engine
+    assert auto(config.UpdateSettings(mini_batches=2)) == "trainer"
+    assert auto(config.UpdateSettings(update_epochs=2)) == "trainer"
+    assert auto(config.UpdateSettings(is_cap=2.0)) == "trainer"
+    assert auto(config.UpdateSettings(old_logprobs="sampler"), "vllm") == "sampler"
+    assert config.LoopConfig().resolved().old_logprobs == "sampler"
+    assert config.LoopConfig(dtype="bfloat16").resolved().old_logprobs == "trainer"

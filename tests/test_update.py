@@ -391,10 +391,11 @@ def test_warmup_scales_the_learning_rate_linearly(tiny_model, tmp_path):
 def test_non_finite_loss_is_refused_and_nothing_changes(tiny_model, tmp_path):
     model = load_policy(tiny_model)
     records = make_records(model, seed=11)
-    # π_old said this token had probability e^-200: ρ = e^(~200) overflows, and with A < 0
-    # the loss -min(ρA, clip(ρ)A) = +inf.
+    # π_old said this token had probability e^-200: ρ = e^20 after the log-ratio clamp
+    # (losses.importance_ratio), and with A = -1e38 the loss -min(ρA, clip(ρ)A) = e^20 ·
+    # 1e38 overflows fp32 to +inf.
     records[2]["logprobs"][0] = -200.0
-    records[2]["advantage"] = -1.0
+    records[2]["advantage"] = -1e38
     cfg = UpdateConfig(lr=1e-3)
     optimizer = make_optimizer(model, cfg)
     before = params_of(model)
@@ -731,3 +732,21 @@ def test_update_command_with_mini_batches(tiny_model, tmp_path):
         assert message in err, err
         assert not (tmp_path / "bad").exists()
 
+
+
+def test_a_log_ratio_of_100_gives_a_finite_loss_and_gradient(tiny_model):
+    """π_old 100 nats below π_θ on one token: exp(100) = inf in fp32, whose gradient was
+    0 · inf = NaN (the step refused); clamped at 20 as verl does, that token's loss is
+    the constant -clip(e^20)·A = -1.2·A (A > 0) with no gradient, and the step goes on
+    with the gradient of the other tokens."""
+    model = load_policy(tiny_model)
+    records = make_records(model, seed=14)
+    records[0]["logprobs"][0] -= 100.0
+    records[0]["advantage"] = 1.0
+    cfg = UpdateConfig(lr=1e-3, old_logprobs="sampler")
+    # The same step with that token's π_old at π_θ (ρ = 1) differs only by that token's
+    # gradient -A·w·∇log π, which the clamp removes: compare against the written-out sum.
+    metrics = update_step(model, make_optimizer(model, cfg), records, cfg)
+    assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])
+    assert metrics["ratio_max"] == pytest.approx(math.exp(20.0), rel=1e-5)
+    assert metrics["clip_fraction"] > 0
