@@ -48,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+from grpoctl import process
 from grpoctl.errors import GrpoctlError, first_line
 from grpoctl.records import umask_mode
 
@@ -285,7 +286,8 @@ def save_checkpoint(out_dir, model, tokenizer, optimizer: torch.optim.Optimizer,
             f.chmod(umask_mode(0o777 if f.is_dir() else 0o666))  # safetensors writes 0600
             _fsync(f)
         _fsync(tmp)
-        _move_into_place(tmp, out)
+        with process.committing(out):  # a signal now is raised once out is the new checkpoint
+            _move_into_place(tmp, out)
     except BaseException as e:
         with contextlib.suppress(OSError):
             shutil.rmtree(tmp)

@@ -10,6 +10,14 @@
   file left beside an output, a loop's finished steps kept. Without this they end the
   process on the spot. A signal the caller ignores (`nohup`) stays ignored. The exit
   status is 128 + the signal's number, as for a process the signal ended.
+- Committing an output (the rename that puts a finished file or directory in place) is
+  one step a signal cannot split: `committing(path)` holds SIGINT/SIGTERM/SIGHUP back
+  across it and records the path in `written`, so an interrupted command says truly
+  whether its output was replaced ("interrupted after writing ck") or not ("nothing was
+  written"), and a rerun does not apply an update twice.
+- Every command grpoctl starts (`run_command`) runs in its own process group, and the
+  whole group is killed and waited for on every exit path: a shell's grandchild
+  (`sh -c 'python judge.py'`) never outlives the stage that started it.
 """
 
 from __future__ import annotations
@@ -19,10 +27,19 @@ import errno
 import io
 import os
 import signal
+import subprocess
 import sys
 
 # The termination signal being handled, if any (main() turns 130 into 128 + it).
 terminated_by: int | None = None
+
+# The outputs this process has put in place (committing), in order: what an interrupt
+# message names as written.
+written: list[str] = []
+
+# While > 0 a commit is under way: a signal is held in _pending until it ends.
+_committing = 0
+_pending: int | None = None
 
 
 class ClosedStdout(io.TextIOBase):
@@ -57,9 +74,47 @@ def reopen_closed_standard_streams() -> None:
 
 
 def _interrupt(signum: int, frame) -> None:
-    global terminated_by
-    terminated_by = signum
+    global terminated_by, _pending
+    if _committing:  # raised when the commit is done (committing)
+        _pending = signum
+        return
+    if signum != signal.SIGINT:
+        terminated_by = signum
     raise KeyboardInterrupt
+
+
+def _is_temporary(path: str) -> bool:
+    """Inside a `.NAME.*.tmp` directory: a part of an output not yet in place."""
+    parts = os.path.abspath(path).split(os.sep)[:-1]
+    return any(p.startswith(".") and p.endswith(".tmp") for p in parts)
+
+
+@contextlib.contextmanager
+def committing(path: str | os.PathLike):
+    """Around the rename that puts the output `path` in place: a signal that arrives
+    meanwhile is held back, and raised (as KeyboardInterrupt) only once the output is
+    in place and recorded in `written`. Without this a SIGTERM just after the rename
+    would report "nothing was written" over a replaced checkpoint."""
+    global _committing, _pending
+    _committing += 1
+    try:
+        yield
+        if not _is_temporary(os.fspath(path)):
+            written.append(os.fspath(path))
+    finally:
+        _committing -= 1
+        if not _committing and _pending is not None:  # the held signal, now
+            signum, _pending = _pending, None
+            _interrupt(signum, None)
+
+
+def interrupt_message() -> str:
+    """What an interrupted command says about its outputs."""
+    if not written:
+        return "interrupted: nothing was written (outputs appear only when a command finishes)"
+    names = ", ".join(dict.fromkeys(written))
+    return (f"interrupted after writing {names} (complete: it is the new output, not the old; "
+            "any other output of the command was not written)")
 
 
 @contextlib.contextmanager
@@ -67,9 +122,12 @@ def interrupt_on_termination_signals():
     """Within the block; the handlers before it are put back after (main() also runs
     inside test processes)."""
     previous = {}
-    for name in ("SIGTERM", "SIGHUP"):
+    for name in ("SIGTERM", "SIGHUP", "SIGINT"):
         number = getattr(signal, name, None)  # no SIGHUP on Windows
-        if number is not None and signal.getsignal(number) is signal.SIG_DFL:
+        # SIGINT's usual handler raises KeyboardInterrupt too; ours also holds it back
+        # across a commit
+        usual = signal.default_int_handler if name == "SIGINT" else signal.SIG_DFL
+        if number is not None and signal.getsignal(number) is usual:
             previous[number] = signal.signal(number, _interrupt)
     try:
         yield
@@ -81,3 +139,39 @@ def interrupt_on_termination_signals():
 def exit_status(status):
     """A Ctrl-C's 130 becomes 128 + the termination signal's number, when that was it."""
     return 128 + terminated_by if status == 130 and terminated_by else status
+
+
+# --- commands grpoctl starts -------------------------------------------------------
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL every process of proc's group (proc leads it), then reap proc."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(Exception):
+        proc.wait()
+
+
+def run_command(command: str, stdin) -> tuple[int, bytes, bytes]:
+    """Run a user's shell command with `stdin` (a file); return (status, stdout, stderr).
+
+    The command gets its own process group (a new session), and the group is killed
+    however this ends: the command done (a grandchild it left running in the
+    background), an error, Ctrl-C or SIGTERM (KeyboardInterrupt). So nothing it
+    started outlives the grpoctl command.
+    """
+    proc = subprocess.Popen(command, shell=True, stdin=stdin, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        while True:
+            try:
+                out, err = proc.communicate(timeout=0.5)
+                break
+            except subprocess.TimeoutExpired:
+                # The shell ended, but what it left in the background keeps the pipes
+                # open (communicate would wait for it): kill it, then read what is left.
+                if proc.poll() is not None:
+                    _kill_group(proc)
+    finally:
+        _kill_group(proc)
+    return proc.returncode, out, err

@@ -57,7 +57,10 @@ def _read_jsonl(text: str, source: str) -> list[tuple[str, dict]]:
 def _read_json(text: str, source: str) -> list[tuple[str, dict]]:
     try:
         data = json.loads(text)
-    except json.JSONDecodeError:
+    except json.JSONDecodeError as e:
+        if text.lstrip("\ufeff \t\r\n").startswith("["):  # an array, the documented format:
+            raise GrpoctlError(f"{source}:{e.lineno}: bad JSON: {e.msg} "  # its own error
+                               f"(column {e.colno})") from None
         return _read_jsonl(text, source)  # a .json file holding JSON lines
     except RecursionError:
         raise GrpoctlError(f"{source}: JSON nested too deeply") from None
@@ -207,7 +210,7 @@ def _rows_to_prompts(rows: list[tuple[str, dict]], source: str, prompt_field: st
                            f"'{ANSWER_FIELD}' column; name one with --answer-field")
     used = {p_field, a_field, id_field}
 
-    prompts, seen_ids, seen_texts = [], {}, {}
+    prompts, seen_ids, seen_texts = Prompts(), {}, {}
     for where, row in rows:
         bad = next(filter(None, (non_finite_path(v, k) for k, v in row.items())), None)
         if bad:  # json.loads and parquet give NaN / inf, which no record may hold
@@ -257,7 +260,23 @@ def _rows_to_prompts(rows: list[tuple[str, dict]], source: str, prompt_field: st
 
         meta = {k: v for k, v in row.items() if k not in used}
         prompts.append({"prompt_id": prompt_id, "text": text, "answer": answer, "meta": meta})
+        prompts.where.append(where)
     return prompts
+
+
+class Prompts(list):
+    """The prompts of a file, and `where`: each one's "file:line" (as Records.lines), for
+    errors found after reading (a prompt too long for the model)."""
+
+    def __init__(self, items=(), where=()):
+        super().__init__(items)
+        self.where: list[str] = list(where)
+
+
+def where_of(prompts: list[dict], i: int) -> str:
+    """Where prompt i was read ("file:line"), or its id where that is not known."""
+    where = getattr(prompts, "where", None)
+    return where[i] if where is not None and i < len(where) else f"prompt {prompts[i]['prompt_id']!r}"
 
 
 def parse_shard(shard: str) -> tuple[int, int]:
@@ -298,14 +317,15 @@ def load_prompts(source: str, prompt_field: str | None = None, answer_field: str
         rows = _read_rows(source)
         prompts = _rows_to_prompts(rows, "<stdin>" if source == "-" else source, prompt_field,
                                    answer_field, answer_after, id_field)
+    where = getattr(prompts, "where", [f"{source}: prompt {i + 1}" for i in range(len(prompts))])
     if limit is not None:
-        prompts = prompts[:limit]
+        prompts, where = prompts[:limit], where[:limit]
     if shard is not None:
         i, n = parse_shard(shard)
         if i >= len(prompts):
             raise GrpoctlError(f"--shard {shard}: shard {i} is empty ({len(prompts)} prompts)")
-        prompts = prompts[i::n]
-    return prompts
+        prompts, where = prompts[i::n], where[i::n]
+    return Prompts(prompts, where)
 
 
 # --- rendering -----------------------------------------------------------------

@@ -23,6 +23,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from typing import IO, Any
 
+from grpoctl import process
 from grpoctl.errors import GrpoctlError
 from grpoctl.errors import first_line as first_line_of
 
@@ -543,7 +544,8 @@ def atomic_open(path: str | os.PathLike, mode: str = "w") -> Iterator[IO]:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with process.committing(path):  # a signal now is raised once path is replaced
+            os.replace(tmp, path)
     except BaseException as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

@@ -32,6 +32,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from grpoctl import process
 from grpoctl.config import LoopConfig
 from grpoctl.errors import GrpoctlError
 from grpoctl.records import RecordError, atomic_open, iter_jsonl, umask_mode
@@ -552,12 +553,13 @@ def write_report(run_dirs: list[str], out_dir: str, labels: list[str] | None = N
         with atomic_open(tmp / "report.md") as f:
             f.write(report_markdown(rows, groups[base_index]["label"], baseline is None,
                                     plots, note, out_dir=out))
-        if out.exists():  # a report before: its files replaced one by one, each whole
-            for name in sorted(os.listdir(tmp)):
-                os.replace(tmp / name, out / name)
-            tmp.rmdir()
-        else:
-            os.rename(tmp, out)
+        with process.committing(out):  # an interrupt now is raised once the report is in place
+            if out.exists():  # a report before: its files replaced one by one, each whole
+                for name in sorted(os.listdir(tmp)):
+                    os.replace(tmp / name, out / name)
+                tmp.rmdir()
+            else:
+                os.rename(tmp, out)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and not isinstance(e, GrpoctlError):
