@@ -170,7 +170,13 @@ RULE_BOX, RULE_HASHES, RULE_ANSWER_IS, RULE_LAST_NUMBER, RULE_NONE = (
 # A second candidate right after the first ("12 or 13", "12, 13", "$12$ and $13$", "12 \pm 1").
 _HEDGE_AFTER = re.compile(r"^\s*\$?\s*(?:or|,|;|and|/|\\pm|\\mp|\\text\{\s*or\s*\})\s*\$?\s*"
                           r"[-+]?(?:\d|\.\d|\\frac)", re.IGNORECASE)
-_HEDGE_BEFORE = re.compile(r"(?:\d|\$)\s*\$?\s*(?:or|,|and|\\pm)\s*\$?\s*$", re.IGNORECASE)
+# (a list of bare numbers, "... 998 999 1000", is candidates too)
+_HEDGE_BEFORE = re.compile(r"(?:\d|\$)\s*\$?\s*(?:or|,|and|\\pm)\s*\$?\s*$|\d\s+$", re.IGNORECASE)
+# ... or further along the same line, after a word that offers an alternative
+# ("12, or maybe 13", "I think 12, perhaps 13").
+_HEDGE_WORD = r"(?:\b(?:or|maybe|perhaps|possibly|probably|alternatively|otherwise|either)\b|\\pm|\\mp)"
+_HEDGE_WORD_AFTER = re.compile(_HEDGE_WORD + r".*?\d", re.IGNORECASE)
+_HEDGE_WORD_BEFORE = re.compile(r"\d.*?" + _HEDGE_WORD, re.IGNORECASE)
 
 
 def find_answer(text: str) -> tuple[str | None, str, bool]:
@@ -198,7 +204,8 @@ def find_answer(text: str) -> tuple[str | None, str, bool]:
     if number is None:
         return None, RULE_NONE, False
     before = tail[:number.start()].rsplit("\n", 1)[-1]
-    return _clean_number(number.group()), RULE_LAST_NUMBER, bool(_HEDGE_BEFORE.search(before))
+    hedged = bool(_HEDGE_BEFORE.search(before) or _HEDGE_WORD_BEFORE.search(before))
+    return _clean_number(number.group()), RULE_LAST_NUMBER, hedged
 
 
 def _answer_on_line(line: str, rule: str, inline_math: bool) -> tuple[str | None, str, bool]:
@@ -211,7 +218,8 @@ def _answer_on_line(line: str, rule: str, inline_math: bool) -> tuple[str | None
             answer = _strip_sentence(line)
             return answer, (rule if answer else RULE_NONE), False
         answer, rest = _clean_number(number.group()), line[number.end():]
-    return answer, (rule if answer else RULE_NONE), bool(_HEDGE_AFTER.search(rest))
+    hedged = bool(_HEDGE_AFTER.search(rest) or _HEDGE_WORD_AFTER.search(rest))
+    return answer, (rule if answer else RULE_NONE), hedged
 
 
 def _scan_all_boxes(tail: str) -> tuple[str | None, bool, list[str]]:
