@@ -12,6 +12,9 @@ The fixed `math` reward never credits such an answer, so the rate mostly measure
 rewards: `--reward format` alone credits `\\boxed{8 + 4}`, and so may a user reward.
 
     hack_rate(records) -> float     # share of credited records that look gamed; 0.0 if none
+
+Every step of `loop` records it (`hack_rate`, and with --refill `sampled_hack_rate` and
+`trained_hack_rate`) and warns above WARN_ABOVE; each evaluation in eval.jsonl too.
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from grpoctl.answers import answer_form, find_answer
+
+# `loop` warns on stderr when a step's hack rate is above this: a few gamed answers among
+# many credited ones are noise (a stray copy); a tenth is a policy finding the hole.
+WARN_ABOVE = 0.1
 
 
 def is_credited(record: dict) -> bool:

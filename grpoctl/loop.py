@@ -44,6 +44,7 @@ from grpoctl.config import LoopConfig, UpdateSettings, flag_of, refill_cap
 from grpoctl.display import NullDisplay
 from grpoctl.errors import GrpoctlError
 from grpoctl.evaluate import evaluate_records, is_correct
+from grpoctl.hacks import WARN_ABOVE as HACK_WARN_ABOVE, hack_rate
 from grpoctl.lora import LoraSettings
 from grpoctl.models import check_vocab, load_policy, load_tokenizer, load_training_policy
 from grpoctl.prompts import load_prompts, render_prompt, where_of
@@ -654,7 +655,8 @@ class Loop:
                                       workers=self.cfg.score_workers,
                                       timeout=self.cfg.score_timeout)
         return {"step": step, "mean_at_k": summary["mean_at_k"], "pass_at_k": summary["pass_at_k"],
-                "k": summary["k"], "prompts": summary["prompts"], "rollouts": rollouts,
+                "k": summary["k"], "prompts": summary["prompts"],
+                "hack_rate": summary["hack_rate"], "rollouts": rollouts,
                 "elapsed_s": elapsed}
 
 
@@ -677,13 +679,15 @@ def refill_stats(sampled: list[dict], kept: list[dict]) -> dict:
 
 
 def _reward_figures(scored: list[dict], prefix: str) -> dict:
-    """PREFIXreward_mean, PREFIXaccuracy and PREFIXzero_adv_frac (the share of groups
-    whose rewards all tie) of `scored`; 0.0 for no records."""
+    """PREFIXreward_mean, PREFIXaccuracy, PREFIXzero_adv_frac (the share of groups
+    whose rewards all tie) and PREFIXhack_rate (hacks.py: the share of credited
+    completions whose answer looks gamed) of `scored`; 0.0 for no records."""
     groups = group_by_prompt(scored)
     tied = sum(1 for ix in groups.values() if len({scored[i]["reward"] for i in ix}) == 1)
     return {f"{prefix}reward_mean": _mean([r["reward"] for r in scored]),
             f"{prefix}accuracy": _mean([is_correct(r) for r in scored]),
-            f"{prefix}zero_adv_frac": tied / len(groups) if groups else 0.0}
+            f"{prefix}zero_adv_frac": tied / len(groups) if groups else 0.0,
+            f"{prefix}hack_rate": hack_rate(scored)}
 
 
 def _mean(values: list) -> float:
@@ -853,6 +857,10 @@ def run_loop(cfg: LoopConfig, resume: bool = False, display=None,
         display.stage(step, "advantage")
         advantaged = loop.advantage_stage(step, kept, kept_name) if kept or cfg.refill else []
         stats = {**group_stats(own, advantaged), **refill}
+        if stats["hack_rate"] > HACK_WARN_ABOVE:
+            _warn(display, f"step {step}: {stats['hack_rate']:.0%} of the credited completions "
+                  "look gamed (hack_rate: hedged, unfinished or copied from the prompt); read "
+                  f"them in {step_dir(run, step) / 'scored.jsonl'}")
         times["advantage_s"] = time.perf_counter() - t0 - sum(times.values())
         display.stage(step, "update")
         update_metrics = loop.update_stage(step, advantaged)

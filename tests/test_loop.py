@@ -7,6 +7,7 @@ that `--resume` ends with the very weights and metrics of an uninterrupted run.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import run_cli
 from safetensors.torch import load_file
+
+from grpoctl.loop import group_stats
 
 # A short run: 3 steps of 8 prompts x 2 samples, a checkpoint only at the end, so a
 # resume must replay finished updates from their saved advantages files.
@@ -78,9 +81,27 @@ def test_metrics_agree_with_the_step_files(finished_run):
         assert m["rollouts"] == 16 * m["step"]
         for key in ("loss", "clip_fraction", "tokens", "rollout_s", "score_s", "update_s", "elapsed_s"):
             assert key in m
+        # The embedded model boxes a bare number: nothing credited looks gamed.
+        credited = [r["completion"] for r in scored if r["rewards"]["math"] == 1.0]
+        assert all(re.search(r"\\boxed\{\d+\}", c) for c in credited)
+        assert m["hack_rate"] == 0.0
     evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
     assert [e["step"] for e in evals] == [0, 2, 3]
     assert all(0.0 <= e["mean_at_k"] <= e["pass_at_k"] <= 1.0 for e in evals)
+    assert all(e["hack_rate"] == 0.0 for e in evals)
+
+
+def test_step_hack_rate_is_the_share_of_credited_completions_that_look_gamed():
+    # Four completions of "What is 8 + 4?" scored by `format` alone, which credits any box:
+    # three are credited, one of them (the sum copied into the box) is gamed: 1/3.
+    prompt = "What is 8 + 4?"
+    scored = [{"prompt_id": "a", "sample": 0, "completion": r"\boxed{8 + 4}", "reward": 1.0},
+              {"prompt_id": "a", "sample": 1, "completion": r"\boxed{12}", "reward": 1.0},
+              {"prompt_id": "b", "sample": 0, "completion": r"\boxed{13}", "reward": 1.0},
+              {"prompt_id": "b", "sample": 1, "completion": "twelve", "reward": 0.0}]
+    for r in scored:
+        r.update(prompt=prompt, answer="12", rewards={"format": r["reward"]})
+    assert group_stats(scored, [])["hack_rate"] == pytest.approx(1 / 3)
 
 
 def test_existing_run_directory_needs_resume(finished_run):
