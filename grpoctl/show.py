@@ -59,10 +59,6 @@ def finished_steps(run: Path) -> list[int]:
     return sorted(steps)
 
 
-def is_run_dir(path: str) -> bool:
-    return os.path.isdir(path)
-
-
 def check_run_dir(run: Path) -> None:
     """A directory `grpoctl loop` wrote, in the current layout, or a one-line error."""
     if not (run / "config.json").is_file():
@@ -330,6 +326,8 @@ def token_texts(model: str | None, ids: set[int]) -> dict[int, str]:
 
 def run_model(source: str) -> str | None:
     """The model a run directory's config.json names, for a step file inside a run."""
+    if not Path(source).parent.name.startswith("step-"):
+        return None
     config = Path(source).parent.parent / "config.json"
     try:
         model = json.loads(config.read_text(encoding="utf-8")).get("model")
@@ -460,7 +458,7 @@ def show(path: str, step: int | None = None, filters: Filters | None = None,
     else:  # the tokenizer and the policy run once over the groups to show
         groups = list(select_groups(source, filters, limit))
         ids = {t for g in groups for r in g.records for t in r.get("completion_ids") or []}
-        texts = token_texts(model or (run_model(source) if os.path.isdir(path) else None), ids)
+        texts = token_texts(model or run_model(source), ids)
         stats = policy_token_stats(groups, policy, device) if policy else None
         for group in groups:
             render_group(console, group, True, texts, stats)
