@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from grpoctl import rewards  # noqa: E402
+from grpoctl import answers, rewards  # noqa: E402
 
 
 def cpu_seconds() -> float:
@@ -57,6 +57,8 @@ def baseline(records: list[dict]) -> tuple[float, float, float]:
 def ours(records: list[dict], workers: int | None) -> tuple[float, float, float, dict]:
     rewards._verdict_cache.clear()  # a fair start: nothing judged yet in this process
     rewards._gold_cache.clear()
+    answers.normalize_answer.cache_clear()
+    answers.parse_number.cache_clear()
     start, cpu = time.perf_counter(), cpu_seconds()
     out, stats = rewards.score_records(records, workers=workers, progress=False)
     return time.perf_counter() - start, cpu_seconds() - cpu, stats["reward_mean"], stats

@@ -26,6 +26,9 @@ from __future__ import annotations
 
 import re
 from decimal import Decimal, InvalidOperation
+from fractions import Fraction
+from functools import lru_cache
+from math import gcd, isqrt
 
 # A final answer sits at the end of a completion; a 20k-character tail holds it even
 # for long chains of thought, and keeps a 100 kB pathological completion cheap.
@@ -102,6 +105,9 @@ _TEXT_COMMANDS = re.compile(r"\\(?:text|mbox|mathrm|textbf|operatorname)")
 _WHITESPACE = re.compile(r"(\\[A-Za-z]+)\s+(?=[A-Za-z])|\s+")
 
 
+# Pure functions of short strings that a step calls many times on the same golds and
+# answers (a group's samples often agree): cached.
+@lru_cache(maxsize=1 << 16)
 def normalize_answer(s: str) -> str:
     """A canonical spelling of a LaTeX answer that keeps its meaning.
 
@@ -159,9 +165,6 @@ def match_without_sympy(gold: str, pred: str) -> bool | None:
 # One implementation, used by the reward (rewards._judge_math, math_reward), by
 # rewards.explain_math and by the hack-rate metric (hacks.py).
 
-from fractions import Fraction  # noqa: E402
-from functools import lru_cache  # noqa: E402
-from math import gcd, isqrt  # noqa: E402
 
 # What a completion's answer was found by, as explain_math reports it.
 RULE_BOX, RULE_HASHES, RULE_ANSWER_IS, RULE_LAST_NUMBER, RULE_NONE = (
@@ -289,6 +292,7 @@ def _blank_to_space(s: str) -> str:
     return s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
 
 
+@lru_cache(maxsize=1 << 16)
 def parse_number(s: str) -> tuple[Fraction, bool] | None:
     """(value, in final form) when `s` is one number, else None.
 

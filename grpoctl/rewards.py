@@ -590,7 +590,10 @@ def score_records(records: Sequence[dict], specs: Sequence[RewardSpec | str] | N
     names = list(dict.fromkeys(name for r in out for name in r["rewards"]))
     stats["reward_mean"] = sum(r["reward"] for r in out) / n
     stats["component_means"] = {k: sum(r["rewards"].get(k, 0.0) for r in out) / n for k in names}
-    stats["hack_rate"] = hack_rate(out)
+    # With `math`, "credited" means math == 1, which answers.judge_answer gives only to an
+    # answer that does not look gamed (the rule hacks.py applies): no second scan needed.
+    with_math = any(spec.kind == "math" for spec in specs)
+    stats["hack_rate"] = 0.0 if with_math else hack_rate(out)
     stats["seconds"] = time.perf_counter() - start
     stats["records_per_s"] = len(out) / stats["seconds"] if stats["seconds"] > 0 else 0.0
     return out, stats
