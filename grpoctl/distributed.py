@@ -42,9 +42,11 @@ The run directory must be on a filesystem every rank sees (always true on one ma
 from __future__ import annotations
 
 import atexit
+import contextlib
 import datetime
 import functools
 import os
+import sys
 from pathlib import Path
 
 from grpoctl.errors import GrpoctlError
@@ -99,8 +101,45 @@ def init_if_launched(device: str = "cpu") -> str:
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=TIMEOUT)
-    atexit.register(dist.destroy_process_group)
+    atexit.register(leave)  # a library caller that never calls leave(); commands do (left_at_end)
     return device
+
+
+def leave(wait_for_others: bool = False) -> None:
+    """Leave the process group, if this process joined one: after a barrier when
+    `wait_for_others` (every rank got here), then destroy it. Nothing otherwise.
+
+    A rank must not exit with its group still alive: the group's C++ threads (gloo's
+    workers, NCCL's watchdog) are then torn down during interpreter shutdown, which can
+    abort the process (`terminate called without an active exception`, SIGABRT) after
+    its work succeeded, more often on a loaded machine.
+    """
+    if "torch.distributed" not in sys.modules:  # never imported: never joined
+        return
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if wait_for_others:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def left_at_end():
+    """Around a whole command that may join the process group (init_if_launched): the
+    group is left when the command ends, on every path. On success the ranks first meet
+    in a barrier, so none tears down its end while another still uses it; on an error
+    or an interrupt there is no barrier (the other ranks may be gone, or stopped
+    elsewhere) and the group is destroyed at once."""
+    try:
+        yield
+    except BaseException:
+        leave(wait_for_others=False)
+        raise
+    leave(wait_for_others=True)
 
 
 # --- who does what ----------------------------------------------------------------
