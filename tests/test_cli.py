@@ -145,6 +145,40 @@ def test_an_unknown_command_is_one_line():
                    "(see `grpoctl --help`)\n")
 
 
+def test_no_command_shows_the_help_with_status_2():
+    proc = run_cli()
+    text = (proc.stdout + proc.stderr).decode()  # typer 0.28 shows it on stdout, 0.29 on stderr
+    assert proc.returncode == 2 and "Usage: grpoctl" in text and "rollout" in text
+
+
+def test_only_public_apis_of_typer():
+    # typer's private modules (typer._click.*) move between releases: 0.29 has no
+    # typer._click.types, and every command failed with `ModuleNotFoundError` there.
+    # scripts/newest-deps-smoke.sh (CI) runs the CLI with the newest typer allowed.
+    import re
+
+    for path in sorted((ROOT / "grpoctl").rglob("*.py")):
+        text = path.read_text(encoding="utf-8")
+        assert not re.search(r"\b(typer|click)\._|\b_click\b|^\s*(from|import) click\b", text,
+                             re.M), path
+
+
+def test_score_workers_0_scores_in_process(tmp_path):
+    # docs/rewards.md: `--workers 0` judges in the calling process (for debugging)
+    records = [{"prompt_id": "p", "sample": s, "completion": f"\\boxed{{{s}}}", "answer": "1"}
+               for s in range(2)]
+    path = tmp_path / "r.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    in_process = run_cli("score", str(path), "--workers", "0", check=True)
+    forked = run_cli("score", str(path), "--workers", "1", check=True)
+    assert in_process.stdout == forked.stdout
+    assert [json.loads(x)["reward"] for x in in_process.stdout.decode().splitlines()] == [0.0, 1.0]
+    stats = json.loads(next(line for line in in_process.stderr.decode().splitlines()
+                            if line.startswith("score: "))[len("score: "):])
+    assert stats["workers"] == 0
+    assert run_cli("score", str(path), "--workers", "-1").returncode == 2
+
+
 def test_not_a_model_directory(tmp_path):
     proc = run_cli("rollout", "--model", str(tmp_path), "--prompts", "arith:test", "--limit", "1")
     assert proc.returncode == 2
