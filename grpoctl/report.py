@@ -22,6 +22,7 @@ with a shaded ± 1 std band. Plotting needs matplotlib, an optional extra
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -528,15 +529,7 @@ def write_report(run_dirs: list[str], out_dir: str, labels: list[str] | None = N
     rows = table_rows(groups, base_index)
 
     out = Path(out_dir)
-    _check_report_dir(out)
-    try:
-        out.absolute().parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.absolute().name}.", suffix=".tmp",
-                                    dir=out.absolute().parent))
-    except OSError as e:
-        raise GrpoctlError(f"{out}: cannot create output directory: {e.strerror}") from None
-    try:  # everything is written in tmp, then moved into place: no half report
-        tmp.chmod(umask_mode(0o777))
+    with staged_report_dir(out) as tmp:
         note = _matplotlib_missing()
         plots = []
         if note is None:
@@ -553,10 +546,41 @@ def write_report(run_dirs: list[str], out_dir: str, labels: list[str] | None = N
         with atomic_open(tmp / "report.md") as f:
             f.write(report_markdown(rows, groups[base_index]["label"], baseline is None,
                                     plots, note, out_dir=out))
+    return {"report": str(out / "report.md"), "plots": [str(out / p) for p in plots],
+            "rows": rows, "note": note}
+
+
+# What `report` writes (with --html: index.html and html/): an existing output directory
+# may hold these and nothing else.
+REPORT_FILES = ("report.md", "accuracy.png", "training.png", "index.html", "html")
+HTML_MARKER = "<!-- grpoctl report --html -->"  # in the first line of an index.html grpoctl wrote
+
+
+@contextlib.contextmanager
+def staged_report_dir(out: Path):
+    """Yields an empty temporary sibling of `out` to write the report in, then puts it in
+    place: an earlier report's files are replaced one by one, each whole (html/ as one
+    rename). On any error or interrupt the temporary is removed and `out` is unchanged."""
+    _check_report_dir(out)
+    try:
+        out.absolute().parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.absolute().name}.", suffix=".tmp",
+                                    dir=out.absolute().parent))
+    except OSError as e:
+        raise GrpoctlError(f"{out}: cannot create output directory: {e.strerror}") from None
+    try:
+        tmp.chmod(umask_mode(0o777))
+        yield tmp
         with process.committing(out):  # an interrupt now is raised once the report is in place
-            if out.exists():  # a report before: its files replaced one by one, each whole
+            if out.exists():
                 for name in sorted(os.listdir(tmp)):
-                    os.replace(tmp / name, out / name)
+                    if (tmp / name).is_dir() and (out / name).is_dir():  # html/: moved aside whole
+                        aside = out / f".{name}.old.tmp"
+                        os.rename(out / name, aside)
+                        os.rename(tmp / name, out / name)
+                        shutil.rmtree(aside, ignore_errors=True)
+                    else:
+                        os.replace(tmp / name, out / name)
                 tmp.rmdir()
             else:
                 os.rename(tmp, out)
@@ -565,12 +589,6 @@ def write_report(run_dirs: list[str], out_dir: str, labels: list[str] | None = N
         if isinstance(e, OSError) and not isinstance(e, GrpoctlError):
             raise GrpoctlError(f"{out}: cannot write the report: {e.strerror or e}") from None
         raise
-    return {"report": str(out / "report.md"), "plots": [str(out / p) for p in plots],
-            "rows": rows, "note": note}
-
-
-# What `report` writes: an existing output directory may hold these and nothing else.
-REPORT_FILES = ("report.md", "accuracy.png", "training.png")
 
 
 def _check_report_dir(out: Path) -> None:
@@ -581,11 +599,11 @@ def _check_report_dir(out: Path) -> None:
     if not out.is_dir():
         raise GrpoctlError(f"{out}: exists and is not a directory; -o takes a directory")
     others = sorted(set(os.listdir(out)) - set(REPORT_FILES))
-    report_md = out / "report.md"
-    if not others and report_md.is_file():
-        with open(report_md, "rb") as f:
-            if not f.read(64).startswith(b"# grpoctl report\n"):
-                others = ["report.md (not one grpoctl wrote)"]
+    for name, mark in (("report.md", b"# grpoctl report\n"), ("index.html", HTML_MARKER.encode())):
+        if (out / name).is_file():
+            with open(out / name, "rb") as f:
+                if mark not in f.read(200):
+                    others.append(f"{name} (not one grpoctl wrote)")
     if others:
         raise GrpoctlError(f"{out}: holds files a report does not write ({', '.join(others[:3])}"
                            f"{', ...' if len(others) > 3 else ''}); choose a new -o")

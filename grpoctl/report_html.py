@@ -26,21 +26,17 @@ import html
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
-from grpoctl import process
 from grpoctl.errors import GrpoctlError
-from grpoctl.records import atomic_open, read_records, umask_mode
-from grpoctl.report import REPORT_FILES, final_figures, load_run, write_report
+from grpoctl.records import atomic_open, read_records
+from grpoctl.report import (HTML_MARKER as MARKER, final_figures, load_run, staged_report_dir,
+                            write_report)
 from grpoctl.show import (check_run_dir, explain, finished_steps, group_kind, is_right,
                           step_file, Group)
 
 ASSETS = Path(__file__).parent / "report_assets"
-MARKER = "<!-- grpoctl report --html -->"  # what tells an earlier HTML report from other files
-HTML_FILES = ("index.html", "html")
 
 
 # --- escaping -------------------------------------------------------------------------
@@ -236,23 +232,6 @@ def _slug(i: int, path: str) -> str:
 # --- the report -------------------------------------------------------------------------
 
 
-def _check_out(out: Path) -> None:
-    """An existing -o must be an earlier report (with or without HTML), or empty."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise GrpoctlError(f"{out}: exists and is not a directory; -o takes a directory")
-    others = sorted(set(os.listdir(out)) - set(REPORT_FILES) - set(HTML_FILES))
-    index = out / "index.html"
-    if index.is_file():
-        with open(index, "rb") as f:
-            if MARKER.encode() not in f.read(200):
-                others.append("index.html (not one grpoctl wrote)")
-    if others:
-        raise GrpoctlError(f"{out}: holds files a report does not write ({', '.join(others[:3])}"
-                           f"{', ...' if len(others) > 3 else ''}); choose a new -o")
-
-
 def write_html_report(run_dirs: list[str], out_dir: str, labels: list[str] | None = None,
                       baseline: str | None = None, tokens: bool = True) -> dict:
     """report.md and the PNGs (report.write_report), plus index.html and one page per run.
@@ -262,7 +241,6 @@ def write_html_report(run_dirs: list[str], out_dir: str, labels: list[str] | Non
     Returns {"index": path, "pages": [paths], "steps": count, "bytes": total size}.
     """
     out = Path(out_dir)
-    _check_out(out)
     runs = []
     for d in run_dirs:
         check_run_dir(Path(d))
@@ -270,14 +248,7 @@ def write_html_report(run_dirs: list[str], out_dir: str, labels: list[str] | Non
     for run in runs:  # every step the metrics name must have its records
         for line in run["metrics"]:
             step_file(Path(run["path"]), line["step"])
-    try:
-        out.absolute().parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.absolute().name}.", suffix=".tmp",
-                                    dir=out.absolute().parent))
-    except OSError as e:
-        raise GrpoctlError(f"{out}: cannot create output directory: {e.strerror}") from None
-    try:
-        tmp.chmod(umask_mode(0o777))
+    with staged_report_dir(out) as tmp:
         result = write_report(run_dirs, str(tmp), labels, baseline)
         plots = [os.path.basename(p) for p in result["plots"]]
         label_of = {path: row["label"] for row in result["rows"] for path in row["runs"]}
@@ -297,12 +268,6 @@ def write_html_report(run_dirs: list[str], out_dir: str, labels: list[str] | Non
         with atomic_open(tmp / "index.html") as f:
             f.write(index_page(runs, page_labels, slugs, plots))
         size = sum(p.stat().st_size for p in tmp.rglob("*") if p.is_file())
-        _put_in_place(tmp, out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError) and not isinstance(e, GrpoctlError):
-            raise GrpoctlError(f"{out}: cannot write the report: {e.strerror or e}") from None
-        raise
     return {"index": str(out / "index.html"), "pages": [str(p) for p in pages],
             "steps": n_steps, "bytes": size, "report": str(out / "report.md")}
 
@@ -332,15 +297,3 @@ def _write_steps(run: dict, directory: Path, tokens: bool) -> list[dict]:
     return steps
 
 
-def _put_in_place(tmp: Path, out: Path) -> None:
-    """tmp becomes out; an earlier report there is replaced whole (moved aside, then
-    removed), so a reader never sees half of each."""
-    with process.committing(out):
-        if not out.exists():
-            os.rename(tmp, out)
-            return
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.absolute().parent))
-        os.rmdir(old)
-        os.rename(out, old)
-        os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)

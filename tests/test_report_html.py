@@ -113,6 +113,15 @@ def test_an_earlier_report_is_replaced_and_other_directories_refused(run, report
     proc = run_cli("report", str(run), "--html", "-o", str(mine))
     assert proc.returncode == 2 and b"holds files a report does not write" in proc.stderr
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    # A plain report into the HTML report's directory replaces only its own files.
+    run_cli("report", str(run), "-o", str(report), check=True)
+    assert (report / "index.html").is_file() and (report / "html" / "1-run").is_dir()
+    # An index.html that grpoctl did not write is the user's: refused, untouched.
+    (mine / "notes.txt").unlink()
+    (mine / "index.html").write_text("<p>my page</p>")
+    proc = run_cli("report", str(run), "-o", str(mine))
+    assert proc.returncode == 2 and b"index.html (not one grpoctl wrote)" in proc.stderr
+    assert (mine / "index.html").read_text() == "<p>my page</p>"
 
 
 @pytest.mark.parametrize("case", ["damaged", "missing step", "old layout"])
