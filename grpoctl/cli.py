@@ -933,14 +933,20 @@ def main() -> None:
     """
     process.reopen_closed_standard_streams()
     watched = sys.stdout = _WatchedStdout(sys.stdout)
+    status = 0
     try:
         with process.interrupt_on_termination_signals():
             _main(watched)
     except SystemExit as e:  # 130 for SIGTERM/SIGHUP too; say which it was
-        raise SystemExit(process.exit_status(e.code)) from None
+        status = process.exit_status(e.code)
     finally:
         if sys.stdout is watched:
             sys.stdout = watched._stream
+    if isinstance(status, int):
+        from grpoctl import distributed
+
+        distributed.end_rank(status)  # torchrun: ends this rank here (no teardown abort)
+    raise SystemExit(status)
 
 
 def _main(watched: _WatchedStdout) -> None:
