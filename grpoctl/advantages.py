@@ -27,6 +27,14 @@ rloo (RLOO)       A_i = r_i - mean_{j != i} r_j, the leave-one-out baseline (Ahm
     al. 2024; Kool et al. 2019). Equal to G/(G-1) x (r_i - mean(r)): Dr. GRPO's estimator,
     scaled. G >= 2.
 
+Estimators live in a registry, `ESTIMATORS` (name -> function), filled by
+`@register_estimator(name)` as verl's core_algos does; --estimator's choices, its help
+and the docs read it. A new estimator is its function and that one line:
+
+    @register_estimator("mine")
+    def mine(rewards, settings, batch_std):   # settings: config.AdvantageSettings
+        return [...]                          # one advantage per reward, in order
+
 Every estimator gives exactly 0 to all members of a group whose rewards are all equal:
 such a group has no contrast and contributes no gradient. `drop_zero` removes those
 groups (DAPO's dynamic sampling filter; the paper's 2-GRPO+RS discards tied pairs).
@@ -38,11 +46,26 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 
-from grpoctl.config import ESTIMATORS, STD_MODES, AdvantageSettings
+from collections.abc import Callable
+
+from grpoctl.config import STD_MODES, AdvantageSettings
 from grpoctl.errors import GrpoctlError
 from grpoctl.records import RecordError, group_by_prompt, line_of
 
 DEFAULT_EPS = AdvantageSettings.adv_eps  # verl's GRPO 1e-6; TRL's GRPOTrainer adds 1e-4
+
+# name -> function(rewards of one group, AdvantageSettings, batch std or None) -> advantages
+ESTIMATORS: dict[str, Callable] = {}
+
+
+def register_estimator(name: str, group_size: int | None = None):
+    """Decorator: make the function the estimator `name` (--estimator NAME). group_size:
+    the one group size it accepts (pairwise: 2), checked on the records and by `loop`."""
+    def register(fn: Callable) -> Callable:
+        fn.group_size = group_size
+        ESTIMATORS[name] = fn
+        return fn
+    return register
 
 
 def mean(xs: Sequence[float]) -> float:
@@ -111,6 +134,21 @@ def rloo_advantages(rewards: Sequence[float]) -> list[float]:
     return [r - (total - r) / (g - 1) for r in rewards]
 
 
+@register_estimator("group")
+def _group(rewards: Sequence[float], settings: AdvantageSettings, batch_std) -> list[float]:
+    return group_advantages(rewards, settings.std, settings.adv_eps, batch_std)
+
+
+@register_estimator("pairwise", group_size=2)
+def _pairwise(rewards: Sequence[float], settings: AdvantageSettings, batch_std) -> list[float]:
+    return list(pairwise_advantages(*rewards))
+
+
+@register_estimator("rloo")
+def _rloo(rewards: Sequence[float], settings: AdvantageSettings, batch_std) -> list[float]:
+    return rloo_advantages(rewards)
+
+
 # --- records ----------------------------------------------------------------------
 
 
@@ -127,32 +165,25 @@ def _check_inputs(records: Sequence[dict], source: str) -> None:
             raise RecordError(source, line, "reward", f"expected a finite number, got {reward!r}")
 
 
-def compute_advantages(records: Sequence[dict], estimator: str = "group", std: str = "group",
-                       eps: float = DEFAULT_EPS, allow_uneven: bool = False,
-                       drop_zero: bool = False,
+def compute_advantages(records: Sequence[dict], settings: AdvantageSettings | None = None,
+                       allow_uneven: bool = False,
                        source: str = "<records>") -> tuple[list[dict], dict]:
     """Give every record an `advantage`; return (records in input order, stats).
 
-    estimator: "group" (GRPO, default), "pairwise" (2-GRPO), "rloo".
-    std, eps: for estimator="group" only (see group_advantages); defaults "group", 1e-6.
+    settings: estimator (a name in ESTIMATORS), std and adv_eps (for "group"), drop_zero
+        (leave out groups whose advantages are all zero: DAPO dynamic sampling); checked.
     allow_uneven: accept groups whose size differs from the most common size (default:
         an error, since it usually means a truncated or concatenated rollout file).
-    drop_zero: leave out groups whose advantages are all zero (DAPO dynamic sampling).
     source: file name for errors (lines as records.line_of finds them).
     Groups are found by prompt_id wherever their records stand (interleaving is fine).
     stats: n, groups, group_size (the most common), sizes {size: groups}, zero_groups,
         zero_fraction, dropped_groups, dropped_records, kept, reward_mean,
         advantage_abs_mean, batch_std (std="batch"), estimator, std.
     """
-    if estimator not in ESTIMATORS:
-        raise GrpoctlError(f"--estimator must be one of {', '.join(ESTIMATORS)}; got {estimator!r}")
-    if std not in STD_MODES:
-        raise GrpoctlError(f"--std must be one of {', '.join(STD_MODES)}; got {std!r}")
-    if std != "group" and estimator != "group":
-        raise GrpoctlError(f"--std {std} applies to --estimator group only, "
-                           f"not {estimator}")
-    if not (eps >= 0 and math.isfinite(eps)):
-        raise GrpoctlError(f"--eps must be a finite number >= 0, got {eps}")
+    settings = settings or AdvantageSettings()
+    settings.check()
+    estimator, std = settings.estimator, settings.std
+    estimate = ESTIMATORS[estimator]
     if not records:
         raise RecordError(source, None, None, "is empty: no records")
     _check_inputs(records, source)
@@ -167,10 +198,11 @@ def compute_advantages(records: Sequence[dict], estimator: str = "group", std: s
                               f"group {prompt_id!r} has 1 sample; advantages compare samples of "
                               "the same prompt, so each needs at least 2 (rollout with "
                               "--group-size 2 or more)")
-        if estimator == "pairwise" and len(rows) != 2:
+        if estimate.group_size not in (None, len(rows)):
             raise RecordError(source, line, "prompt_id",
-                              f"group {prompt_id!r} has {len(rows)} samples; the pairwise "
-                              "estimator (2-GRPO) needs exactly 2 (use --estimator group or rloo)")
+                              f"group {prompt_id!r} has {len(rows)} samples; the {estimator} "
+                              f"estimator needs exactly {estimate.group_size} (use another "
+                              "--estimator)")
         if len(rows) != expected and not allow_uneven:
             raise RecordError(source, line, "prompt_id",
                               f"group {prompt_id!r} has {len(rows)} samples, expected {expected} "
@@ -182,19 +214,14 @@ def compute_advantages(records: Sequence[dict], estimator: str = "group", std: s
     zero_groups: set[str] = set()
     for prompt_id, rows in groups.items():
         group_rewards = [rewards[i] for i in rows]
-        if estimator == "pairwise":
-            values = list(pairwise_advantages(*group_rewards))
-        elif estimator == "rloo":
-            values = rloo_advantages(group_rewards)
-        else:
-            values = group_advantages(group_rewards, std=std, eps=eps, batch_std=batch_std)
+        values = estimate(group_rewards, settings, batch_std)
         for i, a in zip(rows, values):
             advantages[i] = a
         if all(a == 0.0 for a in values):
             zero_groups.add(prompt_id)
 
     out = [{**r, "advantage": a} for r, a in zip(records, advantages)
-           if not (drop_zero and r["prompt_id"] in zero_groups)]
+           if not (settings.drop_zero and r["prompt_id"] in zero_groups)]
     stats = {
         "n": len(records),
         "estimator": estimator,
@@ -204,7 +231,7 @@ def compute_advantages(records: Sequence[dict], estimator: str = "group", std: s
         "sizes": dict(sorted(sizes.items())),
         "zero_groups": len(zero_groups),
         "zero_fraction": len(zero_groups) / len(groups),
-        "dropped_groups": len(zero_groups) if drop_zero else 0,
+        "dropped_groups": len(zero_groups) if settings.drop_zero else 0,
         "dropped_records": len(records) - len(out),
         "kept": len(out),
         "reward_mean": mean(rewards),

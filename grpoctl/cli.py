@@ -1,4 +1,9 @@
-"""The grpoctl command line: flags, help texts and exit codes, nothing else.
+"""The grpoctl command line: commands, their own flags and exit codes, nothing else.
+
+Flags that are settings are not declared here: a command names the settings groups it
+takes (config.py), and flags.py makes one option per field, with the field's default,
+range, choices and docstring as help. The command body gets the settings built and
+checked.
 
 Each command parses its flags and calls one library function; the work lives in
 the stage modules (`rollout`, `rewards`, `advantages`, `update`, `loop`). Heavy
@@ -14,13 +19,16 @@ import json
 import math
 import os
 import sys
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Optional
 
 import typer
 
 from grpoctl import process
-from grpoctl.config import FLAGS, LoopConfig, UpdateSettings
+from grpoctl.config import (AdapterSettings, AdvantageSettings, EvalSettings, LoopConfig,
+                            ModelSettings, PromptSettings, SamplingSettings, ScoreSettings,
+                            UpdateConfig, VllmSettings, resolve_threads)
 from grpoctl.errors import GrpoctlError
+from grpoctl.flags import Use, settings
 
 app = typer.Typer(
     name="grpoctl",
@@ -34,148 +42,19 @@ app = typer.Typer(
     rich_markup_mode="markdown",
 )
 
-# --- options shared by several commands ----------------------------------------
-# Each is an Annotated type so `rollout`, `loop` and `eval` spell a knob the same way.
-
-
-def option(panel: str, *names: str, **kwargs):
-    """typer.Option shown in the `panel` section of --help (loop has some 80 options)."""
-    return typer.Option(*names, rich_help_panel=panel, **kwargs)
-
+# --- options -------------------------------------------------------------------
+# Settings come from config.py's groups (flags.py builds the options from the fields); a
+# command names the groups it takes with Use(...). Only options that are not settings are
+# declared here.
 
 Output = Annotated[str, typer.Option("--output", "-o", help="Output file; `-` is stdout.")]
-Model = Annotated[str, option(
-    "Model", "--model", "-m", help="Model directory (any transformers causal LM), "
-    "or `default` for the embedded tiny model.")]
-Prompts = Annotated[str, option(
-    "Prompts", help="Prompt file (JSONL, JSON, CSV, parquet; `-` = JSONL on stdin) or a built-in "
-    "task split: `arith:train`, `arith:test`.")]
-PromptField = Annotated[Optional[str], option(
-    "Prompts", help="Column holding the prompt [default: first of prompt, problem, question].")]
-AnswerField = Annotated[Optional[str], option(
-    "Prompts", help="Column holding the gold answer [default: answer].")]
-AnswerAfter = Annotated[Optional[str], option(
-    "Prompts", help="Keep only the text after the last occurrence of this marker in the answer, "
-    "e.g. '#### ' for GSM8K.")]
-IdField = Annotated[Optional[str], option(
-    "Prompts", help="Column holding a stable prompt id [default: a hash of the prompt text].")]
-Limit = Annotated[Optional[int], option("Prompts", help="Use only the first N prompts.")]
-Template = Annotated[str, option(
-    "Prompts", help="Prompt template; `{prompt}` is replaced by the prompt text.")]
-NoChatTemplate = Annotated[bool, option(
-    "Prompts", "--no-chat-template", help="Do not apply the tokenizer's chat "
-    "template.")]
-System = Annotated[Optional[str], option("Prompts", help="System message for the chat template.")]
-GroupSize = Annotated[int, option(
-    "Sampling", "--group-size", "-G", min=1, help="Completions per prompt (G). 2 is 2-GRPO.")]
-Temperature = Annotated[float, option(
-    "Sampling", min=0.0, help="Sampling temperature (0 = greedy).")]
-TopP = Annotated[float, option("Sampling", min=0.0, max=1.0, help="Nucleus sampling mass.")]
-TopK = Annotated[int, option("Sampling", min=0, help="Keep the K most likely tokens (0 = off).")]
-MaxNewTokens = Annotated[int, option(
-    "Sampling", min=1, help="Generation budget per completion, in tokens.")]
-Seed = Annotated[int, option(
-    "Sampling", help="Random seed: the same seed gives the same output, byte for byte.")]
-BatchSize = Annotated[int, option("Sampling", min=1, help="Sequences generated together.")]
-Backend = Annotated[Literal["hf", "vllm"], option(
-    "Sampling", help="Generation engine: `hf` (transformers) or `vllm` (needs the vllm extra on a "
-    "GPU, or vLLM's CPU build: README, vLLM on CPU).")]
-EnforceEager = Annotated[bool, option(
-    "vLLM", "--enforce-eager", help="vLLM without its compile step and CUDA graphs: starts sooner, "
-    "samples slower (--backend vllm).")]
-TensorParallel = Annotated[int, option(
-    "vLLM", min=1, help="GPUs vLLM shards the model over (--backend vllm).")]
-GpuMemory = Annotated[float, option(
-    "vLLM", min=0.01, max=1.0, help="Share of each GPU's memory vLLM takes for weights and KV "
-    "cache (--backend vllm).")]
-Dtype = Annotated[Literal["float32", "bfloat16", "float16"], option("Model", help="Weights dtype.")]
-WarmupSteps = Annotated[int, option(
-    "Update", min=0, help="Linear learning-rate warm-up over the first N steps (the paper: 10); 0 "
-    "= constant lr.")]
-Device = Annotated[str, option("Model", help="Torch device, e.g. cpu or cuda.")]
-TrustRemoteCode = Annotated[bool, option(
-    "Model", "--trust-remote-code", help="Allow model code from the checkpoint "
-    "directory (off: only transformers' own architectures run).")]
-Reward = Annotated[Optional[list[str]], option(
-    "Score", "--reward", "-r", help="Reward as NAME[=WEIGHT], repeatable: `math`, `format`, "
-    "`path/file.py:fn`, `module:fn` [default: math].")]
-Workers = Annotated[Optional[int], option(
-    "Score", min=0, help="Scoring processes; 0 = in this process, for debugging (soft time "
-    "limits only) [default: all cores].")]
-ScoreTimeout = Annotated[float, option(
-    "Score", "--timeout", min=0.01, help="CPU seconds a completion's check may take (a "
-    "loaded machine gets the same rewards); over it the reward is 0.")]
-Estimator = Annotated[Literal["group", "pairwise", "rloo"], option(
-    "Advantage", help="`group` (GRPO), `pairwise` (2-GRPO) or `rloo`.")]
-Std = Annotated[Literal["group", "batch", "none"], option(
-    "Advantage", help="`group` (GRPO), `batch`, or `none` (Dr. GRPO). Used by --estimator group.")]
-AdvEps = Annotated[float, option(
-    "Advantage", min=0.0, help="ε added to the std before dividing (--estimator group).")]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress display.")]
-Threads = Annotated[Optional[int], option(
-    "Model", min=0, help="CPU threads for torch (0 = torch's choice) [default: 1 for the embedded "
-    "model, else 0].")]
-Fsdp = Annotated[bool, option(
-    "Model", "--fsdp", help="Under torchrun: shard the optimizer state and the summed gradients "
-    "across ranks with FSDP2 (default: every rank holds the whole model and optimizer, "
-    "DDP-style). No effect in a single process.")]
-AttnImplementation = Annotated[Optional[str], option(
-    "Model", help="Attention kernel: eager, sdpa, flash_attention_2 (GPU, needs flash-attn) "
-    "[default: transformers' choice, sdpa].")]
-GradientCheckpointing = Annotated[bool, option(
-    "Model", "--gradient-checkpointing", help="Recompute each layer's activations in the backward "
-    "pass: far less memory, about one more forward pass of time. Same gradients.")]
-LoraR = Annotated[int, option(
-    "LoRA", min=0, help="Train a LoRA adapter of this rank instead of every weight (needs the lora "
-    "extra); 0 = off. A --policy that holds an adapter continues it.")]
-LoraAlpha = Annotated[Optional[float], option(
-    "LoRA", help="LoRA scale α (update = α/r · BA) [default: 2 × --lora-r, as TRL].")]
-LoraDropout = Annotated[float, option(
-    "LoRA", min=0.0, max=0.99, help="Dropout on the LoRA input during the update (peft's default "
-    "0).")]
-LoraTargetModules = Annotated[str, option(
-    "LoRA", help="Layers that get adapters: `all-linear` (every linear layer but the output head) "
-    "or names, e.g. `q_proj,v_proj`.")]
-SaveLora = Annotated[Literal["adapter", "merged"], option(
-    "LoRA", help="With --lora-r: `adapter` saves the adapter (it names the base model's path); "
-    "`merged` also writes merged/, the merged weights as a plain model directory.")]
-# The update's knobs, shared by `update` and `loop` (defaults and sources: update.UpdateConfig).
-WeightDecay = Annotated[float, option("Update", help="AdamW decoupled weight decay.")]
-Beta1 = Annotated[float, option("Update", help="AdamW β1 (first-moment decay), in [0, 1).")]
-AdamEps = Annotated[float, option("Update", help="AdamW ε, added to the second-moment root.")]
-Beta2 = Annotated[float, option("Update", help="AdamW β2 (second-moment decay), in [0, 1).")]
-ClipEps = Annotated[float, option(
-    "Update", help="PPO/GRPO clip range ε below 1 (and above, unless --clip-eps-high).")]
-ClipEpsHigh = Annotated[Optional[float], option(
-    "Update", help="Clip range above 1 (DAPO's clip-higher uses 0.28) [default: --clip-eps].")]
-ClipRatioC = Annotated[Optional[float], option(
-    "Update", help="Dual clip (Ye et al. 2020; verl's clip_ratio_c, 3.0 there): for A < 0 cap each "
-    "token's loss at C·|A|, so a stale ratio ρ > C gives no gradient. Must be > 1 [default: off].")]
-MiniBatches = Annotated[int, option(
-    "Update", help="Optimizer steps per pass over the rollouts: their prompt groups (whole groups, "
-    "file order) split into M mini-batches, one step each, all against the sampler's log-probs, "
-    "so the clip acts from the second step on (verl: train_batch_size / ppo_mini_batch_size; TRL: "
-    "steps_per_generation).")]
-UpdateEpochs = Annotated[int, option(
-    "Update", help="Passes over the rollouts: M × E optimizer steps in all (verl ppo_epochs, TRL "
-    "num_iterations). Not --epochs, which in `loop` counts passes over the prompt set.")]
-LossAgg = Annotated[Literal["token-mean", "seq-mean", "constant"], option(
-    "Update", help="Per-token losses to one number: `token-mean` (DAPO, TRL), `seq-mean` (the GRPO "
-    "paper) or `constant` (Dr. GRPO).")]
-MaxGradNorm = Annotated[float, option("Update", help="Clip the gradient norm to this (0 = off).")]
-KlCoef = Annotated[float, option(
-    "Update", help="Weight β of the k3 KL penalty to --ref (needs --ref).")]
-Ref = Annotated[Optional[str], option(
-    "Update", help="Reference model directory for the KL penalty.")]
-IsCap = Annotated[Optional[float], option(
-    "Update", help="Truncated importance sampling: weight each token's loss by "
-    "min(π_trainer/π_sampler, CAP), correcting the sampler's (e.g. vLLM's) log-prob mismatch; 2.0 "
-    "is usual [default: off].")]
-OldLogprobs = Annotated[Optional[str], option(
-    "Update", help="π_old of the PPO ratio: `trainer` (the trainer's log-probs before the first "
-    "optimizer step, as verl) or `sampler` (the records' logprobs) [default: trainer with vLLM, "
-    "a dtype other than float32, several optimizer steps per batch or --is-cap; else "
-    "sampler].")]
+
+# What the commands that sample take of the model and vLLM settings; rollout's and eval's
+# engine has the GPU to itself (vLLM's own default share, 0.9), loop's shares it
+SAMPLER = ("model", "dtype", "device", "attn_implementation", "threads", "trust_remote_code")
+ENGINE = Use(VllmSettings, only=("tensor_parallel_size", "gpu_memory_utilization", "vllm_eager"),
+             defaults={"gpu_memory_utilization": 0.9})
 
 
 def _print_version(value: bool) -> None:
@@ -205,8 +84,6 @@ def _use_threads(model: str, threads: int | None) -> None:
     """--threads of a command that runs `model`, applied before the model loads: the
     number given, else the model's default (config.resolve_threads, as `loop`); 0 leaves
     torch's own choice. Every command that runs a model calls this, and only this."""
-    from grpoctl.config import resolve_threads
-
     threads = resolve_threads(model, threads)
     if threads:
         import torch
@@ -214,42 +91,16 @@ def _use_threads(model: str, threads: int | None) -> None:
         torch.set_num_threads(threads)
 
 
-# --- rollout -------------------------------------------------------------------
-
-
 @app.command()
-def rollout(
-    model: Model = "default",
-    prompts: Prompts = "arith:train",
-    prompt_field: PromptField = None,
-    answer_field: AnswerField = None,
-    answer_after: AnswerAfter = None,
-    id_field: IdField = None,
-    limit: Limit = None,
-    shard: Annotated[Optional[str], typer.Option(help="Take shard I of N prompts, as `I/N` (0-based); "
-                                                 "`cat` of all shards equals the whole run.")] = None,
-    template: Template = "{prompt}",
-    no_chat_template: NoChatTemplate = False,
-    system: System = None,
-    group_size: GroupSize = 2,
-    temperature: Temperature = LoopConfig.temperature,
-    top_p: TopP = LoopConfig.top_p,
-    top_k: TopK = LoopConfig.top_k,
-    max_new_tokens: MaxNewTokens = 256,
-    seed: Seed = 0,
-    batch_size: BatchSize = 64,
-    backend: Backend = "hf",
-    tensor_parallel_size: TensorParallel = 1,
-    gpu_memory_utilization: GpuMemory = 0.9,
-    enforce_eager: EnforceEager = False,
-    dtype: Dtype = "float32",
-    device: Device = "cpu",
-    attn_implementation: AttnImplementation = None,
-    threads: Threads = None,
-    trust_remote_code: TrustRemoteCode = False,
-    output: Output = "-",
-    quiet: Quiet = False,
-):
+@settings(prompts=Use(PromptSettings), model=Use(ModelSettings, only=SAMPLER),
+          sampling=Use(SamplingSettings, skip=("prompts_per_step",),
+                       defaults={"max_new_tokens": 256, "batch_size": 64}),
+          vllm=ENGINE)
+def rollout(prompts: PromptSettings, shard: Annotated[Optional[str], typer.Option(
+                help="Take shard I of N prompts, as `I/N` (0-based); `cat` of all shards equals "
+                "the whole run.", rich_help_panel="Prompts")] = None, *,
+            model: ModelSettings, sampling: SamplingSettings, vllm: VllmSettings,
+            output: Output = "-", quiet: Quiet = False):
     """Sample G completions per prompt and write one record per completion.
 
     Each record carries the token ids and the log-probability of every sampled token
@@ -263,35 +114,21 @@ def rollout(
 
         grpoctl rollout -m M --prompts gsm8k_test.jsonl --prompt-field question --answer-after '#### '
     """
-    from grpoctl.rollout import SamplingParams, run_rollout
+    from grpoctl.rollout import run_rollout
 
-    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k,
-                              max_new_tokens=max_new_tokens, seed=seed)
-    _use_threads(model, threads)
-    run_rollout(
-        model_dir=model, prompts_source=prompts, output=output, group_size=group_size,
-        sampling=sampling, batch_size=batch_size, backend=backend,
-        prompt_field=prompt_field, answer_field=answer_field, answer_after=answer_after,
-        id_field=id_field, limit=limit, shard=shard, template=template,
-        use_chat_template=not no_chat_template, system=system, dtype=dtype, device=device,
-        trust_remote_code=trust_remote_code, progress=_progress(quiet), log=not quiet,
-        tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-        attn_implementation=attn_implementation, enforce_eager=enforce_eager,
-    )
-
-
-# --- score ---------------------------------------------------------------------
+    _use_threads(model.model, model.threads)
+    run_rollout(prompts, model, sampling, vllm, output=output, shard=shard,
+                progress=_progress(quiet), log=not quiet)
 
 
 @app.command()
-def score(
-    records: Annotated[str, typer.Argument(help="Rollout file, or `-` for stdin.")] = "-",
-    reward: Reward = None,
-    workers: Workers = None,
-    timeout: ScoreTimeout = LoopConfig.score_timeout,
-    output: Output = "-",
-    quiet: Quiet = False,
-):
+@settings(score=Use(ScoreSettings, skip=("score_cmd",)))
+def score(records: Annotated[str, typer.Argument(help="Rollout file, or `-` for stdin.")] = "-", *,
+          score: ScoreSettings,
+          explain: Annotated[bool, typer.Option("--explain", help="Add `explain` to each record: "
+                                                "why `math` gave its reward (docs/records.md).",
+                                                rich_help_panel="Score")] = False,
+          output: Output = "-", quiet: Quiet = False):
     """Add `reward` (weighted sum) and `rewards` (each component) to every record.
 
     `math` compares the last \\boxed{} answer (or a documented fallback) with the gold
@@ -307,33 +144,25 @@ def score(
     """
     from grpoctl.records import (NEEDS_SCORE, check_output, read_records, source_name,
                                  write_records)
-    from grpoctl.rewards import parse_reward_specs, score_records
+    from grpoctl.rewards import score_records
 
     check_output(output, [records])
-    specs = parse_reward_specs(reward or ["math"])
     rows = read_records(records, NEEDS_SCORE)
-    scored, stats = score_records(rows, specs, workers=workers, timeout=timeout,
-                                  progress=_progress(quiet), source=source_name(records))
+    scored, stats = score_records(rows, score.rewards, workers=score.score_workers,
+                                  timeout=score.score_timeout, progress=_progress(quiet),
+                                  source=source_name(records), explain=explain)
     write_records(scored, output)
     _log(f"score: {json.dumps(stats)}")
 
 
-# --- advantage -----------------------------------------------------------------
-
-
 @app.command()
-def advantage(
-    records: Annotated[str, typer.Argument(help="Scored file, or `-` for stdin.")] = "-",
-    estimator: Estimator = "group",
-    std: Std = "group",
-    eps: Annotated[float, typer.Option(help="Added to the std before dividing.")] = 1e-6,
-    allow_uneven: Annotated[bool, typer.Option("--allow-uneven",
-                                               help="Accept groups of different sizes.")] = False,
-    drop_zero: Annotated[bool, typer.Option("--drop-zero",
-                                            help="Drop groups whose advantages are all zero "
-                                            "(DAPO's dynamic sampling).")] = False,
-    output: Output = "-",
-):
+@settings(settings=Use(AdvantageSettings, only=("estimator", "std", "adv_eps", "drop_zero"),
+                       flags={"adv_eps": ("--eps", "--adv-eps")}))
+def advantage(records: Annotated[str, typer.Argument(help="Scored file, or `-` for stdin.")] = "-",
+              *, settings: AdvantageSettings,
+              allow_uneven: Annotated[bool, typer.Option("--allow-uneven", help="Accept groups "
+                                                         "of different sizes.")] = False,
+              output: Output = "-"):
     """Turn rewards into one advantage per completion, group by group (by prompt_id).
 
     `group` is GRPO's (r - mean) / (std + eps); `pairwise` is 2-GRPO: exactly two samples
@@ -353,62 +182,24 @@ def advantage(
 
     check_output(output, [records])
     rows = read_records(records, NEEDS_ADVANTAGE)
-    out, stats = compute_advantages(rows, estimator=estimator, std=std, eps=eps,
-                                    allow_uneven=allow_uneven, drop_zero=drop_zero,
+    out, stats = compute_advantages(rows, settings, allow_uneven=allow_uneven,
                                     source=source_name(records))
     write_records(out, output)
     _log(f"advantage: {json.dumps(stats)}")
 
 
-# --- update --------------------------------------------------------------------
-
-
 @app.command()
-def update(
-    records: Annotated[str, typer.Argument(help="File with advantages, or `-` for stdin.")],
-    policy: Annotated[str, typer.Option(help="Policy directory to update (`default` = the embedded "
-                                        "model). Optimizer state in it is resumed.")] = "default",
-    out: Annotated[str, typer.Option("--out", "-o", help="Directory for the updated "
-                                     "checkpoint.")] = ...,
-    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-6,
-    warmup_steps: WarmupSteps = UpdateSettings.warmup_steps,
-    weight_decay: WeightDecay = UpdateSettings.weight_decay,
-    beta1: Beta1 = UpdateSettings.beta1,
-    beta2: Beta2 = UpdateSettings.beta2,
-    adam_eps: AdamEps = UpdateSettings.adam_eps,
-    clip_eps: ClipEps = UpdateSettings.clip_eps,
-    clip_eps_high: ClipEpsHigh = None,
-    clip_ratio_c: ClipRatioC = None,
-    mini_batches: MiniBatches = UpdateSettings.mini_batches,
-    update_epochs: UpdateEpochs = UpdateSettings.update_epochs,
-    loss_agg: LossAgg = UpdateSettings.loss_agg,
-    max_grad_norm: MaxGradNorm = UpdateSettings.max_grad_norm,
-    kl_coef: KlCoef = UpdateSettings.kl_coef,
-    ref: Ref = None,
-    micro_batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward/backward; "
-                                                  "gradients accumulate over the file.")] = 8,
-    temperature: Annotated[Optional[float], typer.Option(help="Divide logits by this [default: "
-                                                         "the records' sampling temperature].")] = None,
-    is_cap: IsCap = None,
-    old_logprobs: OldLogprobs = None,
-    dtype: Dtype = "float32",
-    device: Device = "cpu",
-    attn_implementation: AttnImplementation = None,
-    gradient_checkpointing: GradientCheckpointing = False,
-    lora_r: LoraR = 0,
-    lora_alpha: LoraAlpha = None,
-    lora_dropout: LoraDropout = 0.0,
-    lora_target_modules: LoraTargetModules = "all-linear",
-    save_lora: SaveLora = "adapter",
-    trust_remote_code: TrustRemoteCode = False,
-    max_tokens: Annotated[Optional[int], typer.Option(help="Normaliser of --loss-agg constant "
-                                                      "(Dr. GRPO) [default: the records' "
-                                                      "sampling.max_new_tokens].")] = None,
-    metrics: Annotated[Optional[str], typer.Option(help="Also append the step's metrics (one "
-                                                   "JSON line) to this file.")] = None,
-    fsdp: Fsdp = False,
-    threads: Threads = None,
-):
+@settings(cfg=Use(UpdateConfig), model=Use(ModelSettings, skip=("model",)),
+          adapter=Use(AdapterSettings))
+def update(records: Annotated[str, typer.Argument(help="File with advantages, or `-` for stdin.")],
+           policy: Annotated[str, typer.Option(help="Policy directory to update (`default` = the "
+                                               "embedded model). Optimizer state in it is "
+                                               "resumed.")] = "default",
+           out: Annotated[str, typer.Option("--out", "-o", help="Directory for the updated "
+                                            "checkpoint.")] = ...,
+           *, cfg: UpdateConfig, model: ModelSettings, adapter: AdapterSettings,
+           metrics: Annotated[Optional[str], typer.Option(help="Also append the step's metrics "
+                                                          "(one JSON line) to this file.")] = None):
     """Take ONE clipped policy-gradient step over the whole file (or M × E steps with
     --mini-batches/--update-epochs) and save a checkpoint.
 
@@ -431,76 +222,40 @@ def update(
         grpoctl update adv.jsonl --policy ckpt-1 --out ckpt-2 --mini-batches 4 \\
             --update-epochs 2 --clip-ratio-c 3
     """
-    from grpoctl.config import UpdateConfig
-    from grpoctl.lora import LoraSettings
-
-    cfg = UpdateConfig(lr=lr, warmup_steps=warmup_steps, weight_decay=weight_decay,
-                       beta1=beta1, beta2=beta2, adam_eps=adam_eps, clip_eps=clip_eps,
-                       clip_eps_high=clip_eps_high, loss_agg=loss_agg, max_grad_norm=max_grad_norm, kl_coef=kl_coef,
-                       micro_batch_size=micro_batch_size, temperature=temperature,
-                       max_tokens=max_tokens, is_cap=is_cap, clip_ratio_c=clip_ratio_c,
-                       old_logprobs=old_logprobs,
-                       mini_batches=mini_batches, update_epochs=update_epochs)
-    lora = LoraSettings(r=lora_r, alpha=lora_alpha, dropout=lora_dropout,
-                        target_modules=lora_target_modules)
-    cfg.check()  # a bad flag fails here in a fraction of a second, before torch is imported
-    lora.check()
     from grpoctl import distributed
     from grpoctl.update import run_update
 
-    _use_threads(policy, threads)
+    _use_threads(policy, model.threads)
     with distributed.left_at_end():  # torchrun: run_update joins the ranks' process group
-        result = run_update(records, policy, out, cfg, ref_dir=ref, dtype=dtype, device=device,
-                            trust_remote_code=trust_remote_code, metrics_path=metrics,
-                            fsdp=fsdp, attn_implementation=attn_implementation,
-                            gradient_checkpointing=gradient_checkpointing, lora_settings=lora,
-                            save_lora=save_lora)
+        result = run_update(records, policy, out, cfg, model, adapter, metrics_path=metrics)
         if distributed.is_main():  # torchrun: one line, from rank 0
             _log(json.dumps(result))
 
 
 @app.command("eval")
-def eval_(
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model directory, or `default`. "
-                                                 "Leave out when giving --scored.")] = None,
-    scored: Annotated[Optional[str], typer.Option(help="Evaluate an already-scored record file "
-                                                  "instead of sampling from a model.")] = None,
-    prompts: Prompts = "arith:test",
-    prompt_field: PromptField = None,
-    answer_field: AnswerField = None,
-    answer_after: AnswerAfter = None,
-    id_field: IdField = None,
-    limit: Limit = None,
-    template: Template = "{prompt}",
-    no_chat_template: NoChatTemplate = False,
-    system: System = None,
-    samples: Annotated[int, typer.Option("--samples", "-k", min=1, help="Samples per prompt: k of "
-                                         "Mean@k and Pass@k.")] = LoopConfig.eval_samples,
-    pass_k: Annotated[Optional[int], typer.Option(help="k of Pass@k when smaller than "
-                                                  "--samples (unbiased estimator).")] = None,
-    greedy: Annotated[bool, typer.Option("--greedy", help="Greedy decoding (one sample per "
-                                         "prompt is enough).")] = False,
-    temperature: Temperature = LoopConfig.eval_temperature,  # the paper's evaluation sampling
-    top_p: TopP = LoopConfig.eval_top_p,
-    top_k: TopK = LoopConfig.eval_top_k,
-    max_new_tokens: MaxNewTokens = 1024,
-    seed: Seed = 0,
-    batch_size: BatchSize = 64,
-    reward: Reward = None,
-    by: Annotated[Optional[list[str]], typer.Option(help="Break down by this prompt-file column, "
-                                                    "e.g. subject or level; repeatable.")] = None,
-    backend: Backend = "hf",
-    tensor_parallel_size: TensorParallel = 1,
-    gpu_memory_utilization: GpuMemory = 0.9,
-    enforce_eager: EnforceEager = False,
-    dtype: Dtype = "float32",
-    device: Device = "cpu",
-    attn_implementation: AttnImplementation = None,
-    threads: Threads = None,
-    trust_remote_code: TrustRemoteCode = False,
-    save: Annotated[Optional[str], typer.Option(help="Also write the scored samples here.")] = None,
-    quiet: Quiet = False,
-):
+@settings(prompts=Use(PromptSettings, defaults={"prompts": "arith:test"}),
+          k=Use(EvalSettings, only=("eval_samples",), flags={"eval_samples": ("--samples", "-k")}),
+          sampling=Use(SamplingSettings, skip=("group_size", "prompts_per_step"), defaults={
+              "temperature": EvalSettings.eval_temperature, "top_p": EvalSettings.eval_top_p,
+              "top_k": EvalSettings.eval_top_k, "max_new_tokens": 1024, "batch_size": 64}),
+          score=Use(ScoreSettings, only=("rewards",)),
+          model=Use(ModelSettings, only=SAMPLER, defaults={"model": None}), vllm=ENGINE)
+def eval_(scored: Annotated[Optional[str], typer.Option(help="Evaluate an already-scored record "
+                                                        "file instead of sampling from a model "
+                                                        "(then leave --model out).")] = None,
+          *, prompts: PromptSettings, k: EvalSettings,
+          pass_k: Annotated[Optional[int], typer.Option(help="k of Pass@k when smaller than "
+                                                        "--samples (unbiased estimator).")] = None,
+          greedy: Annotated[bool, typer.Option("--greedy", help="Greedy decoding (one sample "
+                                               "per prompt is enough).")] = False,
+          sampling: SamplingSettings, score: ScoreSettings,
+          by: Annotated[Optional[list[str]], typer.Option(help="Break down by this prompt-file "
+                                                          "column, e.g. subject or level; "
+                                                          "repeatable.")] = None,
+          model: ModelSettings, vllm: VllmSettings,
+          save: Annotated[Optional[str], typer.Option(help="Also write the scored samples "
+                                                      "here.")] = None,
+          quiet: Quiet = False):
     """Held-out accuracy: Mean@k and Pass@k, as a table on stderr and JSON on stdout.
 
     Samples k completions per prompt (the paper's evaluation sampling by default:
@@ -518,143 +273,21 @@ def eval_(
     """
     from grpoctl.evaluate import run_eval
 
-    if model is not None:  # --scored alone runs no model (and needs no torch)
-        _use_threads(model, threads)
-    summary = run_eval(
-        model=model, scored=scored, prompts_source=prompts, prompt_field=prompt_field,
-        answer_field=answer_field, answer_after=answer_after, id_field=id_field, limit=limit,
-        template=template, use_chat_template=not no_chat_template, system=system, samples=samples,
-        pass_k=pass_k, greedy=greedy, temperature=temperature, top_p=top_p, top_k=top_k,
-        max_new_tokens=max_new_tokens, seed=seed, batch_size=batch_size, rewards=reward or ["math"],
-        by=by or [], dtype=dtype, device=device, trust_remote_code=trust_remote_code, save=save,
-        progress=_progress(quiet), attn_implementation=attn_implementation, backend=backend,
-        tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
-        enforce_eager=enforce_eager)
+    if model.model is not None:  # --scored alone runs no model (and needs no torch)
+        _use_threads(model.model, model.threads)
+    summary = run_eval(model, prompts, sampling, vllm, score, samples=k.eval_samples,
+                       scored=scored, pass_k=pass_k, greedy=greedy, by=by or [], save=save,
+                       progress=_progress(quiet))
     print(json.dumps(summary))
 
 
 @app.command()
-def loop(
-    ctx: typer.Context,
-    model: Model = LoopConfig.model,
-    prompts: Prompts = LoopConfig.prompts,
-    prompt_field: PromptField = None,
-    answer_field: AnswerField = None,
-    answer_after: AnswerAfter = None,
-    id_field: IdField = None,
-    limit: Limit = None,
-    template: Template = LoopConfig.template,
-    no_chat_template: NoChatTemplate = False,
-    system: System = None,
-    group_size: GroupSize = LoopConfig.group_size,
-    prompts_per_step: Annotated[Optional[int], option("Sampling", min=1, help="Prompts per step; each gives "
-                                                            "G rollouts [default: 64 for the embedded "
-                                                            "model, else 32].")] = None,
-    steps: Annotated[Optional[int], option("Run", min=1, help="Optimizer steps [default: 100, or from "
-                                                 "--epochs].")] = None,
-    epochs: Annotated[Optional[float], option("Run", help="Passes over the prompts (instead of "
-                                                    "--steps).")] = None,
-    temperature: Temperature = LoopConfig.temperature,
-    top_p: TopP = LoopConfig.top_p,
-    top_k: TopK = LoopConfig.top_k,
-    max_new_tokens: Annotated[Optional[int], option("Sampling", min=1, help="Generation budget per "
-                                                          "completion [default: 32 for the embedded "
-                                                          "model, else 1024].")] = None,
-    batch_size: Annotated[Optional[int], option("Sampling", min=1, help="Sequences generated together "
-                                                      "[default: 256 for the embedded model, else 64]."
-                                                      )] = None,
-    backend: Backend = LoopConfig.backend,
-    tensor_parallel_size: TensorParallel = LoopConfig.tensor_parallel_size,
-    gpu_memory_utilization: Annotated[float, option("vLLM",
-        min=0.01, max=1.0, help="Share of the GPU's memory the vLLM engine takes for weights and "
-        "KV cache; the rest is the trainer's (--backend vllm).")] = 0.4,
-    vllm_dtype: Annotated[Optional[str], option("vLLM", help="Weights dtype of the vLLM engine, "
-                                                      "e.g. bfloat16 while the trainer keeps "
-                                                      "float32 [default: --dtype].")] = None,
-    vllm_sleep: Annotated[bool, option("vLLM", "--vllm-sleep", help="Put the vLLM engine to sleep "
-                                             "(weights to CPU, KV cache freed) during each "
-                                             "update; GPU only.")] = False,
-    enforce_eager: EnforceEager = False,
-    reward: Reward = None,
-    workers: Workers = None,
-    timeout: ScoreTimeout = LoopConfig.score_timeout,
-    score_cmd: Annotated[Optional[str], option("Score", help="Shell command that replaces `score`: "
-                                                     "rollout records on stdin, scored on stdout.")] = None,
-    estimator: Estimator = LoopConfig.estimator,
-    std: Std = LoopConfig.std,
-    drop_zero: Annotated[bool, option("Advantage", "--drop-zero", help="Drop all-tied groups before the "
-                                            "update.")] = False,
-    adv_eps: AdvEps = LoopConfig.adv_eps,
-    refill: Annotated[bool, option("Advantage", "--refill", help="2-GRPO+RS / DAPO dynamic sampling: "
-                                         "replace tied groups by groups of fresh prompts until "
-                                         "the step has --prompts-per-step contrastive groups or "
-                                         "--max-rollouts-per-step is spent; every attempt's "
-                                         "files stay in the step directory.")] = False,
-    max_rollouts_per_step: Annotated[Optional[int], option("Advantage",
-        min=1, help="--refill's rollout budget per step, discarded rollouts included "
-        "[default: 8 × -G × --prompts-per-step; at G 2 what 16-GRPO spends on those "
-        "prompts].")] = None,
-    advantage_cmd: Annotated[Optional[str], option("Advantage", help="Shell command that replaces "
-                                                         "`advantage`.")] = None,
-    lr: Annotated[Optional[float], option("Update", help="AdamW learning rate [default: 1e-4 for the "
-                                                "embedded model, else 1e-6 (the paper's 16-GRPO)].")] = None,
-    warmup_steps: WarmupSteps = LoopConfig.warmup_steps,
-    weight_decay: WeightDecay = LoopConfig.weight_decay,
-    beta1: Beta1 = LoopConfig.beta1,
-    beta2: Beta2 = LoopConfig.beta2,
-    adam_eps: AdamEps = LoopConfig.adam_eps,
-    clip_eps: ClipEps = LoopConfig.clip_eps,
-    clip_eps_high: ClipEpsHigh = None,
-    clip_ratio_c: ClipRatioC = None,
-    mini_batches: MiniBatches = LoopConfig.mini_batches,
-    update_epochs: UpdateEpochs = LoopConfig.update_epochs,
-    loss_agg: LossAgg = LoopConfig.loss_agg,
-    max_grad_norm: MaxGradNorm = LoopConfig.max_grad_norm,
-    kl_coef: KlCoef = LoopConfig.kl_coef,
-    ref: Ref = None,
-    micro_batch_size: Annotated[Optional[int], option("Update", min=1, help="Sequences per forward/"
-                                                            "backward [default: 256 for the embedded "
-                                                            "model, else 8].")] = None,
-    is_cap: IsCap = None,
-    old_logprobs: OldLogprobs = None,
-    lora_r: LoraR = LoopConfig.lora_r,
-    lora_alpha: LoraAlpha = None,
-    lora_dropout: LoraDropout = LoopConfig.lora_dropout,
-    lora_target_modules: LoraTargetModules = LoopConfig.lora_target_modules,
-    save_lora: SaveLora = LoopConfig.save_lora,
-    dtype: Dtype = LoopConfig.dtype,
-    device: Device = LoopConfig.device,
-    attn_implementation: AttnImplementation = None,
-    gradient_checkpointing: GradientCheckpointing = False,
-    threads: Threads = None,
-    fsdp: Fsdp = False,
-    trust_remote_code: TrustRemoteCode = False,
-    eval_prompts: Annotated[Optional[str], option("Evaluation", help="Held-out prompts, or `none` "
-                                                        "[default: arith:test].")] = "arith:test",
-    eval_every: Annotated[int, option("Evaluation", min=1, help="Evaluate every N steps (and at the "
-                                            "start and end).")] = 50,
-    eval_samples: Annotated[int, option("Evaluation", min=1, help="Samples per held-out prompt: k of "
-                                              "Mean@k and Pass@k.")] = LoopConfig.eval_samples,
-    eval_limit: Annotated[Optional[int], option("Evaluation", help="Evaluate on the first N held-out "
-                                                      "prompts.")] = None,
-    eval_temperature: Annotated[float, option("Evaluation", min=0.0, help="Evaluation sampling "
-                                                    "temperature (the paper's 0.7).")] = LoopConfig.eval_temperature,
-    eval_top_p: Annotated[float, option("Evaluation", min=0.0, max=1.0, help="Evaluation nucleus mass "
-                                              "(the paper's 0.8).")] = LoopConfig.eval_top_p,
-    eval_top_k: Annotated[int, option("Evaluation", min=0, help="Evaluation top-k (the paper's 20; "
-                                            "0 = off).")] = LoopConfig.eval_top_k,
-    run_dir: Annotated[Optional[str], option("Run", help="Run directory [default: "
-                                                   "runs/DATE-TIME-gG-sSEED].")] = None,
-    seed: Seed = LoopConfig.seed,
-    save_every: Annotated[int, option("Run", min=1, help="Checkpoint every N steps (and at the end).")] = 25,
-    keep_last: Annotated[int, option("Run", min=1, help="Checkpoints to keep.")] = 2,
-    rollouts_from: Annotated[Optional[str], option(
-        "Run", help="Train on another run directory's rollouts (its prompts and samples) "
-        "instead of sampling: off-policy once this policy differs from that run's.")] = None,
-    resume: Annotated[bool, option("Run", "--resume", help="Continue the run in --run-dir (or the "
-                                         "newest under runs/) where it stopped.")] = False,
-    quiet: Quiet = False,
-):
+@settings(cfg=Use(LoopConfig))
+def loop(ctx: typer.Context, cfg: LoopConfig,
+         resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --run-dir (or "
+                                              "the newest under runs/) where it stopped.",
+                                              rich_help_panel="Run")] = False,
+         quiet: Quiet = False):
     """Train: rollout, score, advantage and update, step after step, keeping every file.
 
     With no flags it trains the embedded tiny model on the built-in arithmetic task
@@ -672,8 +305,6 @@ def loop(
 
         grpoctl loop -G 2 --score-cmd 'python my_scorer.py' --run-dir runs/custom
     """
-    cfg = _loop_config(ctx.params)
-    cfg.resolved()  # a bad flag fails here, before grpoctl.loop imports torch (run_loop does it too)
     from grpoctl import distributed
     from grpoctl.display import make_display
     from grpoctl.loop import run_loop
@@ -690,32 +321,16 @@ def loop(
     _log(f"done: {run}")
 
 
-# `loop` parameters whose LoopConfig field has another name (config.FLAGS, read backwards)
-_LOOP_FIELDS = {flag.lstrip("-").replace("-", "_"): field for field, flag in FLAGS.items()}
-
-
-def _loop_config(flags: dict) -> LoopConfig:
-    """The LoopConfig of `loop`'s flags (ctx.params: every option by its parameter name)."""
-    values = {_LOOP_FIELDS.get(name, name): value for name, value in flags.items()
-              if name not in ("resume", "quiet")}
-    values["use_chat_template"] = not values["use_chat_template"]  # the flag says "no"
-    values["rewards"] = list(values["rewards"] or ["math"])  # click gives a tuple
-    if values["eval_prompts"] == "none":
-        values["eval_prompts"] = None
-    return LoopConfig(**values)
-
-
-def _flags_given(ctx: typer.Context, cfg) -> dict:
+def _flags_given(ctx: typer.Context, cfg: LoopConfig) -> dict:
     """{LoopConfig field: (flag, value)} for the settings named on the command line (what
-    --resume compares with the run's saved settings)."""
+    --resume compares with the run's saved settings); options are named as their fields."""
     given = {}
     for param in ctx.command.params:
         source = ctx.get_parameter_source(param.name)  # an enum typer does not export: by name
         if param.name in ("run_dir", "resume", "quiet") or \
                 getattr(source, "name", None) != "COMMANDLINE":
             continue
-        field = _LOOP_FIELDS.get(param.name, param.name)
-        given[field] = (param.opts[0], getattr(cfg, field))
+        given[param.name] = (param.opts[0], getattr(cfg, param.name))
     return given
 
 
@@ -723,6 +338,7 @@ def _flags_given(ctx: typer.Context, cfg) -> dict:
 
 
 @app.command()
+@settings(model=Use(ModelSettings, only=("device",)))
 def show(
     source: Annotated[str, typer.Argument(help="Records file (`-` = stdin) or run directory.")],
     step: Annotated[Optional[int], typer.Option(help="Step of a run directory [default: the "
@@ -739,11 +355,11 @@ def show(
     limit: Annotated[int, typer.Option(min=0, help="Groups to show (0 = all).")] = 20,
     tokens: Annotated[bool, typer.Option("--tokens", help="Completions token by token, shaded by "
                                          "log-prob.")] = False,
-    model: Annotated[Optional[str], typer.Option(help="Tokenizer for --tokens [default: the run's "
+    tokenizer: Annotated[Optional[str], typer.Option("--model", help="Tokenizer for --tokens [default: the run's "
                                                  "model; for a file, token ids].")] = None,
     policy: Annotated[Optional[str], typer.Option(help="With --tokens: shade by the ratio to this "
                                                   "checkpoint, with its entropy (loads torch).")] = None,
-    device: Device = "cpu",
+    *, model: ModelSettings,
 ):
     """Records group by group: the prompt, each completion with its rewards, advantage,
     length, finish reason, and its answer against the gold.
@@ -767,7 +383,7 @@ def show(
 
     filters = Filters(tied=tied, contrastive=contrastive, wrong=wrong, right=right,
                       prompt_id=prompt_id, grep=grep)
-    show_records(source, step, filters, limit or None, tokens, model, policy, device)
+    show_records(source, step, filters, limit or None, tokens, tokenizer, policy, model.device)
 
 
 @app.command()

@@ -16,7 +16,13 @@ one line naming the flag (before anything is loaded or written):
 
 `LoopConfig` is all of them: its fields are theirs, flat, so config.json stays one flat
 object. This module imports neither torch nor any model code, so `report` and the CLI
-can read settings cheaply. Flags in cli.py take their defaults from here.
+can read settings cheaply.
+
+Each field is the whole declaration of its flag (flags.py builds the commands' options
+from it, scripts/make_docs.py the flag tables): its type and default, its docstring (the
+help text), and through `setting(...)` what else the command line needs: another flag
+name, a short name, a range, the allowed values. `check_fields` refuses what the
+declaration rules out; each group's `check()` adds its rules across fields.
 """
 
 from __future__ import annotations
@@ -27,24 +33,87 @@ from dataclasses import dataclass, field
 
 from grpoctl.errors import GrpoctlError
 
-ESTIMATORS = ("group", "pairwise", "rloo")
 STD_MODES = ("group", "batch", "none")
 LOSS_AGGREGATIONS = ("token-mean", "seq-mean", "constant")
 OLD_LOGPROBS = ("trainer", "sampler")
 BACKENDS = ("hf", "vllm")
 DTYPES = ("float32", "bfloat16", "float16")
 SAVE_LORA_MODES = ("adapter", "merged")
-SCORE_TIMEOUT_S = 2.0
 
 
-# Fields whose flag is not --FIELD-NAME
-FLAGS = {"rewards": "--reward", "score_workers": "--workers", "score_timeout": "--timeout",
-         "use_chat_template": "--no-chat-template", "vllm_eager": "--enforce-eager"}
+def estimators() -> tuple:
+    """The --estimator names: advantages.py's registry (imported when first asked)."""
+    from grpoctl.advantages import ESTIMATORS
+
+    return tuple(ESTIMATORS)
+
+
+def setting(default=None, *, factory=None, flag: str | None = None, short: str | None = None,
+            min: float | None = None, max: float | None = None, min_open: bool = False,
+            max_open: bool = False, choices=None, invert: bool = False, none: str | None = None,
+            cli: bool = True):
+    """A settings field and what its flag needs beyond type, default and docstring:
+
+        flag, short   the option's names when not --FIELD-NAME (short: e.g. -G)
+        min, max      the range (min_open/max_open: the bound itself is out)
+        choices       the allowed values (a tuple, or a function giving one)
+        invert        a bool flag that turns the setting off (--no-chat-template)
+        none          the word that means None on the command line (--eval-prompts none)
+        cli           False: no flag (set by the code, not the user)
+    """
+    meta = {k: v for k, v in dict(flag=flag, short=short, min=min, max=max, min_open=min_open,
+                                  max_open=max_open, choices=choices, invert=invert, none=none,
+                                  cli=None if cli else False).items()
+            if v is not None and v is not False or k == "cli" and v is False}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def redeclared(group: type, name: str, default=None):
+    """A field of `group` declared again with another default (LoopConfig's model-dependent
+    None), keeping what its flag needs."""
+    f = next(f for f in dataclasses.fields(group) if f.name == name)
+    return field(default=default, metadata=f.metadata)
+
+
+def choices_of(f: dataclasses.Field) -> tuple:
+    choices = f.metadata["choices"]
+    return choices() if callable(choices) else choices
+
+
+def _declared() -> dict:
+    """{name: dataclasses.Field} of every setting (the groups, UpdateConfig, LoopConfig)."""
+    return {f.name: f for cls in (*GROUPS, UpdateConfig, LoopConfig)
+            for f in dataclasses.fields(cls)}
 
 
 def flag_of(name: str) -> str:
     """The command-line flag of a setting."""
-    return FLAGS.get(name, "--" + name.replace("_", "-"))
+    f = _declared().get(name)
+    return f.metadata.get("flag", "--" + name.replace("_", "-")) if f else \
+        "--" + name.replace("_", "-")
+
+
+def check_fields(settings, group: type) -> None:
+    """The fields of `group` in `settings` (the group, or a LoopConfig) within what their
+    declaration allows (`setting`'s range or choices), or a one-line GrpoctlError naming
+    the flag. None passes where the type allows it."""
+    names = {f.name for f in dataclasses.fields(group)}
+    for f in dataclasses.fields(settings):
+        if f.name not in names:
+            continue
+        meta, value = f.metadata, getattr(settings, f.name)
+        optional = "None" in str(f.type)
+        if value is None and optional:
+            continue
+        if "choices" in meta:
+            _choice(settings, f.name, choices_of(f))
+        elif "int" in str(f.type) and "float" not in str(f.type) and "min" in meta:
+            _whole(settings, f.name, meta["min"])
+        elif "float" in str(f.type):
+            _number(settings, f.name, meta.get("min"), meta.get("max"), meta.get("min_open", False),
+                    meta.get("max_open", False))
 
 
 def _choice(settings, name: str, allowed: tuple) -> None:
@@ -114,158 +183,193 @@ def _model_path(name: str, value: str | None) -> None:
 
 @dataclass
 class PromptSettings:
+    PANEL = "Prompts"  # the section of --help its flags are listed in
+
     prompts: str = "arith:train"
-    """Prompt file (JSONL, JSON, CSV, parquet) or a built-in task split (prompts.py)."""
+    """Prompt file (JSONL, JSON, CSV, parquet; `-` = JSONL on stdin) or a built-in task
+    split: `arith:train`, `arith:test`."""
     prompt_field: str | None = None
-    """Column holding the prompt; None = the first of prompt, problem, question."""
+    """Column holding the prompt [default: first of prompt, problem, question]."""
     answer_field: str | None = None
-    """Column holding the gold answer; None = answer."""
+    """Column holding the gold answer [default: answer]."""
     answer_after: str | None = None
-    """Keep the answer's text after the last occurrence of this marker ('#### ' for GSM8K)."""
+    """Keep only the text after the last occurrence of this marker in the answer, e.g.
+    '#### ' for GSM8K."""
     id_field: str | None = None
-    """Column holding a stable prompt id; None = a hash of the prompt text."""
-    limit: int | None = None
+    """Column holding a stable prompt id [default: a hash of the prompt text]."""
+    limit: int | None = setting(min=1)
     """Use only the first N prompts."""
     template: str = "{prompt}"
-    """The prompt text is put into this template ({prompt}) before the chat template."""
-    use_chat_template: bool = True
-    """Apply the tokenizer's chat template when it has one (--no-chat-template: off)."""
+    """Prompt template; `{prompt}` is replaced by the prompt text (before the chat
+    template)."""
+    use_chat_template: bool = setting(True, flag="--no-chat-template", invert=True)
+    """Do not apply the tokenizer's chat template (by default it is applied when the
+    tokenizer has one)."""
     system: str | None = None
     """System message for the chat template."""
 
     def check(self) -> None:
-        _whole(self, "limit", 1, optional=True)
+        check_fields(self, __class__)
         if "{prompt}" not in self.template:
             raise GrpoctlError("--template: must contain {prompt}, where the prompt text goes")
 
 
 @dataclass
 class ModelSettings:
-    model: str = "default"
-    """A transformers causal-LM directory, or `default` for the embedded tiny model."""
-    dtype: str = "float32"
-    """Weights dtype (float32, bfloat16, float16). float32 keeps sampler and trainer
-    log-probs equal to ~1e-6 on CPU."""
+    PANEL = "Model"
+
+    model: str = setting("default", short="-m")
+    """Model directory (any transformers causal LM), or `default` for the embedded tiny
+    model."""
+    dtype: str = setting("float32", choices=DTYPES)
+    """Weights dtype. float32 keeps sampler and trainer log-probs equal to ~1e-6 on CPU."""
     device: str = "cpu"
     """Torch device, e.g. cpu or cuda."""
-    threads: int | None = None
-    """CPU threads for torch; None: 1 for the embedded model (its matrices are too small to
-    share), 0 = torch's choice for any other."""
+    threads: int | None = setting(min=0)
+    """CPU threads for torch (0 = torch's choice) [default: 1 for the embedded model,
+    whose matrices are too small to share, else 0]."""
     trust_remote_code: bool = False
-    """Run model code shipped in the checkpoint directory (off: transformers' own only)."""
+    """Allow model code from the checkpoint directory (off: only transformers' own
+    architectures run)."""
     attn_implementation: str | None = None
-    """eager, sdpa, flash_attention_2; None = transformers' choice (sdpa)."""
+    """Attention kernel: eager, sdpa, flash_attention_2 (GPU, needs flash-attn) [default:
+    transformers' choice, sdpa]."""
     gradient_checkpointing: bool = False
-    """Recompute each layer's activations in backward: less memory, same gradients."""
+    """Recompute each layer's activations in the backward pass: far less memory, about one
+    more forward pass of time. Same gradients."""
     fsdp: bool = False
-    """Under torchrun: FSDP2 shards instead of whole replicas per rank (distributed.py)."""
+    """Under torchrun: shard the optimizer state and the summed gradients across ranks with
+    FSDP2 (default: every rank holds the whole model and optimizer, DDP-style). No effect
+    in a single process (distributed.py)."""
 
     def check(self) -> None:
-        _choice(self, "dtype", DTYPES)
-        _whole(self, "threads", 0, optional=True)
+        check_fields(self, __class__)
 
 
 @dataclass
 class SamplingSettings:
-    """Training rollouts follow the paper's training setting (arXiv 2510.00977, App. C.1,
-    verl's GRPO defaults): temperature 1, top-p 1, i.e. samples of the policy itself."""
+    """How completions are sampled (rollout/, and loop's training steps and evaluations).
 
-    group_size: int = 2
-    """G, completions per prompt. 2 is 2-GRPO (the paper); 16 its 16-GRPO baseline."""
-    prompts_per_step: int | None = None
-    """Prompts per step; None: 64 for the embedded model, else 32 (the paper's 16-GRPO)."""
-    temperature: float = 1.0
-    """Logits are divided by it; 0 = greedy (log-probs then at temperature 1)."""
-    top_p: float = 1.0
+    Training rollouts follow the paper's training setting (arXiv 2510.00977, App. C.1,
+    verl's GRPO defaults): temperature 1, top-p 1, i.e. samples of the policy itself,
+    which is what the GRPO objective assumes. The records' `sampling` field holds
+    RECORDED of them."""
+
+    PANEL = "Sampling"
+    RECORDED = ("temperature", "top_p", "top_k", "max_new_tokens", "seed")
+
+    group_size: int = setting(2, short="-G", min=1)
+    """Completions per prompt (G). 2 is 2-GRPO (the paper); 16 its 16-GRPO baseline."""
+    prompts_per_step: int | None = setting(min=1)
+    """Prompts per step; each gives G rollouts [default: 64 for the embedded model, else 32
+    (the paper's 16-GRPO)]."""
+    temperature: float = setting(1.0, min=0)
+    """Sampling temperature: logits are divided by it; 0 = greedy (log-probs then at
+    temperature 1)."""
+    top_p: float = setting(1.0, min=0, max=1, min_open=True)
     """Nucleus sampling mass in (0, 1]; 1 = off."""
-    top_k: int = 0
-    """Sample among the k most likely tokens; 0 = off."""
-    max_new_tokens: int | None = None
-    """Completion budget; None: 32 for the embedded model, else 1024 (the paper: 4096)."""
-    batch_size: int | None = None
-    """Sequences generated together; None: 256 for the embedded model, else 64."""
-    backend: str = "hf"
-    """hf (transformers, grpoctl's own decode loop) or vllm (rollout/vllm.py)."""
+    top_k: int = setting(0, min=0)
+    """Keep the K most likely tokens (0 = off)."""
+    max_new_tokens: int | None = setting(min=1)
+    """Generation budget per completion, in tokens; longer ones stop with finish "length"
+    [default: 32 for the embedded model, else 1024; the paper: 4096]."""
+    batch_size: int | None = setting(min=1)
+    """Sequences generated together [default: 256 for the embedded model, else 64]."""
+    backend: str = setting("hf", choices=BACKENDS)
+    """Generation engine: `hf` (transformers) or `vllm` (needs the vllm extra on a GPU, or
+    vLLM's CPU build: README, vLLM on CPU)."""
+    seed: int = 0
+    """Random seed: the same seed gives the same output, byte for byte. Every (prompt_id,
+    sample) draws from its own stream seeded by (seed, prompt_id, sample); loop's prompt
+    order derives from it too."""
 
     def check(self) -> None:
-        if not (isinstance(self.group_size, int) and self.group_size >= 2):
-            raise GrpoctlError("--group-size must be at least 2: GRPO contrasts completions "
-                               "of one prompt")
-        _whole(self, "prompts_per_step", 1, optional=True)
-        _number(self, "temperature", 0)
-        _number(self, "top_p", 0, 1, low_open=True)
-        _whole(self, "top_k", 0)
-        _whole(self, "max_new_tokens", 1, optional=True)
-        _whole(self, "batch_size", 1, optional=True)
-        _choice(self, "backend", BACKENDS)
+        check_fields(self, __class__)
+
+    def for_model(self, model: str) -> SamplingSettings:
+        """These settings with the model-dependent defaults (None) filled in."""
+        return fill_model_defaults(dataclasses.replace(self), model)
+
+    def recorded(self) -> dict:
+        """The records' `sampling` field (docs/records.md), less the backend."""
+        return {name: getattr(self, name) for name in self.RECORDED}
 
 
 @dataclass
 class VllmSettings:
     """One vLLM engine for the run, handed the new weights after each update."""
 
-    tensor_parallel_size: int = 1
-    """GPUs the engine shards the model over."""
-    gpu_memory_utilization: float = 0.4
-    """The engine's share of the GPU (weights and KV cache); the rest is the trainer's."""
-    vllm_dtype: str | None = None
-    """The engine's weights dtype; None = --dtype."""
+    PANEL = "vLLM"
+
+    tensor_parallel_size: int = setting(1, min=1)
+    """GPUs vLLM shards the model over (--backend vllm)."""
+    gpu_memory_utilization: float = setting(0.4, min=0, max=1, min_open=True)
+    """Share of each GPU's memory vLLM takes for weights and KV cache (--backend vllm); in
+    `loop` the rest is the trainer's."""
+    vllm_dtype: str | None = setting(choices=DTYPES)
+    """Weights dtype of the vLLM engine, e.g. bfloat16 while the trainer keeps float32
+    [default: --dtype]."""
     vllm_sleep: bool = False
-    """Free the engine's GPU memory during each update (sleep mode; GPU only)."""
-    vllm_eager: bool = False
-    """enforce_eager: no compile step and CUDA graphs (starts sooner, samples slower)."""
+    """Put the vLLM engine to sleep (weights to CPU, KV cache freed) during each update;
+    GPU only."""
+    vllm_eager: bool = setting(False, flag="--enforce-eager")
+    """vLLM without its compile step and CUDA graphs: starts sooner, samples slower
+    (--backend vllm)."""
 
     def check(self) -> None:
-        _whole(self, "tensor_parallel_size", 1)
-        _number(self, "gpu_memory_utilization", 0, 1, low_open=True)
-        if self.vllm_dtype is not None:
-            _choice(self, "vllm_dtype", DTYPES)
+        check_fields(self, __class__)
 
 
 @dataclass
 class ScoreSettings:
-    rewards: list[str] = field(default_factory=lambda: ["math"])
-    """Reward specs NAME[=WEIGHT]: math, format, format:REGEX, file.py:fn, module:fn."""
-    score_workers: int | None = None
-    """Scoring processes; None = all cores."""
-    score_timeout: float = SCORE_TIMEOUT_S
-    """CPU seconds allowed per completion's check (scoring_pool.py); over it the reward is 0."""
+    PANEL = "Score"
+
+    rewards: list[str] = setting(factory=lambda: ["math"], flag="--reward", short="-r")
+    """Reward as NAME[=WEIGHT], repeatable: `math`, `format`, `format:REGEX`,
+    `path/file.py:fn`, `module:fn`."""
+    score_workers: int | None = setting(flag="--workers", min=0)
+    """Scoring processes; 0 = in this process, for debugging (soft time limits only)
+    [default: all cores]."""
+    score_timeout: float = setting(2.0, flag="--timeout", min=0, min_open=True)
+    """CPU seconds a completion's check may take (a loaded machine gets the same rewards;
+    scoring_pool.py); over it the reward is 0."""
     score_cmd: str | None = None
-    """Shell command replacing the score stage (records on stdin, scored records out)."""
+    """Shell command that replaces `score`: rollout records on stdin, scored on stdout."""
 
     def check(self) -> None:
+        check_fields(self, __class__)
         if not self.rewards:
             raise GrpoctlError("--reward: at least one reward is needed")
-        _whole(self, "score_workers", 0, optional=True)  # 0: score in this process
-        _number(self, "score_timeout", 0, low_open=True)
 
 
 @dataclass
 class AdvantageSettings:
-    estimator: str = "group"
-    """group (GRPO's (r - mean)/std), pairwise (2-GRPO's ±1 / 0) or rloo (leave-one-out)."""
-    std: str = "group"
-    """The --estimator group divisor: group std (GRPO), batch std, or none (Dr. GRPO)."""
-    adv_eps: float = 1e-6
-    """Added to the std before dividing; 1e-6 as verl (TRL adds 1e-4)."""
+    PANEL = "Advantage"
+
+    estimator: str = setting("group", choices=estimators)
+    """How rewards become advantages (advantages.py's registry): `group` (GRPO's
+    (r - mean)/std), `pairwise` (2-GRPO's ±1 / 0), `rloo` (leave-one-out)."""
+    std: str = setting("group", choices=STD_MODES)
+    """The --estimator group divisor: `group` std (GRPO), `batch` std, or `none`
+    (Dr. GRPO)."""
+    adv_eps: float = setting(1e-6, min=0)
+    """ε added to the std before dividing (--estimator group); 1e-6 as verl (TRL adds
+    1e-4)."""
     drop_zero: bool = False
-    """Leave tied groups (advantage 0) out of the update (DAPO's filter)."""
+    """Drop groups whose advantages are all zero (tied groups) before the update (DAPO's
+    dynamic sampling filter)."""
     refill: bool = False
-    """2-GRPO+RS (paper v3) / DAPO dynamic sampling: tied groups replaced by groups of
-    fresh prompts until the step is full (refill.py)."""
-    max_rollouts_per_step: int | None = None
-    """--refill's budget per step, discarded rollouts included; None = 8 x the step's own
-    rollouts (8 x G x prompts per step): at G = 2 that is 16 x prompts per step, what
-    16-GRPO spends on the same prompts (the paper's cap), and it leaves room to refill at
-    any G (`refill_cap`)."""
+    """2-GRPO+RS / DAPO dynamic sampling: replace tied groups by groups of fresh prompts
+    until the step has --prompts-per-step contrastive groups or --max-rollouts-per-step is
+    spent; every attempt's files stay in the step directory (refill.py)."""
+    max_rollouts_per_step: int | None = setting(min=1)
+    """--refill's rollout budget per step, discarded rollouts included [default: 8 × G ×
+    --prompts-per-step: at G 2 what 16-GRPO spends on those prompts, the paper's cap]."""
     advantage_cmd: str | None = None
-    """Shell command replacing the advantage stage."""
+    """Shell command that replaces `advantage`."""
 
     def check(self) -> None:
-        _choice(self, "estimator", ESTIMATORS)
-        _choice(self, "std", STD_MODES)
-        _number(self, "adv_eps", 0)
-        _whole(self, "max_rollouts_per_step", 1, optional=True)
+        check_fields(self, __class__)
         if self.std != "group" and self.estimator != "group":  # advantages.compute_advantages
             raise GrpoctlError(f"--std {self.std} applies to --estimator group only, "
                                f"not {self.estimator}")
@@ -275,180 +379,174 @@ class AdvantageSettings:
 class UpdateSettings:
     """The knobs of one policy-gradient step (update.py), shared by `update` and `loop`."""
 
-    lr: float = 1e-6
+    PANEL = "Update"
+
+    lr: float = setting(1e-6, min=0)
     """AdamW learning rate. 1e-6 is TRL's default and the paper's 16-GRPO setting (2-GRPO
-    used 8e-6, scaled with prompts per batch). Tiny models need about 1e-4 (environment.md)."""
-    warmup_steps: int = 0
-    """Linear learning-rate warm-up from 0: rollout step s (counted from 1) uses
-    lr × (s - 1) / warmup_steps while s - 1 < warmup_steps, so step 1 runs at lr 0 as in
-    verl (`update.scheduled_lr`). 0 = the constant lr from the first step. The paper's
-    runs (verl) warm up over 10 steps."""
-    weight_decay: float = 0.0
+    used 8e-6, scaled with prompts per batch). Tiny models need about 1e-4."""
+    warmup_steps: int = setting(0, min=0)
+    """Linear learning-rate warm-up from 0 over the first N steps: rollout step s (counted
+    from 1) uses lr × (s - 1) / N while s - 1 < N, so step 1 runs at lr 0 as in verl. 0 =
+    the constant lr from the first step. The paper's runs warm up over 10 steps."""
+    weight_decay: float = setting(0.0, min=0)
     """AdamW decoupled weight decay; 0.0 as in TRL's default."""
-    beta1: float = 0.9
-    """AdamW β1 (first-moment decay); torch/TRL/verl default."""
-    beta2: float = 0.999
-    """AdamW β2 (second-moment decay); torch/TRL/verl default."""
-    adam_eps: float = 1e-8
-    """AdamW ε; torch default."""
-    clip_eps: float = 0.2
-    """ε_low of the clipped ratio, 1 - ε_low; 0.2 as in PPO and GRPO."""
-    clip_eps_high: float | None = None
-    """ε_high, 1 + ε_high; None = clip_eps. DAPO's clip-higher (and the paper) use 0.28."""
-    clip_ratio_c: float | None = None
-    """Dual clip (Ye et al. 2020): for A < 0 the per-token policy loss is capped at C·|A|
-    (losses.dual_clip). None = off; must be > 1. verl's `clip_ratio_c` (always on there,
-    3.0). It only acts where ρ > C, i.e. off-policy: mini-batches, update epochs, replayed
-    rollouts, another sampling engine."""
-    mini_batches: int = 1
-    """Optimizer steps per pass over a rollout batch: its prompt groups split into M
-    mini-batches of whole groups (verl train_batch_size / ppo_mini_batch_size, TRL
-    steps_per_generation). 1 = one step, as the paper's runs."""
-    update_epochs: int = 1
-    """Passes over the rollout batch: M × E optimizer steps in all (verl ppo_epochs, TRL
-    num_iterations)."""
-    loss_agg: str = "token-mean"
-    """How per-token losses become one number: "token-mean" (DAPO, TRL), "seq-mean" (the
-    GRPO paper's 1/G Σ 1/|o_i| Σ_t, the aggregation the 2-GRPO paper writes; which verl
-    mode its unpublished runs used is unverified) or "constant"
-    (Dr. GRPO: sum / (sequences × max_tokens))."""
-    max_grad_norm: float = 1.0
-    """Clip the global gradient L2 norm to this; 1.0 as in TRL and verl. 0 = no clipping."""
-    kl_coef: float = 0.0
-    """β of the k3 KL penalty to a reference policy. 0.0 as in DAPO, Dr. GRPO and TRL's
-    current default (the GRPO paper used 0.04). Needs a reference model when > 0."""
-    micro_batch_size: int = 8
-    """Sequences per forward/backward pass; changes memory, not the result."""
-    is_cap: float | None = None
-    """Truncated importance sampling between sampler and trainer (TIS, losses.py): each
-    token's policy loss is weighted by min(π_old/π_sampler, is_cap), and the clipped
-    ratio is taken against the trainer's own π_old instead of the records' logprobs.
-    None = off. 2.0 is the common value (Yao et al. 2025; verl, TRL). Needs
-    old_logprobs "trainer" (the default when it is set)."""
-    old_logprobs: str | None = None
-    """π_old of the PPO ratio: "trainer" (the trainer's own log-probs of the sampled
-    tokens before the first optimizer step, as verl always and TRL with several steps
-    per batch) or "sampler" (the records' logprobs). None = "trainer" when the sampler
-    may disagree with the trainer (vLLM, a dtype other than float32), when the batch
-    takes more than one optimizer step, or with --is-cap; else "sampler", which in
-    float32 with the hf sampler agrees with the trainer to ~1e-6 (`default_old_logprobs`)."""
+    beta1: float = setting(0.9, min=0, max=1, max_open=True)
+    """AdamW β1 (first-moment decay), in [0, 1)."""
+    beta2: float = setting(0.999, min=0, max=1, max_open=True)
+    """AdamW β2 (second-moment decay), in [0, 1)."""
+    adam_eps: float = setting(1e-8, min=0, min_open=True)
+    """AdamW ε, added to the second-moment root."""
+    clip_eps: float = setting(0.2, min=0)
+    """PPO/GRPO clip range ε below 1 (and above, unless --clip-eps-high); 0.2 as in PPO and
+    GRPO."""
+    clip_eps_high: float | None = setting(min=0)
+    """Clip range above 1 (DAPO's clip-higher and the paper use 0.28) [default:
+    --clip-eps]."""
+    clip_ratio_c: float | None = setting(min=1, min_open=True)
+    """Dual clip (Ye et al. 2020; verl's clip_ratio_c, 3.0 there): for A < 0 cap each
+    token's loss at C·|A|, so a stale ratio ρ > C gives no gradient. Must be > 1. It only
+    acts off-policy: mini-batches, update epochs, replayed rollouts, another sampling
+    engine [default: off]."""
+    mini_batches: int = setting(1, min=1)
+    """Optimizer steps per pass over the rollouts: their prompt groups (whole groups, file
+    order) split into M mini-batches, one step each, all against the same π_old, so the
+    clip acts from the second step on (verl: train_batch_size / ppo_mini_batch_size; TRL:
+    steps_per_generation)."""
+    update_epochs: int = setting(1, min=1)
+    """Passes over the rollouts: M × E optimizer steps in all (verl ppo_epochs, TRL
+    num_iterations). Not --epochs, which in `loop` counts passes over the prompt set."""
+    loss_agg: str = setting("token-mean", choices=LOSS_AGGREGATIONS)
+    """Per-token losses to one number: `token-mean` (DAPO, TRL), `seq-mean` (the GRPO
+    paper's 1/G Σ 1/|o_i| Σ_t) or `constant` (Dr. GRPO: sum / (sequences × max
+    tokens))."""
+    max_grad_norm: float = setting(1.0, min=0)
+    """Clip the global gradient L2 norm to this (0 = off); 1.0 as in TRL and verl."""
+    kl_coef: float = setting(0.0, min=0)
+    """Weight β of the k3 KL penalty to --ref (needs --ref). 0.0 as in DAPO, Dr. GRPO and
+    TRL (the GRPO paper used 0.04)."""
+    ref: str | None = None
+    """Reference model directory for the KL penalty (with --kl-coef 0 the KL is measured
+    only)."""
+    micro_batch_size: int = setting(8, min=1)
+    """Sequences per forward/backward pass; gradients accumulate. Changes memory, not the
+    result."""
+    is_cap: float | None = setting(min=0, min_open=True)
+    """Truncated importance sampling (TIS, losses.py): weight each token's loss by
+    min(π_trainer/π_sampler, CAP), correcting the sampler's (e.g. vLLM's) log-prob
+    mismatch; 2.0 is usual (Yao et al. 2025; verl, TRL). Needs --old-logprobs trainer
+    [default: off]."""
+    old_logprobs: str | None = setting(choices=OLD_LOGPROBS)
+    """π_old of the PPO ratio: `trainer` (the trainer's log-probs before the first
+    optimizer step, as verl) or `sampler` (the records' logprobs) [default: trainer with
+    vLLM, a dtype other than float32, several optimizer steps per batch or --is-cap; else
+    sampler, which in float32 with hf agrees with the trainer to ~1e-6]."""
 
     def check(self) -> None:
-        _choice(self, "loss_agg", LOSS_AGGREGATIONS)
-        for name in ("lr", "weight_decay", "clip_eps", "max_grad_norm", "kl_coef"):
-            _number(self, name, 0)
-        for name in ("beta1", "beta2"):  # AdamW's moment decay rates
-            _number(self, name, 0, 1, high_open=True)
-        _number(self, "adam_eps", 0, low_open=True)
-        _number(self, "clip_eps_high", 0, optional=True)
-        _number(self, "clip_ratio_c", 1, low_open=True, optional=True)
-        _number(self, "is_cap", 0, low_open=True, optional=True)
-        if self.old_logprobs is not None:
-            _choice(self, "old_logprobs", OLD_LOGPROBS)
+        check_fields(self, __class__)
         if self.is_cap is not None and self.old_logprobs == "sampler":  # losses.truncated_is_weights
             raise GrpoctlError("--is-cap weighs each token by π_old_trainer / π_sampler: it needs "
                                "--old-logprobs trainer (or leave --old-logprobs out)")
-        _whole(self, "warmup_steps", 0)
-        _whole(self, "micro_batch_size", 1)
-        _whole(self, "mini_batches", 1)
-        _whole(self, "update_epochs", 1)
+        if self.kl_coef > 0 and not self.ref:
+            raise GrpoctlError("--kl-coef > 0 needs a reference policy (--ref)")
+        _model_path("ref", self.ref)
 
 
 @dataclass
 class UpdateConfig(UpdateSettings):
-    """Every knob of one update step: the shared ones (config.UpdateSettings, documented
-    there with their defaults and sources) and those the records can supply."""
+    """Every knob of one update step: the shared ones (UpdateSettings) and those the
+    records can supply."""
 
-    temperature: float | None = None
-    """Temperature the log-probs are computed at; None = the records' sampling.temperature
-    (1.0 when absent). 0 (greedy) is scored at 1.0, like the records' logprobs."""
-    max_tokens: int | None = None
-    """The generation budget for loss_agg="constant"; None = the records'
-    sampling.max_new_tokens."""
-    skip_zero_advantage: bool = True
+    temperature: float | None = setting(min=0)  # as rollout refuses it
+    """Temperature the log-probs are computed at; 0 (greedy) is scored at 1.0, like the
+    records' logprobs [default: the records' sampling temperature, else 1.0]."""
+    max_tokens: int | None = setting(min=1)
+    """Normaliser of --loss-agg constant (Dr. GRPO) [default: the records'
+    sampling.max_new_tokens]."""
+    skip_zero_advantage: bool = setting(True, cli=False)
     """Do not forward sequences whose advantage is exactly 0 when kl_coef is 0: their loss
     and gradient are exactly 0 (they still count in the normalisers). Tied 2-GRPO pairs
     are most pairs, so this saves most of the update's time."""
 
     def check(self) -> None:
-        """Every setting in its range, or a one-line GrpoctlError naming the flag."""
         super().check()
-        _number(self, "temperature", 0, optional=True)  # as rollout refuses it
-        _whole(self, "max_tokens", 1, optional=True)
+        check_fields(self, __class__)
 
 
 @dataclass
 class AdapterSettings:
-    lora_r: int = 0
-    """Adapter rank; 0 = train every parameter. TRL's examples use 16, peft's default 8."""
-    lora_alpha: float | None = None
-    """Scale α (the update is α/r · BA); None = 2r, TRL's ModelConfig ratio."""
-    lora_dropout: float = 0.0
-    """Dropout on the adapter input, in the update's gradient pass only; 0 as in peft."""
+    PANEL = "LoRA"
+
+    lora_r: int = setting(0, min=0)
+    """Train a LoRA adapter of this rank instead of every weight (needs the lora extra);
+    0 = off. A --policy that holds an adapter continues it. TRL's examples use 16, peft's
+    default 8."""
+    lora_alpha: float | None = setting(min=0, min_open=True)
+    """LoRA scale α (update = α/r · BA) [default: 2 × --lora-r, TRL's ModelConfig
+    ratio]."""
+    lora_dropout: float = setting(0.0, min=0, max=0.99)
+    """Dropout on the LoRA input, in the update's gradient passes only (never while
+    sampling or in π_old); 0 as in peft."""
     lora_target_modules: str = "all-linear"
-    """peft's "all-linear" (every linear layer but the output head) or module names."""
-    save_lora: str = "adapter"
-    """"adapter" saves the adapter; "merged" also writes checkpoints' merged/ directory."""
+    """Layers that get adapters: `all-linear` (every linear layer but the output head, as
+    QLoRA recommends) or names, e.g. `q_proj,v_proj`."""
+    save_lora: str = setting("adapter", choices=SAVE_LORA_MODES)
+    """With --lora-r: `adapter` saves the adapter (it names the base model's path);
+    `merged` also writes merged/, the merged weights as a plain model directory."""
 
     def check(self) -> None:
-        _whole(self, "lora_r", 0)
-        _number(self, "lora_alpha", 0, low_open=True, optional=True)
-        _number(self, "lora_dropout", 0, 1, high_open=True)
+        check_fields(self, __class__)
         if not self.lora_target_modules.strip():
             raise GrpoctlError("--lora-target-modules: empty")
-        _choice(self, "save_lora", SAVE_LORA_MODES)
+
+    def resolved_alpha(self) -> float:
+        return 2.0 * self.lora_r if self.lora_alpha is None else float(self.lora_alpha)
 
 
 @dataclass
 class EvalSettings:
     """Evaluation follows the paper's evaluation setting: T 0.7, top-p 0.8, top-k 20."""
 
-    eval_prompts: str | None = "arith:test"
-    """Held-out prompts; None = no evaluation."""
-    eval_every: int = 50
-    """Evaluate every N steps, and before the first and after the last."""
-    eval_samples: int = 4
-    """Samples per held-out prompt: the k of Mean@k and Pass@k (the paper: 32)."""
-    eval_limit: int | None = None
+    PANEL = "Evaluation"
+
+    eval_prompts: str | None = setting("arith:test", none="none")
+    """Held-out prompts, or `none` (no evaluation)."""
+    eval_every: int = setting(50, min=1)
+    """Evaluate every N steps (and at the start and end)."""
+    eval_samples: int = setting(4, min=1)
+    """Samples per held-out prompt: k of Mean@k and Pass@k (the paper: 32)."""
+    eval_limit: int | None = setting(min=1)
     """Evaluate on the first N held-out prompts."""
-    eval_temperature: float = 0.7
+    eval_temperature: float = setting(0.7, min=0)
     """Evaluation sampling temperature (the paper's 0.7)."""
-    eval_top_p: float = 0.8
+    eval_top_p: float = setting(0.8, min=0, max=1, min_open=True)
     """Evaluation nucleus mass (the paper's 0.8)."""
-    eval_top_k: int = 20
-    """Evaluation top-k (the paper's 20); 0 = off."""
+    eval_top_k: int = setting(20, min=0)
+    """Evaluation top-k (the paper's 20; 0 = off)."""
 
     def check(self) -> None:
-        _whole(self, "eval_every", 1)
-        _whole(self, "eval_samples", 1)
-        _whole(self, "eval_limit", 1, optional=True)
-        _number(self, "eval_temperature", 0)
-        _number(self, "eval_top_p", 0, 1, low_open=True)
-        _whole(self, "eval_top_k", 0)
+        check_fields(self, __class__)
 
 
 @dataclass
 class RunSettings:
+    PANEL = "Run"
+
     run_dir: str | None = None
-    """The run directory; None = runs/DATE-TIME-gG-sSEED."""
-    seed: int = 0
-    """Sampling seeds and prompt order derive from it: same seed, same files."""
-    steps: int | None = None
-    """Rollout steps; None: from epochs, else 100."""
-    epochs: float | None = None
-    """Passes over the prompts, instead of steps."""
-    save_every: int = 25
+    """Run directory [default: runs/DATE-TIME-gG-sSEED]."""
+    steps: int | None = setting(min=1)
+    """Rollout steps [default: 100, or from --epochs]."""
+    epochs: float | None = setting(min=0, min_open=True)
+    """Passes over the prompts (instead of --steps)."""
+    save_every: int = setting(25, min=1)
     """Checkpoint every N steps (and at the end)."""
-    keep_last: int = 2
-    """Checkpoints kept."""
+    keep_last: int = setting(2, min=1)
+    """Checkpoints to keep."""
     rollouts_from: str | None = None
-    """Train on another run's rollouts (off-policy: they were sampled by that run's policy)."""
+    """Train on another run directory's rollouts (its prompts and samples) instead of
+    sampling: off-policy once this policy differs from that run's."""
 
     def check(self) -> None:
-        _whole(self, "steps", 1, optional=True)
-        _number(self, "epochs", 0, low_open=True, optional=True)
-        _whole(self, "save_every", 1)
-        _whole(self, "keep_last", 1)
+        check_fields(self, __class__)
 
 
 GROUPS = (PromptSettings, ModelSettings, SamplingSettings, VllmSettings, ScoreSettings,
@@ -462,6 +560,16 @@ EMBEDDED_DEFAULTS = {"lr": 1e-4, "max_new_tokens": 32, "steps": 100, "prompts_pe
                      "batch_size": 256, "micro_batch_size": 256, "threads": 1}
 GENERAL_DEFAULTS = {"lr": 1e-6, "max_new_tokens": 1024, "steps": 100, "prompts_per_step": 32,
                     "batch_size": 64, "micro_batch_size": 8, "threads": 0}
+
+
+def fill_model_defaults(settings, model: str):
+    """`settings` (changed in place, and returned) with each None that the tables above
+    decide filled in for `model`."""
+    base = EMBEDDED_DEFAULTS if model == "default" else GENERAL_DEFAULTS
+    for name, value in base.items():
+        if name != "steps" and getattr(settings, name, 0) is None:
+            setattr(settings, name, value)
+    return settings
 
 
 def resolve_threads(model: str, threads: int | None) -> int:
@@ -485,31 +593,31 @@ class LoopConfig(RunSettings, EvalSettings, AdapterSettings, UpdateSettings, Adv
                  ScoreSettings, VllmSettings, SamplingSettings, ModelSettings, PromptSettings):
     """Every setting of a run (all the groups above); saved as config.json."""
 
-    lr: float | None = None
-    """As UpdateSettings.lr; None: 1e-4 for the embedded model, else 1e-6."""
-    micro_batch_size: int | None = None
-    """As UpdateSettings.micro_batch_size; None: 256 for the embedded model, else 8."""
-    ref: str | None = None
-    """Reference model for the KL penalty (--kl-coef > 0)."""
+    lr: float | None = redeclared(UpdateSettings, "lr")
+    """AdamW learning rate [default: 1e-4 for the embedded model, else 1e-6 (the paper's
+    16-GRPO)]."""
+    micro_batch_size: int | None = redeclared(UpdateSettings, "micro_batch_size")
+    """Sequences per forward/backward pass [default: 256 for the embedded model, else 8]."""
+
+    def check(self) -> None:
+        self.resolved()
 
     def resolved(self) -> LoopConfig:
         """The None defaults that depend on the model filled in, and every value checked,
         group by group, then the rules across groups."""
-        base = EMBEDDED_DEFAULTS if self.model == "default" else GENERAL_DEFAULTS
-        cfg = dataclasses.replace(self)
-        for name in ("lr", "max_new_tokens", "prompts_per_step", "batch_size", "micro_batch_size",
-                     "threads"):
-            if getattr(cfg, name) is None:
-                setattr(cfg, name, base[name])
+        cfg = fill_model_defaults(dataclasses.replace(self), self.model)
         if cfg.steps is None and cfg.epochs is None:
-            cfg.steps = base["steps"]
+            cfg.steps = EMBEDDED_DEFAULTS["steps"]  # the same for every model
         for group in GROUPS:
             group.check(cfg)
-        if cfg.estimator == "pairwise" and cfg.group_size != 2:
-            raise GrpoctlError("--estimator pairwise needs --group-size 2")
-        if cfg.kl_coef > 0 and not cfg.ref:
-            raise GrpoctlError("--kl-coef > 0 needs a reference policy (--ref)")
-        _model_path("ref", cfg.ref)  # as `update --ref` refuses it, with --kl-coef 0 too
+        if cfg.group_size < 2:
+            raise GrpoctlError("--group-size must be at least 2: GRPO contrasts completions "
+                               "of one prompt")
+        from grpoctl.advantages import ESTIMATORS
+
+        needs = ESTIMATORS[cfg.estimator].group_size  # pairwise: 2
+        if needs is not None and cfg.group_size != needs:
+            raise GrpoctlError(f"--estimator {cfg.estimator} needs --group-size {needs}")
         if cfg.lora_r > 0 and cfg.fsdp:  # distributed.wrap_model
             raise GrpoctlError("--fsdp trains every weight of the model; with LoRA (--lora-r) "
                                "leave --fsdp out: each rank then holds the model whole")

@@ -19,11 +19,14 @@ calls `rollout.generate(..., logprobs=False)` with its own model, then
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from math import comb
 
 from rich.console import Console
 from rich.table import Table
 
+from grpoctl.config import (ModelSettings, PromptSettings, SamplingSettings, ScoreSettings,
+                            VllmSettings)
 from grpoctl.errors import GrpoctlError
 from grpoctl.hacks import hack_rate
 from grpoctl.models import check_model_dir, check_vocab, load_policy, load_tokenizer
@@ -31,7 +34,7 @@ from grpoctl.prompts import load_prompts, render_prompt, where_of
 from grpoctl.records import (NEEDS_ADVANTAGE, STDIO, RecordError, _kind, check_output,
                              group_by_prompt, line_of, read_records, write_records)
 from grpoctl.rewards import DEFAULT_TIMEOUT_S, parse_reward_specs, score_records
-from grpoctl.rollout import SamplingParams, generate, policy_step, tokenize_prompts
+from grpoctl.rollout import generate, policy_step, tokenize_prompts
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -167,59 +170,64 @@ def print_summary_table(summary: dict, title: str) -> None:
     Console(stderr=True).print(table)
 
 
-def run_eval(model: str | None, scored: str | None, prompts_source: str, samples: int = 4,
-             pass_k: int | None = None, greedy: bool = False, temperature: float = 0.7,
-             top_p: float = 0.8, top_k: int = 20, max_new_tokens: int = 1024, seed: int = 0,
-             batch_size: int = 64, rewards=("math",), by: list[str] = (), save: str | None = None,
-             prompt_field=None, answer_field=None, answer_after=None, id_field=None, limit=None,
-             template="{prompt}", use_chat_template=True, system=None, dtype="float32",
-             device="cpu", trust_remote_code=False, progress=False,
-             attn_implementation=None, backend="hf", tensor_parallel_size=1,
-             gpu_memory_utilization=0.9, enforce_eager=False) -> dict:
-    """`grpoctl eval`: sample and score (or read a scored file), print a table, return the summary.
-
-    backend "vllm" samples with a vLLM engine (rollout/vllm.py), which takes
-    tensor_parallel_size, gpu_memory_utilization and enforce_eager.
+def run_eval(model: ModelSettings, prompts: PromptSettings, sampling: SamplingSettings,
+             vllm: VllmSettings | None = None, score: ScoreSettings | None = None,
+             samples: int = 4, scored: str | None = None, pass_k: int | None = None,
+             greedy: bool = False, by: list[str] = (), save: str | None = None,
+             progress: bool = False) -> dict:
+    """`grpoctl eval`: sample `samples` completions per prompt with `model` and score them
+    with score.rewards (or read a `scored` file instead, model.model None), print a table,
+    return the summary. greedy: temperature 0 and one sample per prompt. by: break the
+    summary down by these prompt-file columns; save: also write the scored samples.
+    backend "vllm" samples with a vLLM engine (rollout/vllm.py) built with `vllm`.
     """
-    if (model is None) == (scored is None):
+    vllm, score = vllm or VllmSettings(), score or ScoreSettings()
+    if (model.model is None) == (scored is None):
         raise GrpoctlError("eval: give either --model (sample and score) or --scored FILE")
     if save == STDIO:
         raise GrpoctlError("--save -: stdout carries the summary; give --save a file")
     if save:
-        check_output(save, [scored, prompts_source])
+        check_output(save, [scored, prompts.prompts])
     if scored is not None:
         records = read_records(scored, NEEDS_ADVANTAGE)
         summary = summarize(records, k=pass_k, by=by, source=scored)
         title = scored
     else:
-        prompts = load_prompts(prompts_source, prompt_field=prompt_field, answer_field=answer_field,
-                               answer_after=answer_after, id_field=id_field, limit=limit)
-        check_by_prompts(prompts, by)  # before sampling; errors name the prompt file's line
-        check_model_dir(model)  # "not a model directory" rather than a tokenizer error
-        sampling = SamplingParams(temperature=0.0 if greedy else temperature, top_p=top_p,
-                                  top_k=top_k, max_new_tokens=max_new_tokens, seed=seed)
+        path = model.model
+        rows = load_prompts(prompts.prompts, prompt_field=prompts.prompt_field,
+                            answer_field=prompts.answer_field, answer_after=prompts.answer_after,
+                            id_field=prompts.id_field, limit=prompts.limit)
+        check_by_prompts(rows, by)  # before sampling; errors name the prompt file's line
+        check_model_dir(path)  # "not a model directory" rather than a tokenizer error
+        sampling = sampling.for_model(path)
+        if greedy:
+            sampling = replace(sampling, temperature=0.0)
         sampling.check()
-        tokenizer = load_tokenizer(model, trust_remote_code)
-        rendered = [dict(p, text=render_prompt(tokenizer, p["text"], template, use_chat_template,
-                                               system)) for p in prompts]
-        if backend == "vllm":
+        tokenizer = load_tokenizer(path, model.trust_remote_code)
+        rendered = [dict(p, text=render_prompt(tokenizer, p["text"], prompts.template,
+                                               prompts.use_chat_template, prompts.system))
+                    for p in rows]
+        if sampling.backend == "vllm":
             from grpoctl.rollout.vllm import context_length, load_llm
 
-            length = context_length(model, tokenize_prompts(tokenizer, rendered), max_new_tokens)
-            policy = load_llm(model, sampling, dtype=dtype, trust_remote_code=trust_remote_code,
-                              logprobs=False, tensor_parallel_size=tensor_parallel_size,
-                              gpu_memory_utilization=gpu_memory_utilization,
-                              enforce_eager=enforce_eager, max_model_len=length)
+            length = context_length(path, tokenize_prompts(tokenizer, rendered),
+                                    sampling.max_new_tokens)
+            policy = load_llm(path, sampling, dtype=model.dtype,
+                              trust_remote_code=model.trust_remote_code, logprobs=False,
+                              tensor_parallel_size=vllm.tensor_parallel_size,
+                              gpu_memory_utilization=vllm.gpu_memory_utilization,
+                              enforce_eager=vllm.vllm_eager, max_model_len=length)
         else:
-            policy = load_policy(model, dtype, device, trust_remote_code, attn_implementation)
-            check_vocab(tokenizer, policy, model)
+            policy = load_policy(path, model.dtype, model.device, model.trust_remote_code,
+                                 model.attn_implementation)
+            check_vocab(tokenizer, policy, path)
         # logprobs=False: vLLM then samples at settings whose log-probs it cannot give
         sampled = generate(policy, tokenizer, rendered, 1 if greedy else samples, sampling,
-                            batch_size=batch_size,
-                            policy={"path": str(model), "step": policy_step(model)},
-                            progress=progress, backend=backend, logprobs=False)
-        records, summary = evaluate_records(sampled, k=pass_k, by=by, rewards=rewards)
-        title = f"{model} on {prompts_source}"
+                           batch_size=sampling.batch_size,
+                           policy={"path": str(path), "step": policy_step(path)},
+                           progress=progress, backend=sampling.backend, logprobs=False)
+        records, summary = evaluate_records(sampled, k=pass_k, by=by, rewards=score.rewards)
+        title = f"{path} on {prompts.prompts}"
     if save:  # after the summary, so a bad --pass-k writes nothing
         write_records(records, save)
     print_summary_table(summary, title)

@@ -40,12 +40,12 @@ from pathlib import Path
 
 from grpoctl import distributed, process
 from grpoctl.advantages import compute_advantages
-from grpoctl.config import LoopConfig, UpdateSettings, flag_of, refill_cap
+from grpoctl.config import (AdapterSettings, AdvantageSettings, LoopConfig, SamplingSettings,
+                            UpdateSettings, flag_of, refill_cap)
 from grpoctl.display import NullDisplay
 from grpoctl.errors import GrpoctlError
 from grpoctl.evaluate import evaluate_records, is_correct
 from grpoctl.hacks import WARN_ABOVE as HACK_WARN_ABOVE, hack_rate
-from grpoctl.lora import LoraSettings
 from grpoctl.models import check_vocab, load_policy, load_tokenizer, load_training_policy
 from grpoctl.prompts import load_prompts, render_prompt, where_of
 from grpoctl.records import (NEEDS_ADVANTAGE, NEEDS_SCORE, NEEDS_UPDATE, atomic_open,
@@ -53,7 +53,7 @@ from grpoctl.records import (NEEDS_ADVANTAGE, NEEDS_SCORE, NEEDS_UPDATE, atomic_
                              parse_records, read_records, write_json, write_records)
 from grpoctl.refill import contrastive_prompts, refill_size, take_prompts
 from grpoctl.rewards import parse_reward_specs, score_records
-from grpoctl.rollout import SamplingParams, generate, tokenize_prompts
+from grpoctl.rollout import generate, tokenize_prompts
 from grpoctl.runlock import lock_run_dir, release_run_dir
 from grpoctl.update import UpdateConfig, make_optimizer, update_batch
 
@@ -64,8 +64,8 @@ def update_config(cfg: LoopConfig):
 
 
 def lora_settings(cfg: LoopConfig):
-    """The run's LoRA adapter (lora.LoraSettings)."""
-    return LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    """The run's LoRA adapter (config.AdapterSettings)."""
+    return cfg.group(AdapterSettings)
 
 
 def step_dir(run: Path, step: int) -> Path:
@@ -444,11 +444,11 @@ class Loop:
 
     def sampling(self, seed: int, evaluation: bool = False):
         c = self.cfg
-        if evaluation:
-            return SamplingParams(temperature=c.eval_temperature, top_p=c.eval_top_p,
-                                  top_k=c.eval_top_k, max_new_tokens=c.max_new_tokens, seed=seed)
-        return SamplingParams(temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
-                              max_new_tokens=c.max_new_tokens, seed=seed)
+        sampling = dataclasses.replace(c.group(SamplingSettings), seed=seed)
+        if evaluation:  # the evaluation's own temperature, top-p and top-k (EvalSettings)
+            return dataclasses.replace(sampling, temperature=c.eval_temperature,
+                                       top_p=c.eval_top_p, top_k=c.eval_top_k)
+        return sampling
 
     def start_engine(self, prompts: list[dict]) -> None:
         """Build the run's vLLM engine and give it the trainer's current weights.
@@ -537,8 +537,7 @@ class Loop:
             records = _external_stage(self.cfg.advantage_cmd, directory / input_name, path,
                                       NEEDS_UPDATE)
         else:
-            records, _ = compute_advantages(scored, estimator=self.cfg.estimator, std=self.cfg.std,
-                                            eps=self.cfg.adv_eps, drop_zero=self.cfg.drop_zero,
+            records, _ = compute_advantages(scored, self.cfg.group(AdvantageSettings),
                                             source=str(directory / input_name))
             write_records(records, str(path))
         return records

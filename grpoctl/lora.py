@@ -31,7 +31,6 @@ import contextlib
 import json
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 from grpoctl.config import AdapterSettings
@@ -40,31 +39,6 @@ from grpoctl.errors import GrpoctlError, first_line
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 MERGED_DIR = "merged"
-
-
-@dataclass
-class LoraSettings:
-    """The LoRA knobs of `update` and `loop` (`--lora-*`)."""
-
-    r: int = 0
-    """Rank of A and B; 0 = no LoRA, every parameter trains. TRL's examples use 16,
-    peft's default is 8."""
-    alpha: float | None = None
-    """Scale numerator α (the update is α/r · BA); None = 2r, as TRL's ModelConfig
-    (r 16, α 32). peft's own default is α = 8."""
-    dropout: float = 0.0
-    """Dropout on the LoRA input during the update's gradient passes only (never while
-    sampling or in π_old); 0 as in peft. TRL's ModelConfig uses 0.05."""
-    target_modules: str = "all-linear"
-    """Which layers get adapters: "all-linear" (peft: every linear layer but the
-    output head, as QLoRA recommends) or comma-separated module names,
-    e.g. "q_proj,v_proj" (the original LoRA paper's choice)."""
-
-    def resolved_alpha(self) -> float:
-        return 2.0 * self.r if self.alpha is None else float(self.alpha)
-
-    def check(self) -> None:
-        AdapterSettings(self.r, self.alpha, self.dropout, self.target_modules).check()
 
 
 def check_save_mode(save_lora: str) -> None:
@@ -101,7 +75,7 @@ def _target_modules(spec: str):
     return spec if spec == "all-linear" else [m.strip() for m in spec.split(",") if m.strip()]
 
 
-def wrap_with_lora(model, settings: LoraSettings, seed: int = 0):
+def wrap_with_lora(model, settings: AdapterSettings, seed: int = 0):
     """Attach a fresh LoRA adapter to `model` in place; only A and B stay trainable.
 
     Returns the same transformers model object, in eval mode. A's random init is
@@ -111,16 +85,16 @@ def wrap_with_lora(model, settings: LoraSettings, seed: int = 0):
 
     settings.check()
     peft = require_peft()
-    config = peft.LoraConfig(r=settings.r, lora_alpha=settings.resolved_alpha(),
-                             lora_dropout=settings.dropout,
-                             target_modules=_target_modules(settings.target_modules),
+    config = peft.LoraConfig(r=settings.lora_r, lora_alpha=settings.resolved_alpha(),
+                             lora_dropout=settings.lora_dropout,
+                             target_modules=_target_modules(settings.lora_target_modules),
                              task_type="CAUSAL_LM")
     with torch.random.fork_rng(devices=[]), _quiet():
         torch.manual_seed(seed)
         try:
             wrapper = peft.get_peft_model(model, config)
         except ValueError as e:  # e.g. target modules not found in the model
-            raise GrpoctlError(f"--lora-target-modules {settings.target_modules!r}: "
+            raise GrpoctlError(f"--lora-target-modules {settings.lora_target_modules!r}: "
                                f"{first_line(e)}") from None
     # Saved adapters name their base by absolute path, so they load from any directory.
     wrapper.peft_config["default"].base_model_name_or_path = str(Path(model.name_or_path).resolve())
@@ -143,11 +117,11 @@ def lora_rank(model) -> int:
     return int(model.__dict__["peft_wrapper"].peft_config["default"].r)
 
 
-def check_same_adapter(model, settings: LoraSettings | None, source) -> None:
+def check_same_adapter(model, settings: AdapterSettings | None, source) -> None:
     """A checkpoint's adapter continues as saved: refuse a --lora-r that says otherwise."""
-    if settings is not None and settings.r and settings.r != lora_rank(model):
+    if settings is not None and settings.lora_r and settings.lora_r != lora_rank(model):
         raise GrpoctlError(f"{source}: holds a LoRA adapter of rank {lora_rank(model)} but "
-                           f"--lora-r is {settings.r}; leave --lora-r out to continue it")
+                           f"--lora-r is {settings.lora_r}; leave --lora-r out to continue it")
 
 
 # --- adapter checkpoints -----------------------------------------------------------

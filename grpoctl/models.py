@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 from grpoctl import lora as lora_lib  # light: peft is imported only when LoRA is used
+from grpoctl.config import DTYPES
 from grpoctl.errors import GrpoctlError, first_line
 
-DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_MODEL = "default"  # the name users type for the embedded tiny model
 
 
@@ -198,7 +198,7 @@ def load_training_policy(path: str | os.PathLike, dtype: str = "float32", device
                          gradient_checkpointing: bool = False, lora=None, seed: int = 0):
     """The policy `update` and `loop` train: load_policy, then LoRA and gradient checkpointing.
 
-    lora: a lora.LoraSettings; with r > 0 a fresh adapter is attached (its random
+    lora: a config.AdapterSettings; with r > 0 a fresh adapter is attached (its random
     init seeded by `seed`), unless `path` is an adapter checkpoint, which continues
     its own adapter. None or r = 0: every parameter trains.
     float16 trains only the LoRA adapter (kept in fp32 by peft): plain fp16 AdamW
@@ -207,7 +207,7 @@ def load_training_policy(path: str | os.PathLike, dtype: str = "float32", device
     """
     p = resolve_model_dir(path)
     model = load_policy(p, dtype, device, trust_remote_code, attn_implementation)
-    wanted = lora is not None and lora.r > 0
+    wanted = lora is not None and lora.lora_r > 0
     if lora_lib.has_lora(model):
         lora_lib.check_same_adapter(model, lora, p)
     elif wanted:

@@ -50,12 +50,13 @@ from dataclasses import dataclass, field
 
 from grpoctl import process, scoring_pool
 from grpoctl.answers import RULE_BOX, find_answer, judge_answer
+from grpoctl.config import ScoreSettings
 from grpoctl.errors import GrpoctlError
 from grpoctl.hacks import hack_rate
 from grpoctl.records import MAX_MAGNITUDE, RecordError, line_of, shown
 
 DEFAULT_SPECS = ("math",)
-DEFAULT_TIMEOUT_S = 2.0
+DEFAULT_TIMEOUT_S = ScoreSettings.score_timeout  # declared in config.py
 SPEC_HELP = "math, format, format:REGEX, path/to/file.py:fn or module:fn, each optionally =WEIGHT"
 MAX_WARNINGS = 20  # per-item warnings printed on stderr before summarising the rest
 
@@ -440,8 +441,11 @@ class _Reporter:
 
 
 def _judge_math(records: Sequence[dict], workers: int | None, timeout: float,
-                reporter: _Reporter, source: str, stats: dict) -> list[float]:
-    """The `math` component of every record (the slow part of scoring)."""
+                reporter: _Reporter, source: str, stats: dict,
+                explains: list | None = None) -> list[float]:
+    """The `math` component of every record (the slow part of scoring). explains, when
+    given, gets each record's explain_math dict, from these same verdicts (math-verify
+    runs once, in the pool, under its time limit)."""
     values = [0.0] * len(records)
     waiting: dict[tuple[str, str], list[int]] = {}  # pairs math-verify must judge -> records
     for i, r in enumerate(records):
@@ -450,6 +454,8 @@ def _judge_math(records: Sequence[dict], workers: int | None, timeout: float,
         # The prompt-dependent checks (restated expressions) are decided here, before the
         # (gold, answer) cache, whose verdicts hold for any prompt.
         judged = judge_answer(r["completion"], gold, prompt if isinstance(prompt, str) else None)
+        if explains is not None:
+            explains[i] = judged
         if judged["answer"] is None:
             stats["no_answer"] += 1
             continue
@@ -515,9 +521,20 @@ def _judge_math(records: Sequence[dict], workers: int | None, timeout: float,
     return values
 
 
+def _explained(judged: dict, value: float) -> dict:
+    """explain_math's dict from judge_answer's and the reward the pool gave (a time-out
+    or an error gives 0, as the reward)."""
+    out = {k: v for k, v in judged.items() if k != "pred"}
+    if out["verdict"] is None:
+        out["verdict"] = bool(value)
+    out["reward"] = float(value)
+    return out
+
+
 def score_records(records: Sequence[dict], specs: Sequence[RewardSpec | str] | None = None,
                   workers: int | None = None, timeout: float = DEFAULT_TIMEOUT_S,
-                  progress: bool = True, source: str = "<records>") -> tuple[list[dict], dict]:
+                  progress: bool = True, source: str = "<records>",
+                  explain: bool = False) -> tuple[list[dict], dict]:
     """Score records; return (new records with `rewards` and `reward`, stats).
 
     specs: RewardSpec objects or spec strings (default ["math"]).
@@ -527,6 +544,8 @@ def score_records(records: Sequence[dict], specs: Sequence[RewardSpec | str] | N
         scoring_pool).
     progress: show a progress bar on stderr when many pairs go to math-verify.
     source: the file name used in error messages (lines as records.line_of finds them).
+    explain: add `explain` to each record, why `math` gave its reward (explain_math's
+        dict, from the verdicts scored here; needs the `math` reward).
     stats: n, reward_mean, component_means, hack_rate (hacks.hack_rate: the share of
         credited records whose answer looks gamed), and for `math`: fast_path (decided
         without sympy), refused (hedged, not in final form, or restating the prompt: 0
@@ -544,6 +563,10 @@ def score_records(records: Sequence[dict], specs: Sequence[RewardSpec | str] | N
             raise RecordError(source, line_of(records, i), "completion", "missing or not a string")
     if any(spec.kind == "math" for spec in specs):
         _check_gold_answers(records, source)
+    elif explain:
+        raise GrpoctlError("--explain tells why the `math` reward gave its value: add "
+                           "--reward math")
+    explains = [None] * len(records) if explain else None
     stats = {"n": len(records), "fast_path": 0, "refused": 0, "cached": 0, "verified": 0, "no_answer": 0,
              "timeouts": 0, "errors": 0,
              "workers": scoring_pool.default_workers() if workers is None else workers}
@@ -563,7 +586,8 @@ def score_records(records: Sequence[dict], specs: Sequence[RewardSpec | str] | N
                 raise KeyboardInterrupt
     for k, spec in enumerate(specs):
         if spec.kind == "math":
-            math_values = _judge_math(records, workers, timeout, reporter, source, stats)
+            math_values = _judge_math(records, workers, timeout, reporter, source, stats,
+                                      explains)
             per_spec[k] = [{"math": v} for v in math_values]
     reporter.finish()
 
@@ -585,6 +609,8 @@ def score_records(records: Sequence[dict], specs: Sequence[RewardSpec | str] | N
                               f"the weighted sum of the rewards ({terms}) is {total:g}; a reward "
                               f"must be a finite number of at most {MAX_MAGNITUDE:g} in size")
         out.append({**r, "rewards": components, "reward": total})
+        if explains is not None:
+            out[-1]["explain"] = _explained(explains[i], components["math"])
 
     n = max(len(out), 1)
     names = list(dict.fromkeys(name for r in out for name in r["rewards"]))

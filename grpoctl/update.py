@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from grpoctl import checkpoint, distributed, lora, process
-from grpoctl.config import UpdateConfig, default_old_logprobs
+from grpoctl.config import AdapterSettings, ModelSettings, UpdateConfig, default_old_logprobs
 from grpoctl.errors import GrpoctlError, first_line
 from grpoctl.logprobs import padded_completion_logprobs
 from grpoctl.losses import (clipped_policy_loss, dual_clip, importance_ratio, kl_k3,
@@ -639,34 +639,36 @@ def _vocab_size(model) -> int:
     return min(rows, head.out_features) if head is not None else rows
 
 
-def run_update(adv_path: str, policy_dir, out_dir, cfg: UpdateConfig, ref_dir=None,
-               dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,
-               metrics_path: str | None = None, attn_implementation: str | None = None,
-               gradient_checkpointing: bool = False, lora_settings=None,
-               save_lora: str = "adapter", fsdp: bool = False) -> dict:
+def run_update(adv_path: str, policy_dir, out_dir, cfg: UpdateConfig,
+               model_settings: ModelSettings | None = None, adapter: AdapterSettings | None = None,
+               metrics_path: str | None = None) -> dict:
     """`grpoctl update`: read records, take the step's optimizer step(s) from policy_dir
     (`update_batch`: one, or cfg.mini_batches × cfg.update_epochs), save to out_dir.
 
     The optimizer state is resumed from policy_dir when it holds one (a checkpoint
     this function wrote), and the step count continues from its trainer_state.json.
-    metrics_path, when given, gets the metrics appended as one JSON line.
-    attn_implementation (None = transformers' choice), gradient_checkpointing (off)
-    and lora_settings (a lora.LoraSettings; None = full fine-tuning) go to
-    models.load_training_policy; save_lora ("adapter" or "merged") to
-    checkpoint.save_checkpoint. A policy_dir holding a LoRA adapter continues it.
+    cfg.ref, when set, is the reference policy of the KL term. `model_settings` says how the
+    policy loads (dtype, device, attention, gradient checkpointing; its `model` field is
+    unused: policy_dir is the model); `adapter` the LoRA adapter to attach (lora_r 0:
+    full fine-tuning; a policy_dir holding an adapter continues it) and how checkpoints
+    save it. metrics_path, when given, gets the metrics appended as one JSON line.
     Under torchrun every rank runs this (distributed.py): each forwards its share, the
-    gradients are summed, rank 0 writes; fsdp=True shards the model with FSDP2 instead
+    gradients are summed, rank 0 writes; model_settings.fsdp shards the model with FSDP2 instead
     of keeping a whole replica per rank (DDP-style, the default).
     Returns the metrics (with "step").
     """
     from grpoctl.models import (check_model_dir, check_vocab, load_policy, load_tokenizer,
                                 load_training_policy, position_limit, resolve_model_dir)
 
-    lora.check_save_mode(save_lora)  # before any model is loaded
-    cfg.check()  # and before anything is read
+    loading, adapter = model_settings or ModelSettings(), adapter or AdapterSettings()
+    for settings in (cfg, loading, adapter):
+        settings.check()  # before any model is loaded or anything read
+    dtype, device, trust_remote_code = loading.dtype, loading.device, loading.trust_remote_code
+    attn_implementation, gradient_checkpointing = (loading.attn_implementation,
+                                                   loading.gradient_checkpointing)
 
     policy_dir = resolve_model_dir(policy_dir)  # `default` = the embedded model
-    ref_dir = None if ref_dir is None else resolve_model_dir(ref_dir)
+    ref_dir = None if cfg.ref is None else resolve_model_dir(cfg.ref)
     checkpoint.check_out_dir(out_dir, [None if adv_path == STDIO else adv_path, policy_dir,
                                        ref_dir])
     if metrics_path:  # checked now, not after the save
@@ -678,14 +680,12 @@ def run_update(adv_path: str, policy_dir, out_dir, cfg: UpdateConfig, ref_dir=No
     cfg = dataclasses.replace(cfg, old_logprobs=default_old_logprobs(
         cfg, _one_value(records, "backend", source), (dtype,)))
     cfg = resolve_config(records, cfg, source)
-    if cfg.kl_coef > 0 and ref_dir is None:
-        raise GrpoctlError("--kl-coef > 0 needs a reference policy (--ref)")
 
     check_model_dir(policy_dir)  # "not a model directory" rather than a tokenizer error
     device = distributed.init_if_launched(device)  # torchrun: join; cuda = this rank's GPU
     tokenizer = load_tokenizer(policy_dir, trust_remote_code)
     model = load_training_policy(policy_dir, dtype, device, trust_remote_code,
-                                 attn_implementation, gradient_checkpointing, lora_settings)
+                                 attn_implementation, gradient_checkpointing, adapter)
     check_vocab(tokenizer, model, str(policy_dir))
     check_token_ids(records, _vocab_size(model), source, position_limit(model))
     ref_model = None
@@ -695,7 +695,7 @@ def run_update(adv_path: str, policy_dir, out_dir, cfg: UpdateConfig, ref_dir=No
         check_token_ids(records, _vocab_size(ref_model), source,
                         position_limit(ref_model))
 
-    model = distributed.wrap_model(model, "fsdp" if fsdp else "ddp")  # before the optimizer
+    model = distributed.wrap_model(model, "fsdp" if loading.fsdp else "ddp")  # before the optimizer
     optimizer = make_optimizer(model, cfg)
     resumed = distributed.load_optimizer_state(optimizer, model, policy_dir)
     step = checkpoint.read_trainer_state(policy_dir)["step"] + 1
@@ -706,19 +706,21 @@ def run_update(adv_path: str, policy_dir, out_dir, cfg: UpdateConfig, ref_dir=No
         raise GrpoctlError(f"step {step} ({source}): {e}") from None
     trainer_state = {
         "step": step,
-        "update": dataclasses.asdict(cfg),
+        "update": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "ref"},
         "optimizer": {"name": "AdamW", "resumed": resumed,
                       "param_groups": checkpoint.optimizer_hyperparameters(optimizer)},
         "dtype": dtype,
         "attn_implementation": attn_implementation,
         "gradient_checkpointing": gradient_checkpointing,
-        "lora": {**lora.describe(model), "save": save_lora} if lora.has_lora(model) else None,
+        "lora": ({**lora.describe(model), "save": adapter.save_lora} if lora.has_lora(model)
+                 else None),
         "policy": str(policy_dir),
         "reference": None if ref_dir is None else str(ref_dir),
         "records": source,
         "metrics": metrics,
     }
-    distributed.save_checkpoint(out_dir, model, tokenizer, optimizer, trainer_state, save_lora)
+    distributed.save_checkpoint(out_dir, model, tokenizer, optimizer, trainer_state,
+                                adapter.save_lora)
     if metrics_path and distributed.is_main():
         try:
             with open(metrics_path, "a", encoding="utf-8") as f:

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from grpoctl.config import AdvantageSettings
 from grpoctl.advantages import (compute_advantages, group_advantages, pairwise_advantages,
                                 population_std, rloo_advantages)
 from grpoctl.errors import GrpoctlError
@@ -102,7 +103,7 @@ def _records(groups: list[tuple[str, list[float]]]) -> list[dict]:
 
 def test_records_get_group_advantages_and_stats():
     records = _records([("a", [1, 0, 0, 1]), ("b", [1, 1, 1, 1]), ("c", [0, 0, 0, 1])])
-    out, stats = compute_advantages(records, eps=0.0)
+    out, stats = compute_advantages(records, AdvantageSettings(adv_eps=0.0))
     # c: mean 0.25, population std sqrt((3 * 0.0625 + 0.5625) / 4) = sqrt(0.1875)
     s = math.sqrt(0.1875)
     expected = [1, -1, -1, 1, 0, 0, 0, 0, -0.25 / s, -0.25 / s, -0.25 / s, 0.75 / s]
@@ -118,27 +119,27 @@ def test_records_get_group_advantages_and_stats():
 def test_batch_std_over_the_whole_file():
     records = _records([("a", [1, 0, 0, 0]), ("b", [1, 1, 1, 0])])
     # 4 ones in 8 rewards: batch mean 0.5, population std 0.5
-    out, stats = compute_advantages(records, std="batch", eps=0.0)
+    out, stats = compute_advantages(records, AdvantageSettings(std="batch", adv_eps=0.0))
     # a: (r - 0.25) / 0.5;  b: (r - 0.75) / 0.5
     assert [r["advantage"] for r in out] == [1.5, -0.5, -0.5, -0.5, 0.5, 0.5, 0.5, -1.5]
     assert stats["batch_std"] == 0.5
 
 
 def test_rloo_records():
-    out, _ = compute_advantages(_records([("a", [1, 0, 0, 0])]), estimator="rloo")
+    out, _ = compute_advantages(_records([("a", [1, 0, 0, 0])]), AdvantageSettings(estimator="rloo"))
     assert [r["advantage"] for r in out] == pytest.approx([1, -1 / 3, -1 / 3, -1 / 3])
 
 
 def test_pairwise_records_and_zero_fraction():
     records = _records([("a", [1, 1]), ("b", [0, 0]), ("c", [1, 0]), ("d", [0, 1])])
-    out, stats = compute_advantages(records, estimator="pairwise")
+    out, stats = compute_advantages(records, AdvantageSettings(estimator="pairwise"))
     assert [r["advantage"] for r in out] == [0, 0, 0, 0, 1, -1, -1, 1]
     assert stats["zero_fraction"] == 0.5 and stats["group_size"] == 2
 
 
 def test_drop_zero_removes_groups_without_contrast():
     records = _records([("a", [1, 1]), ("b", [0, 0]), ("c", [1, 0]), ("d", [0, 1])])
-    out, stats = compute_advantages(records, estimator="pairwise", drop_zero=True)
+    out, stats = compute_advantages(records, AdvantageSettings(estimator="pairwise", drop_zero=True))
     assert [(r["prompt_id"], r["advantage"]) for r in out] == [
         ("c", 1), ("c", -1), ("d", -1), ("d", 1)]
     assert (stats["dropped_groups"], stats["dropped_records"], stats["kept"]) == (2, 4, 4)
@@ -150,7 +151,7 @@ def test_interleaved_groups_keep_input_order():
                {"prompt_id": "b", "sample": 0, "reward": 0.0},
                {"prompt_id": "a", "sample": 1, "reward": 0.0},
                {"prompt_id": "b", "sample": 1, "reward": 0.5}]
-    out, stats = compute_advantages(records, eps=0.0)
+    out, stats = compute_advantages(records, AdvantageSettings(adv_eps=0.0))
     assert [(r["prompt_id"], r["advantage"]) for r in out] == [
         ("a", 1.0), ("b", -1.0), ("a", -1.0), ("b", 1.0)]
     assert stats["groups"] == 2
@@ -163,7 +164,7 @@ def test_uneven_groups_are_an_error_unless_allowed():
     assert str(err.value) == ("adv.jsonl:5: field 'prompt_id': group 'c' has 3 samples, "
                               "expected 2 (the most common size); pass --allow-uneven to "
                               "accept this")
-    out, stats = compute_advantages(records, allow_uneven=True, eps=0.0)
+    out, stats = compute_advantages(records, AdvantageSettings(adv_eps=0.0), allow_uneven=True)
     # c: mean 1/3, population std sqrt(2)/3: (2/3) / (sqrt(2)/3) = sqrt(2), -(1/3)/(sqrt(2)/3)
     c = [r["advantage"] for r in out if r["prompt_id"] == "c"]
     assert c == pytest.approx([math.sqrt(2), -1 / math.sqrt(2), -1 / math.sqrt(2)])
@@ -174,7 +175,7 @@ def test_uneven_groups_are_an_error_unless_allowed():
 def test_a_group_of_one_is_an_error_for_every_estimator(estimator):
     records = _records([("a", [1, 0]), ("b", [1])])
     with pytest.raises(RecordError) as err:
-        compute_advantages(records, estimator=estimator, allow_uneven=True, source="x.jsonl")
+        compute_advantages(records, AdvantageSettings(estimator=estimator), allow_uneven=True, source="x.jsonl")
     assert str(err.value).startswith("x.jsonl:3: field 'prompt_id': group 'b' has 1 sample;")
     assert "--group-size 2 or more" in str(err.value)
 
@@ -182,19 +183,19 @@ def test_a_group_of_one_is_an_error_for_every_estimator(estimator):
 def test_pairwise_needs_exactly_two():
     records = _records([("a", [1, 0, 1]), ("b", [0, 1, 1])])
     with pytest.raises(RecordError) as err:
-        compute_advantages(records, estimator="pairwise", source="x.jsonl")
+        compute_advantages(records, AdvantageSettings(estimator="pairwise"), source="x.jsonl")
     assert str(err.value).startswith("x.jsonl:1: field 'prompt_id': group 'a' has 3 samples; "
-                                     "the pairwise estimator (2-GRPO) needs exactly 2")
+                                     "the pairwise estimator needs exactly 2")
 
 
 def test_bad_options_and_records():
     records = _records([("a", [1, 0])])
     with pytest.raises(GrpoctlError, match="--std batch applies to --estimator group only"):
-        compute_advantages(records, estimator="rloo", std="batch")
-    with pytest.raises(GrpoctlError, match="--estimator must be one of"):
-        compute_advantages(records, estimator="ppo")
-    with pytest.raises(GrpoctlError, match="--eps must be"):
-        compute_advantages(records, eps=-1.0)
+        compute_advantages(records, AdvantageSettings(estimator="rloo", std="batch"))
+    with pytest.raises(GrpoctlError, match="--estimator: expected one of group, pairwise, rloo"):
+        compute_advantages(records, AdvantageSettings(estimator="ppo"))
+    with pytest.raises(GrpoctlError, match="--adv-eps: expected a finite number >= 0"):
+        compute_advantages(records, AdvantageSettings(adv_eps=-1.0))
     with pytest.raises(RecordError, match=r"^<records>:2: field 'reward': missing"):
         compute_advantages([records[0], {"prompt_id": "a", "sample": 1}])
     with pytest.raises(RecordError, match=r"^<records>:1: field 'reward': expected a finite"):

@@ -10,14 +10,15 @@ import torch
 from conftest import policy_records, run_cli
 from grpoctl.checkpoint import OPTIMIZER_FILE, load_optimizer_state
 from grpoctl.errors import GrpoctlError
-from grpoctl.lora import LoraSettings, merged_state_dict
+from grpoctl.config import AdapterSettings, ModelSettings, PromptSettings, SamplingSettings
+from grpoctl.lora import merged_state_dict
 from grpoctl.models import load_policy, load_training_policy
 from grpoctl.records import read_records, write_records
 from grpoctl.update import UpdateConfig, make_optimizer, run_update, update_step
 
 peft = pytest.importorskip("peft", reason="LoRA needs peft (the lora and test extras)")
 
-R4 = LoraSettings(r=4)
+R4 = AdapterSettings(lora_r=4)
 
 
 
@@ -43,7 +44,7 @@ def test_wrap_trains_only_the_adapter_and_starts_at_the_base(tiny_model):
 
 
 def test_a_step_moves_only_the_adapter(tiny_qwen2):
-    model = load_training_policy(tiny_qwen2, lora=LoraSettings(r=2, target_modules="q_proj,v_proj"))
+    model = load_training_policy(tiny_qwen2, lora=AdapterSettings(lora_r=2, lora_target_modules="q_proj,v_proj"))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     optimizer = make_optimizer(model, UpdateConfig(lr=1e-2))
     assert len(optimizer.param_groups[0]["params"]) == 2 * 2 * 2  # q, v x A, B x 2 layers
@@ -66,7 +67,7 @@ def test_adapter_checkpoint_resumes_exactly(tiny_model, tmp_path):
         write_records(policy_records(base, seed=seed), str(path))
         files.append(str(path))
     cfg = UpdateConfig(lr=1e-2)
-    run_update(files[0], tiny_model, tmp_path / "a", cfg, lora_settings=R4)
+    run_update(files[0], tiny_model, tmp_path / "a", cfg, adapter=R4)
     names = sorted(p.name for p in (tmp_path / "a").iterdir())
     assert "adapter_model.safetensors" in names and "adapter_config.json" in names
     assert "model.safetensors" not in names and "merged" not in names
@@ -95,11 +96,11 @@ def test_adapter_checkpoint_resumes_exactly(tiny_model, tmp_path):
     theirs = peft.PeftModel.from_pretrained(load_policy(tiny_model), str(tmp_path / "b"))
     torch.testing.assert_close(logits(theirs), logits(reloaded), rtol=0, atol=0)
     with pytest.raises(GrpoctlError, match="rank 4 but --lora-r is 8"):
-        run_update(files[1], tmp_path / "b", tmp_path / "c", cfg, lora_settings=LoraSettings(r=8))
+        run_update(files[1], tmp_path / "b", tmp_path / "c", cfg, adapter=AdapterSettings(lora_r=8))
 
 
 def test_merged_weights_are_base_plus_scaled_product(tiny_model, tmp_path):
-    model = load_training_policy(tiny_model, lora=LoraSettings(r=2, alpha=3.0))
+    model = load_training_policy(tiny_model, lora=AdapterSettings(lora_r=2, lora_alpha=3.0))
     optimizer = make_optimizer(model, UpdateConfig(lr=1e-2))
     update_step(model, optimizer, policy_records(load_policy(tiny_model)), UpdateConfig(lr=1e-2))
     merged = merged_state_dict(model)
@@ -130,11 +131,13 @@ def test_cli_lora_update_then_rollout_of_adapter_and_merged(tiny_qwen2, tmp_path
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "1+1=", "answer": "2"}\n{"prompt": "2+3=", "answer": "5"}\n')
-    from grpoctl.rollout import SamplingParams, run_rollout
+    from grpoctl.rollout import run_rollout
 
     from_adapter, from_merged = (
-        run_rollout(str(model_dir), str(prompts), str(tmp_path / "r.jsonl"), progress=False,
-                    sampling=SamplingParams(max_new_tokens=6), attn_implementation="sdpa")
+        run_rollout(PromptSettings(str(prompts)),
+                    ModelSettings(str(model_dir), attn_implementation="sdpa"),
+                    SamplingSettings(max_new_tokens=6), output=str(tmp_path / "r.jsonl"),
+                    progress=False)
         for model_dir in (ck, ck / "merged"))
     assert len(from_adapter) == len(from_merged) == 4
     for a, m in zip(from_adapter, from_merged):
@@ -154,7 +157,7 @@ def test_float16_base_trains_a_float32_adapter(tiny_model):
 
 
 def test_dropout_only_in_the_gradient_pass(tiny_model):
-    model = load_training_policy(tiny_model, lora=LoraSettings(r=4, dropout=0.5))
+    model = load_training_policy(tiny_model, lora=AdapterSettings(lora_r=4, lora_dropout=0.5))
     with torch.no_grad():  # B = 0 at init; give the adapter an effect so dropout shows
         for n, p in model.named_parameters():
             if ".lora_B." in n:
@@ -184,7 +187,7 @@ def test_bad_adapter_directories_are_one_line_errors(tiny_model, tmp_path):
     with pytest.raises(GrpoctlError, match="the adapter's base model: .*no such directory"):
         load_policy(tmp_path / "orphan")
     with pytest.raises(GrpoctlError, match="--lora-target-modules 'nope'"):
-        load_training_policy(tiny_model, lora=LoraSettings(r=2, target_modules="nope"))
+        load_training_policy(tiny_model, lora=AdapterSettings(lora_r=2, lora_target_modules="nope"))
 
 
 def test_loop_with_lora_resumes_from_an_adapter_checkpoint(tmp_path):

@@ -14,7 +14,8 @@ import torch
 from grpoctl.errors import GrpoctlError
 from grpoctl.models import make_tiny_model
 from grpoctl.records import check_record, read_records, write_records
-from grpoctl.rollout import SamplingParams, generate, policy_step, run_rollout
+from grpoctl.config import ModelSettings, PromptSettings, SamplingSettings
+from grpoctl.rollout import generate, policy_step, run_rollout
 from grpoctl.rollout.hf import next_tokens, truncate
 
 ROLLOUT_FIELDS = ("prompt_id", "sample", "prompt", "completion", "answer", "prompt_ids",
@@ -197,7 +198,7 @@ def test_sampling_frequencies_match_the_distribution():
 
 def test_records_have_every_field(llama):
     model, tok = llama
-    sampling = SamplingParams(max_new_tokens=12, seed=3)
+    sampling = SamplingSettings(max_new_tokens=12, seed=3)
     records = generate(model, tok, PROMPTS, 3, sampling, batch_size=4,
                        policy={"path": "m", "step": 5}, progress=False)
     assert [(r["prompt_id"], r["sample"]) for r in records] == [
@@ -222,7 +223,7 @@ def test_records_have_every_field(llama):
                          [(1.0, 1.0, 0), (0.7, 0.8, 20), (0.0, 1.0, 0)])
 def test_logprobs_equal_a_naive_forward_pass(llama, temperature, top_p, top_k):
     model, tok = llama
-    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=16)
+    sampling = SamplingSettings(temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=16)
     records = generate(model, tok, PROMPTS, 2, sampling, batch_size=6, progress=False)
     for r in records:
         # Greedy sampling records log-probs at temperature 1.
@@ -250,7 +251,7 @@ def test_left_padding_does_not_change_the_numbers(llama):
     model, tok = llama
     short = "Hi"
     batch = prompts_of(["a much longer prompt, " * 6, short, "another long one " * 4, "?"])
-    greedy = SamplingParams(temperature=0.0, max_new_tokens=20)
+    greedy = SamplingSettings(temperature=0.0, max_new_tokens=20)
     alone = generate(model, tok, prompts_of([short]), 1, greedy, progress=False)[0]
     together = generate(model, tok, batch, 1, greedy, batch_size=4, progress=False)[1]
     assert together["prompt"] == short
@@ -271,7 +272,7 @@ def test_left_padding_with_absolute_positions():
                                        n_head=2, bos_token_id=1, eos_token_id=1))
     tok = byte_level_tokenizer()
     batch = prompts_of(["a much longer prompt, " * 5, "Hi", "?"])
-    sampling = SamplingParams(temperature=0.0, max_new_tokens=12)
+    sampling = SamplingSettings(temperature=0.0, max_new_tokens=12)
     # Left in train mode (GPT-2 has dropout 0.1), as a trainer may leave it: sampling
     # runs in eval mode anyway, and the mode is given back.
     model.train()
@@ -289,7 +290,7 @@ def test_same_seed_same_bytes_other_seed_other_bytes(llama, tmp_path):
     model, tok = llama
 
     def run(seed, name):
-        records = generate(model, tok, PROMPTS, 2, SamplingParams(max_new_tokens=10, seed=seed),
+        records = generate(model, tok, PROMPTS, 2, SamplingSettings(max_new_tokens=10, seed=seed),
                            progress=False)
         write_records(records, str(tmp_path / name))
         return (tmp_path / name).read_bytes()
@@ -302,7 +303,7 @@ def test_samples_do_not_depend_on_batch_size(llama):
     # Each (prompt, sample) has its own random stream, so batching changes nothing but
     # float rounding in the logits.
     model, tok = llama
-    sampling = SamplingParams(temperature=0.9, top_p=0.95, max_new_tokens=12)
+    sampling = SamplingSettings(temperature=0.9, top_p=0.95, max_new_tokens=12)
     one = generate(model, tok, PROMPTS, 2, sampling, batch_size=1, progress=False)
     six = generate(model, tok, PROMPTS, 2, sampling, batch_size=6, progress=False)
     assert [r["completion_ids"] for r in one] == [r["completion_ids"] for r in six]
@@ -323,7 +324,7 @@ def test_finished_rows_leave_the_batch_without_changing_any_sample():
     model, tok = load_policy(model_dir), load_tokenizer(model_dir)
     prompts = [dict(p, text=render_prompt(tok, p["text"], "{prompt}", True, None))
                for p in load_prompts("arith:test", limit=24)]
-    sampling = SamplingParams(max_new_tokens=32, seed=1)
+    sampling = SamplingSettings(max_new_tokens=32, seed=1)
     batched = generate(model, tok, prompts, 2, sampling, batch_size=48, progress=False)
     lengths = sorted(len(r["completion_ids"]) for r in batched)
     assert sum(n < lengths[-1] for n in lengths) >= len(lengths) // 4  # rows were dropped
@@ -391,7 +392,7 @@ def test_the_sampler_uses_the_in_place_cache(llama, monkeypatch):
     monkeypatch.setattr(kvcache.AppendInPlaceLayer, "update",
                         lambda self, *a, **kw: calls.append(1) or update(self, *a, **kw))
     model, tok = llama
-    generate(model, tok, PROMPTS, 2, SamplingParams(max_new_tokens=4), progress=False)
+    generate(model, tok, PROMPTS, 2, SamplingSettings(max_new_tokens=4), progress=False)
     assert len(calls) >= model.config.num_hidden_layers
 
 
@@ -505,7 +506,7 @@ def test_the_sampler_uses_packed_linears(llama, monkeypatch):
     monkeypatch.setattr(packed.PackedLinear, "forward",
                         lambda self, x: calls.append(1) or forward(self, x))
     model, tok = llama
-    generate(model, tok, PROMPTS, 2, SamplingParams(max_new_tokens=4), progress=False)
+    generate(model, tok, PROMPTS, 2, SamplingSettings(max_new_tokens=4), progress=False)
     assert len(calls) > 0
     assert not any(type(m) is packed.PackedLinear for m in model.modules())
 
@@ -513,7 +514,7 @@ def test_the_sampler_uses_packed_linears(llama, monkeypatch):
 def test_stop_and_length(llama):
     model, tok = llama
     prompts = prompts_of([f"{a} + {a} = " for a in range(32)])
-    records = generate(model, tok, prompts, 2, SamplingParams(max_new_tokens=32), progress=False)
+    records = generate(model, tok, prompts, 2, SamplingSettings(max_new_tokens=32), progress=False)
     stopped = [r for r in records if r["finish_reason"] == "stop"]
     capped = [r for r in records if r["finish_reason"] == "length"]
     assert stopped and capped  # this seed gives both (a random model stops ~1 in 258 tokens)
@@ -523,7 +524,7 @@ def test_stop_and_length(llama):
         assert len(r["logprobs"]) == len(r["completion_ids"]) <= 32
     for r in capped:
         assert len(r["completion_ids"]) == 32 and tok.eos_token_id not in r["completion_ids"]
-    short = generate(model, tok, prompts[:4], 2, SamplingParams(max_new_tokens=2), progress=False)
+    short = generate(model, tok, prompts[:4], 2, SamplingSettings(max_new_tokens=2), progress=False)
     assert all(r["finish_reason"] == "length" and len(r["completion_ids"]) == 2 for r in short
                if tok.eos_token_id not in r["completion_ids"])
 
@@ -531,11 +532,11 @@ def test_stop_and_length(llama):
 def test_bad_settings_are_refused(llama):
     model, tok = llama
     with pytest.raises(GrpoctlError, match="--backend: expected one of hf, vllm"):
-        generate(model, tok, PROMPTS, 2, SamplingParams(), backend="tgi")
+        generate(model, tok, PROMPTS, 2, SamplingSettings(), backend="tgi")
     with pytest.raises(GrpoctlError, match="--top-p"):
-        generate(model, tok, PROMPTS, 2, SamplingParams(top_p=0.0))
+        generate(model, tok, PROMPTS, 2, SamplingSettings(top_p=0.0))
     with pytest.raises(GrpoctlError, match="--group-size"):
-        generate(model, tok, PROMPTS, 0, SamplingParams())
+        generate(model, tok, PROMPTS, 0, SamplingSettings())
 
 
 # --- the command's function ------------------------------------------------------
@@ -543,9 +544,11 @@ def test_bad_settings_are_refused(llama):
 
 def test_run_rollout_chat_template_and_files(tiny_qwen2, data_dir, tmp_path, capsys):
     out = tmp_path / "r.jsonl"
-    records = run_rollout(str(tiny_qwen2), str(data_dir / "gsm8k_test.jsonl"), str(out),
-                          group_size=2, sampling=SamplingParams(max_new_tokens=8), limit=3,
-                          answer_after="#### ", template="Q: {prompt}", progress=True)
+    source = str(data_dir / "gsm8k_test.jsonl")
+    records = run_rollout(PromptSettings(source, limit=3, answer_after="#### ",
+                                         template="Q: {prompt}"),
+                          ModelSettings(str(tiny_qwen2)), SamplingSettings(max_new_tokens=8),
+                          output=str(out), progress=True)
     assert capsys.readouterr().out == ""  # progress and logs go to stderr only
     assert read_records(str(out), require=ROLLOUT_FIELDS) == records
     assert len(records) == 6 and records[0]["answer"] == "18"
@@ -553,9 +556,10 @@ def test_run_rollout_chat_template_and_files(tiny_qwen2, data_dir, tmp_path, cap
     assert records[0]["prompt"].endswith("<assistant>")
     assert records[0]["policy"] == {"path": str(tiny_qwen2), "step": 0}
 
-    plain = run_rollout(str(tiny_qwen2), str(data_dir / "gsm8k_test.jsonl"), str(out),
-                        group_size=1, sampling=SamplingParams(max_new_tokens=4), limit=1,
-                        use_chat_template=False, progress=False)
+    plain = run_rollout(PromptSettings(source, limit=1, use_chat_template=False),
+                        ModelSettings(str(tiny_qwen2)),
+                        SamplingSettings(group_size=1, max_new_tokens=4), output=str(out),
+                        progress=False)
     assert plain[0]["prompt"].startswith("Janet") and "<user>" not in plain[0]["prompt"]
 
 
@@ -563,11 +567,12 @@ def test_shards_concatenate_to_the_whole_run(data_dir, tmp_path):
     source = str(data_dir / "math500.jsonl")
     # MATH-500's prompts run to ~1,000 bytes: a byte-level model needs the positions
     tiny_model = make_tiny_model(tmp_path / "model", max_positions=2048)
-    sampling = SamplingParams(max_new_tokens=6, seed=7)
-    whole = run_rollout(str(tiny_model), source, str(tmp_path / "all.jsonl"), sampling=sampling,
-                        limit=5, progress=False)
-    parts = [run_rollout(str(tiny_model), source, str(tmp_path / f"{i}.jsonl"), sampling=sampling,
-                         limit=5, shard=f"{i}/2", progress=False) for i in range(2)]
+    sampling = SamplingSettings(max_new_tokens=6, seed=7)
+    prompts, model = PromptSettings(source, limit=5), ModelSettings(str(tiny_model))
+    whole = run_rollout(prompts, model, sampling, output=str(tmp_path / "all.jsonl"),
+                        progress=False)
+    parts = [run_rollout(prompts, model, sampling, output=str(tmp_path / f"{i}.jsonl"),
+                         shard=f"{i}/2", progress=False) for i in range(2)]
     key = lambda r: (r["prompt_id"], r["sample"])  # noqa: E731
     merged = sorted(parts[0] + parts[1], key=key)
     assert [(key(r), r["completion_ids"]) for r in merged] == \
@@ -581,8 +586,9 @@ def test_policy_step_from_trainer_state(tiny_model, tmp_path):
     shutil.copytree(tiny_model, ckpt)
     (ckpt / "trainer_state.json").write_text(json.dumps({"step": 12}), encoding="utf-8")
     assert policy_step(ckpt) == 12
-    records = run_rollout(str(ckpt), "arith:test", str(tmp_path / "r.jsonl"), group_size=1,
-                          sampling=SamplingParams(max_new_tokens=2), limit=1, progress=False)
+    records = run_rollout(PromptSettings("arith:test", limit=1), ModelSettings(str(ckpt)),
+                          SamplingSettings(group_size=1, max_new_tokens=2),
+                          output=str(tmp_path / "r.jsonl"), progress=False)
     assert records[0]["policy"] == {"path": str(ckpt), "step": 12}
 
 
@@ -594,16 +600,17 @@ HAS_VLLM = importlib.util.find_spec("vllm") is not None
 @pytest.mark.skipif(HAS_VLLM, reason="vllm is installed: the missing-extra message cannot show")
 def test_vllm_backend_without_vllm_says_how_to_install(tiny_model, tmp_path):
     with pytest.raises(GrpoctlError, match=r"needs the vllm extra: pip install 'grpoctl\[vllm\]'"):
-        run_rollout(str(tiny_model), "arith:test", str(tmp_path / "r.jsonl"), backend="vllm",
-                    limit=1, progress=False)
+        run_rollout(PromptSettings("arith:test", limit=1), ModelSettings(str(tiny_model)),
+                    SamplingSettings(backend="vllm"), output=str(tmp_path / "r.jsonl"),
+                    progress=False)
     assert not (tmp_path / "r.jsonl").exists()  # and no silent fallback to hf
 
 
 def test_vllm_logprobs_mode_matches_our_definition():
     from grpoctl.rollout.vllm import logprobs_mode
 
-    assert logprobs_mode(SamplingParams(temperature=1.0, top_p=0.8, top_k=20)) == "raw_logprobs"
-    assert logprobs_mode(SamplingParams(temperature=0.0, top_p=0.8)) == "raw_logprobs"
-    assert logprobs_mode(SamplingParams(temperature=0.7)) == "processed_logprobs"
+    assert logprobs_mode(SamplingSettings(temperature=1.0, top_p=0.8, top_k=20)) == "raw_logprobs"
+    assert logprobs_mode(SamplingSettings(temperature=0.0, top_p=0.8)) == "raw_logprobs"
+    assert logprobs_mode(SamplingSettings(temperature=0.7)) == "processed_logprobs"
     with pytest.raises(GrpoctlError, match="--backend vllm cannot record log-probs"):
-        logprobs_mode(SamplingParams(temperature=0.7, top_p=0.8, top_k=20))
+        logprobs_mode(SamplingSettings(temperature=0.7, top_p=0.8, top_k=20))

@@ -266,7 +266,7 @@ def test_kl_to_the_reference_policy(tiny_model):
     records = make_records(model, seed=8)
     with pytest.raises(GrpoctlError, match="--ref"):
         update_step(model, make_optimizer(model, UpdateConfig()), records, UpdateConfig(kl_coef=0.1))
-    cfg = UpdateConfig(lr=1e-2, kl_coef=0.1)
+    cfg = UpdateConfig(lr=1e-2, kl_coef=0.1, ref=str(tiny_model))  # the reference: its path
     optimizer = make_optimizer(model, cfg)
     first = update_step(model, optimizer, records, cfg, ref_model=reference)
     assert first["kl"] == pytest.approx(0.0, abs=1e-6)  # the policy is still the reference
@@ -525,7 +525,7 @@ def optimizer_state(optimizer, model) -> list[dict]:
 @pytest.mark.parametrize("settings", [
     {},
     {"is_cap": 2.0, "loss_agg": "seq-mean", "micro_batch_size": 3},
-    {"kl_coef": 0.05, "warmup_steps": 2},
+    {"kl_coef": 0.05, "ref": "default", "warmup_steps": 2},
     {"clip_ratio_c": 3.0, "clip_eps_high": 0.28},
 ])
 def test_one_mini_batch_one_epoch_is_exactly_the_single_step(tiny_model, settings):
@@ -722,8 +722,8 @@ def test_update_command_with_mini_batches(tiny_model, tmp_path):
     assert printed["per_optimizer_step"][1]["clip_fraction"] > 0
 
     # Bad values: one line, exit status 2, before any model is loaded, nothing written.
-    for flag, value, message in (("--mini-batches", "0", "--mini-batches: must be a whole number >= 1"),
-                                 ("--update-epochs", "-1", "--update-epochs: must be"),
+    for flag, value, message in (("--mini-batches", "0", "'--mini-batches': 0 is not in the range x>=1"),
+                                 ("--update-epochs", "-1", "'--update-epochs': -1 is not in"),
                                  ("--clip-ratio-c", "1", "--clip-ratio-c: expected a finite number > 1")):
         bad = run_cli("update", str(tmp_path / "adv.jsonl"), "--policy", str(tmp_path / "no-model"),
                       "--out", str(tmp_path / "bad"), flag, value)

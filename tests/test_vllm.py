@@ -70,12 +70,13 @@ def test_trainer_weights_are_the_checkpoints_tensors_under_wrappers(tiny_model):
 
 def test_trainer_weights_of_a_lora_model_carry_the_adapter(tiny_model):
     pytest.importorskip("peft", reason="LoRA needs the lora extra (peft)")
-    from grpoctl.lora import LoraSettings, wrap_with_lora
+    from grpoctl.config import AdapterSettings
+    from grpoctl.lora import wrap_with_lora
     from grpoctl.models import load_policy
 
     saved = load_file(str(tiny_model / "model.safetensors"))
-    model = wrap_with_lora(load_policy(tiny_model), LoraSettings(r=4, alpha=8.0,
-                                                                 target_modules="q_proj"))
+    model = wrap_with_lora(load_policy(tiny_model), AdapterSettings(
+        lora_r=4, lora_alpha=8.0, lora_target_modules="q_proj"))
     torch.manual_seed(1)
     with torch.no_grad():  # peft starts B at zero; give the adapter a real delta
         for name, p in model.named_parameters():

@@ -58,10 +58,10 @@ PROMPTS = [{"prompt_id": f"p{i}", "text": t, "answer": None, "meta": {}}
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama64):
-    from grpoctl.rollout import SamplingParams
+    from grpoctl.config import SamplingSettings
     from grpoctl.rollout.vllm import VllmEngine
 
-    eng = VllmEngine(tiny_llama64, SamplingParams(max_new_tokens=12, seed=1), dtype="float32",
+    eng = VllmEngine(tiny_llama64, SamplingSettings(max_new_tokens=12, seed=1), dtype="float32",
                      gpu_memory_utilization=0.2, enforce_eager=True)
     yield eng
     eng.close()
@@ -69,9 +69,10 @@ def engine(tiny_llama64):
 
 def test_engine_samples_reproducibly_with_the_policys_logprobs(engine, tiny_llama64):
     from grpoctl.models import load_policy, load_tokenizer
-    from grpoctl.rollout import SamplingParams, generate
+    from grpoctl.config import SamplingSettings
+    from grpoctl.rollout import generate
 
-    sampling = SamplingParams(max_new_tokens=12, seed=1)
+    sampling = SamplingSettings(max_new_tokens=12, seed=1)
     tok = load_tokenizer(tiny_llama64)
     records = generate(engine.llm, tok, PROMPTS, 2, sampling, backend="vllm", progress=False)
     again = generate(engine.llm, tok, PROMPTS, 2, sampling, backend="vllm", progress=False)
@@ -82,7 +83,7 @@ def test_engine_samples_reproducibly_with_the_policys_logprobs(engine, tiny_llam
         assert len(r["completion_ids"]) == len(r["logprobs"]) > 0
         assert r["finish_reason"] in ("stop", "length")
         assert r["sampling"]["backend"] == "vllm"
-    other = generate(engine.llm, tok, PROMPTS, 2, SamplingParams(max_new_tokens=12, seed=2),
+    other = generate(engine.llm, tok, PROMPTS, 2, SamplingSettings(max_new_tokens=12, seed=2),
                      backend="vllm", progress=False)
     assert [r["completion_ids"] for r in other] != [r["completion_ids"] for r in records]
 
@@ -120,13 +121,14 @@ def test_logprobs_at_temperature_07_are_of_the_tempered_policy(tiny_llama64, tmp
 def test_a_skipped_push_fails_the_sync_check_and_a_real_push_passes(engine, tiny_llama64):
     """One real update_step at lr 1e-4 on fp32 weights: checked before and after the push."""
     from grpoctl.models import load_policy, load_tokenizer
-    from grpoctl.rollout import SamplingParams, generate
+    from grpoctl.config import SamplingSettings
+    from grpoctl.rollout import generate
     from grpoctl.update import UpdateConfig, make_optimizer, update_step
 
     tok = load_tokenizer(tiny_llama64)
     model = load_policy(tiny_llama64, device=DEVICE)
     engine.load_weights(model)  # an earlier test may have changed the engine's weights
-    records = generate(engine.llm, tok, PROMPTS, 2, SamplingParams(max_new_tokens=12, seed=1),
+    records = generate(engine.llm, tok, PROMPTS, 2, SamplingSettings(max_new_tokens=12, seed=1),
                        backend="vllm", progress=False)
     same = engine.check_sync(model, records)
     assert same["tokens"] > 0 and same["mean_abs"] < 1e-4
@@ -142,7 +144,7 @@ def test_a_skipped_push_fails_the_sync_check_and_a_real_push_passes(engine, tiny
     assert metrics["vllm_sync_tokens"] > 0
     assert metrics["vllm_sync_mean_abs_logprob_diff"] < 1e-4
     assert metrics["vllm_sync_max_abs_logprob_diff"] < 1e-3
-    after = generate(engine.llm, tok, PROMPTS, 2, SamplingParams(max_new_tokens=12, seed=1),
+    after = generate(engine.llm, tok, PROMPTS, 2, SamplingSettings(max_new_tokens=12, seed=1),
                      backend="vllm", progress=False)
     for r in after:  # and sampling now comes from the new weights
         expected = naive_logprobs(model, r["prompt_ids"], r["completion_ids"])
@@ -153,12 +155,13 @@ def test_lora_weights_are_pushed_merged(engine, tiny_llama64):
     pytest.importorskip("peft", reason="LoRA needs the lora extra (peft)")
     from grpoctl.lora import LoraSettings, wrap_with_lora
     from grpoctl.models import load_policy, load_tokenizer
-    from grpoctl.rollout import SamplingParams, generate
+    from grpoctl.config import SamplingSettings
+    from grpoctl.rollout import generate
 
     tok = load_tokenizer(tiny_llama64)
     base = load_policy(tiny_llama64, device=DEVICE)
     engine.load_weights(base)
-    records = generate(engine.llm, tok, PROMPTS, 2, SamplingParams(max_new_tokens=12, seed=1),
+    records = generate(engine.llm, tok, PROMPTS, 2, SamplingSettings(max_new_tokens=12, seed=1),
                        backend="vllm", progress=False)
     model = wrap_with_lora(load_policy(tiny_llama64, device=DEVICE),
                            LoraSettings(r=4, alpha=8.0, target_modules="q_proj,v_proj"))

@@ -1,6 +1,6 @@
 """The rollout stage: sample G completions per prompt and record them.
 
-    records = generate(model, tokenizer, prompts, group_size=2, sampling=SamplingParams())
+    records = generate(model, tokenizer, prompts, group_size=2, sampling=SamplingSettings(...))
 
 returns one record per (prompt, sample), ordered by prompt then sample, with the
 fields of docs/records.md: prompt_id, sample, prompt, completion, answer,
@@ -18,58 +18,18 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
+from grpoctl.config import ModelSettings, PromptSettings, SamplingSettings, VllmSettings
 from grpoctl.errors import GrpoctlError
 from grpoctl.models import check_model_dir, check_vocab, load_policy, load_tokenizer, position_limit
 from grpoctl.prompts import load_prompts, render_prompt
 from grpoctl.records import check_output, write_records
-
-BACKENDS = ("hf", "vllm")
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How completions are sampled.
-
-    Defaults follow the paper's training setting (arXiv 2510.00977, App. C.1,
-    itself verl's GRPO defaults): temperature 1 and top-p 1, i.e. sampling from
-    the policy itself, which is what the GRPO objective assumes. The paper
-    evaluates at temperature 0.7, top-p 0.8, top-k 20 (loop's eval settings).
-
-    temperature: logits are divided by it; 0 means greedy (argmax), and the
-        recorded log-probs then use temperature 1.
-    top_p: nucleus sampling mass in (0, 1]; 1 = off.
-    top_k: sample among the k most likely tokens; 0 = off.
-    max_new_tokens: completion budget; longer ones stop with finish "length"
-        (the paper uses 4096; 256 here is a CPU-friendly default).
-    seed: the same seed gives the same file, byte for byte; every (prompt_id,
-        sample) draws from its own stream seeded by (seed, prompt_id, sample).
-    """
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    max_new_tokens: int = 256
-    seed: int = 0
-
-    def check(self) -> None:
-        """Raise GrpoctlError for a value no backend can use."""
-        if not 0 <= self.temperature < float("inf"):  # NaN and inf too: not a temperature
-            raise GrpoctlError(f"--temperature: expected a finite number >= 0, "
-                               f"got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise GrpoctlError(f"--top-p: expected a value in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise GrpoctlError(f"--top-k: expected >= 0 (0 = off), got {self.top_k}")
-        if self.max_new_tokens < 1:
-            raise GrpoctlError(f"--max-new-tokens: expected >= 1, got {self.max_new_tokens}")
-
 
 def stop_token_ids(tokenizer, model=None) -> set[int]:
     """Tokens that end a completion: the tokenizer's EOS and `model.generation_config`'s EOS ids.
@@ -97,8 +57,8 @@ def tokenize_prompts(tokenizer, prompts: list[dict]) -> list[list[int]]:
     return ids
 
 
-def within_positions(sampling: SamplingParams, prompt_ids: list[list[int]], prompts: list[dict],
-                     positions: int | None) -> SamplingParams:
+def within_positions(sampling: SamplingSettings, prompt_ids: list[list[int]], prompts: list[dict],
+                     positions: int | None) -> SamplingSettings:
     """`sampling` with max_new_tokens cut to what the longest prompt leaves of the model's
     positions (said on stderr; the records hold the budget used). A prompt that fills
     them is an error naming it. As vLLM caps a completion at its max_model_len."""
@@ -118,7 +78,7 @@ def within_positions(sampling: SamplingParams, prompt_ids: list[list[int]], prom
     return replace(sampling, max_new_tokens=room)
 
 
-def generate(model, tokenizer, prompts: list[dict], group_size: int, sampling: SamplingParams,
+def generate(model, tokenizer, prompts: list[dict], group_size: int, sampling: SamplingSettings,
              batch_size: int = 64, policy: dict | None = None, backend: str = "hf",
              progress: bool = True, logprobs: bool = True) -> list[dict]:
     """Sample `group_size` completions for each prompt; one record per completion.
@@ -131,7 +91,7 @@ def generate(model, tokenizer, prompts: list[dict], group_size: int, sampling: S
             rendered (prompts.render_prompt); it is tokenized as is, with no
             special tokens added.
         group_size: G, completions per prompt (2 = the paper's 2-GRPO).
-        sampling: SamplingParams (paper defaults: temperature 1, top-p 1).
+        sampling: SamplingSettings (paper defaults: temperature 1, top-p 1).
         batch_size: sequences decoded together by the hf backend (default 64);
             a prompt's G samples are separate rows. vLLM schedules by itself.
         policy: {"path", "step"} recorded in every record (default: unknown, 0).
@@ -142,13 +102,11 @@ def generate(model, tokenizer, prompts: list[dict], group_size: int, sampling: S
             log-probs vLLM cannot give (rollout/vllm.py); hf always records them.
     Returns records ordered by prompt, then sample 0..G-1.
     """
-    if backend not in BACKENDS:
-        raise GrpoctlError(f"--backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
-    if group_size < 1:
-        raise GrpoctlError(f"--group-size: expected >= 1, got {group_size}")
-    if batch_size < 1:
-        raise GrpoctlError(f"--batch-size: expected >= 1, got {batch_size}")
-    sampling.check()
+    # every value in its declared range (config.SamplingSettings), the arguments included
+    replace(sampling, group_size=group_size, batch_size=batch_size, backend=backend).check()
+    if sampling.max_new_tokens is None:
+        raise GrpoctlError("--max-new-tokens: no budget given (SamplingSettings.for_model "
+                           "fills in the model's default)")
     prompt_ids = tokenize_prompts(tokenizer, prompts)
     stop_ids = stop_token_ids(tokenizer, model)
     rows = [(i, s) for i in range(len(prompts)) for s in range(group_size)]
@@ -165,7 +123,7 @@ def generate(model, tokenizer, prompts: list[dict], group_size: int, sampling: S
 
     policy = dict(policy or {"path": "unknown", "step": 0})
     # temperature, top_p, top_k, max_new_tokens, seed, backend
-    settings = {**asdict(sampling), "backend": backend}
+    settings = {**sampling.recorded(), "backend": backend}
     records = []
     for (i, sample), (completion_ids, token_logprobs, finish) in zip(rows, results):
         p = prompts[i]
@@ -237,65 +195,59 @@ def policy_step(model_dir: str | Path) -> int:
     return trainer_step(model_dir)
 
 
-def run_rollout(model_dir: str, prompts_source: str, output: str = "-", group_size: int = 2,
-                sampling: SamplingParams | None = None, batch_size: int = 64, backend: str = "hf",
-                prompt_field: str | None = None, answer_field: str | None = None,
-                answer_after: str | None = None, id_field: str | None = None,
-                limit: int | None = None, shard: str | None = None, template: str = "{prompt}",
-                use_chat_template: bool = True, system: str | None = None,
-                dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,
-                progress: bool = True, tensor_parallel_size: int = 1,
-                gpu_memory_utilization: float = 0.9,
-                attn_implementation: str | None = None, log: bool = True,
-                enforce_eager: bool = False) -> list[dict]:
+def run_rollout(prompts: PromptSettings, model: ModelSettings, sampling: SamplingSettings,
+                vllm: VllmSettings | None = None, output: str = "-", shard: str | None = None,
+                progress: bool = True, log: bool = True) -> list[dict]:
     """`grpoctl rollout`: load prompts and a policy, generate, write records to `output`.
 
-    `output` "-" is stdout.
-
-    Prompts are loaded and rendered before the model, so a bad prompt file fails
-    in a second. The policy step comes from the model directory's
-    trainer_state.json (0 for a base model). Returns the records written.
-    tensor_parallel_size and gpu_memory_utilization go to vLLM (--backend vllm only;
-    vLLM's defaults, 1 GPU and 0.9 of its memory); enforce_eager: vLLM without its
-    compile step (starts sooner, samples slower). attn_implementation: the hf
-    backend's attention kernel (models.load_policy; None = transformers' choice).
-    progress: the progress bar (a terminal only); log: a line on stderr when generation
-    starts and one when the file is written.
+    `output` "-" is stdout; shard "I/N" takes every N-th prompt from the I-th
+    (prompts.load_prompts). Prompts are loaded and rendered before the model, so a bad
+    prompt file fails in a second. The policy step comes from the model directory's
+    trainer_state.json (0 for a base model). `vllm` goes to the engine (--backend vllm
+    only; default VllmSettings()). progress: the progress bar (a terminal only); log: a
+    line on stderr when generation starts and one when the file is written. Returns the
+    records written.
     """
-    sampling = sampling or SamplingParams()
+    model_dir, vllm = model.model, vllm or VllmSettings()
+    sampling = sampling.for_model(model_dir)
     sampling.check()
-    if backend not in BACKENDS:
-        raise GrpoctlError(f"--backend: expected one of {', '.join(BACKENDS)}, got {backend!r}")
+    prompts_source, group_size = prompts.prompts, sampling.group_size
     check_output(output, [prompts_source])
-    prompts = load_prompts(prompts_source, prompt_field=prompt_field, answer_field=answer_field,
-                           answer_after=answer_after, id_field=id_field, limit=limit, shard=shard)
+    prompt_rows = load_prompts(prompts_source, prompt_field=prompts.prompt_field,
+                               answer_field=prompts.answer_field, answer_after=prompts.answer_after,
+                               id_field=prompts.id_field, limit=prompts.limit, shard=shard)
     check_model_dir(model_dir)
-    tokenizer = load_tokenizer(model_dir, trust_remote_code)
-    rendered = [dict(p, text=render_prompt(tokenizer, p["text"], template, use_chat_template,
-                                           system)) for p in prompts]
+    tokenizer = load_tokenizer(model_dir, model.trust_remote_code)
+    rendered = [dict(p, text=render_prompt(tokenizer, p["text"], prompts.template,
+                                           prompts.use_chat_template, prompts.system))
+                for p in prompt_rows]
     prompt_ids = tokenize_prompts(tokenizer, rendered)
+    backend = sampling.backend
     if backend == "vllm":
         from grpoctl.rollout.vllm import context_length, load_llm
 
-        model = load_llm(model_dir, sampling, dtype=dtype, trust_remote_code=trust_remote_code,
-                         tensor_parallel_size=tensor_parallel_size,
-                         gpu_memory_utilization=gpu_memory_utilization,
-                         enforce_eager=enforce_eager,
-                         max_model_len=context_length(model_dir, prompt_ids,
-                                                      sampling.max_new_tokens))
+        policy = load_llm(model_dir, sampling, dtype=model.dtype,
+                          trust_remote_code=model.trust_remote_code,
+                          tensor_parallel_size=vllm.tensor_parallel_size,
+                          gpu_memory_utilization=vllm.gpu_memory_utilization,
+                          enforce_eager=vllm.vllm_eager,
+                          max_model_len=context_length(model_dir, prompt_ids,
+                                                       sampling.max_new_tokens))
     else:
-        model = load_policy(model_dir, dtype, device, trust_remote_code, attn_implementation)
-        check_vocab(tokenizer, model, str(model_dir))
+        policy = load_policy(model_dir, model.dtype, model.device, model.trust_remote_code,
+                             model.attn_implementation)
+        check_vocab(tokenizer, policy, str(model_dir))
         # refused or cut before the line below says sampling starts (generate's check is
         # then a no-op)
-        sampling = within_positions(sampling, prompt_ids, rendered, position_limit(model))
-    policy = {"path": str(model_dir), "step": policy_step(model_dir)}
+        sampling = within_positions(sampling, prompt_ids, rendered, position_limit(policy))
+    source = {"path": str(model_dir), "step": policy_step(model_dir)}
     if log:
-        print(f"rollout: {len(prompts)} prompts x {group_size} samples from {model_dir} "
-              f"(step {policy['step']}, {backend})", file=sys.stderr, flush=True)
+        print(f"rollout: {len(prompt_rows)} prompts x {group_size} samples from {model_dir} "
+              f"(step {source['step']}, {backend})", file=sys.stderr, flush=True)
     start = time.perf_counter()
-    records = generate(model, tokenizer, rendered, group_size, sampling, batch_size=batch_size,
-                       policy=policy, backend=backend, progress=progress)
+    records = generate(policy, tokenizer, rendered, group_size, sampling,
+                       batch_size=sampling.batch_size, policy=source, backend=backend,
+                       progress=progress)
     write_records(records, output)
     if log:
         tokens = sum(len(r["completion_ids"]) for r in records)

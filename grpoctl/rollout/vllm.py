@@ -594,7 +594,7 @@ class VllmEngine:
 
     Args:
         model_dir: the checkpoint the engine starts from (then kept in step by sync_weights).
-        sampling: the training SamplingParams (they fix the engine's logprobs_mode).
+        sampling: the training SamplingSettings (they fix the engine's logprobs_mode).
         dtype: the engine's weights dtype (bfloat16 on GPU; float32 for exact checks).
         trust_remote_code: as for transformers.
         tensor_parallel_size: GPUs the engine shards the model over (vLLM's default 1).

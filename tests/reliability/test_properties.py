@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from conftest import run_in_process
 from hypothesis import strategies as st
 
+from grpoctl.config import AdvantageSettings
 from grpoctl.advantages import compute_advantages
 from grpoctl.records import (FIELD_CHECKS, NEEDS_ADVANTAGE, NEEDS_SCORE, group_by_prompt,
                              read_records, write_records)
@@ -102,7 +103,7 @@ def test_score_then_advantage_keep_every_field_and_every_group(case, estimator, 
         assert after["reward"] == after["rewards"]["math"] + 0.25 * after["rewards"]["format"]
 
     # advantage, as `grpoctl advantage scored.jsonl -o advantages.jsonl` runs it
-    out, _ = compute_advantages(scored, estimator=estimator, drop_zero=drop_zero)
+    out, _ = compute_advantages(scored, AdvantageSettings(estimator=estimator, drop_zero=drop_zero))
     write_records(out, str(tmp / "advantages.jsonl"))
     out = read_records(str(tmp / "advantages.jsonl")) if out else []
     by_group = group_by_prompt(scored)
