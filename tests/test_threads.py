@@ -101,16 +101,17 @@ def test_loop_threads(asked, tmp_path):
                          str(tmp_path / "run"), "-q", "--threads", str(asked)) == asked
 
 
-@pytest.mark.parametrize("command", ["rollout", "update", "eval", "loop"])
-def test_every_model_command_takes_the_same_threads_option(command):
-    from grpoctl.cli import Threads
-
-    assert "--threads" in run_cli(command, "--help", check=True).stdout.decode()
+def test_every_model_command_takes_the_same_threads_option():
     import typer
 
     from grpoctl.cli import app
 
-    params = {p.name: p for p in typer.main.get_command(app).commands[command].params}
-    assert params["threads"].help == Threads.__metadata__[0].help  # one definition for all
-    proc = run_cli(command, "--threads", "-1")
-    assert proc.returncode == 2 and b"Invalid value for '--threads'" in proc.stderr
+    commands = typer.main.get_command(app).commands
+    helps = set()
+    for command in ("rollout", "update", "eval", "loop"):
+        assert "--threads" in run_cli(command, "--help", check=True).stdout.decode()
+        param = next(p for p in commands[command].params if p.name == "threads")
+        helps.add(param.help)
+        proc = run_cli(command, "--threads", "-1")
+        assert proc.returncode == 2 and b"Invalid value for '--threads'" in proc.stderr
+    assert len(helps) == 1  # one definition, one default rule
