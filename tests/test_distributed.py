@@ -26,52 +26,77 @@ from grpoctl.models import load_policy
 from grpoctl.records import write_records
 from grpoctl.update import UpdateConfig, run_update
 
-# Weights. Ranks sum their gradients in another order than one process does, so the
-# gradients differ by float rounding. AdamW's step is lr · m̂ / (√v̂ + eps): where √v̂ is far
-# above eps a rounding difference stays a rounding difference (ATOL below), but where a
-# gradient entry is near eps (1e-8) the ratio swings with it, up to the whole step (the
-# same happens in one process when only the micro-batch size changes). So the tolerance
-# comes from the optimizer state: up to 2 · lr per step where √v̂ < SMALL_GRAD, ATOL elsewhere.
-ATOL = 1e-7
-SMALL_GRAD = 1e-6  # 100 × AdamW's eps
+# Equal up to float32 rounding, with tolerances grounded in that rounding. Ranks sum their
+# gradients in another order than one process does:
+# - Gradients. An entry is a sum over every token of the batch, rounded in each process's
+#   own order; its rounding error scales with the size of the terms summed, which the
+#   tensor's largest entry stands for, not with the sum itself (an entry that cancels to
+#   near 0 keeps the error of its terms: e.g. 3.5e-9 on an entry of 2.4e-6 in a tensor whose
+#   largest is 1.2e-2). So δg = GRAD_ULPS ulps of the tensor's largest entry (measured:
+#   AdamW's moments differed by up to 14 such ulps over 3 runs of the FSDP loop; 64 leaves
+#   room for other batches). The saved moments are compared with that tolerance (or 0.1%).
+# - Weights, per AdamW step:
+#   * the step lr · r, r = m̂ / (√v̂ + eps): a gradient moved by δg moves r by about δg / √v̂
+#     (m̂ by δg, √v̂ by at most δg, and |m̂| <~ √v̂), so by up to 4 δg / √v̂ (a factor 4
+#     for the bias corrections), and never by more than 2 (r from one sign to the other):
+#     where a gradient entry is tiny against the tensor's largest the whole step may swing
+#     (as in one process when only the micro-batch size changes);
+#   * ULPS_PER_STEP ulps of the weight itself: a float32 w is stored to within half an ulp,
+#     ulp(w) <= eps32 · |w| (1.2e-7 near 1: one ulp there already exceeds a flat 1e-7); a
+#     step rounds each weight twice (the decay w · (1 - lr · wd), then w - lr · r), so each
+#     run is within 1 ulp of the exact step and two runs within 2.
+#   Each step's part comes from the optimizer state saved at that step (an entry whose
+#   gradient was near 0 at step 1 may swing its whole step 1, and have a large √v̂ after
+#   step 2); a difference left by one step is carried into the next: a comparison after
+#   step 2 adds the tolerance of step 1's (`carried`).
+EPS32 = torch.finfo(torch.float32).eps
+GRAD_ULPS = 64
+ULPS_PER_STEP = 2
 
 
-def torchrun(*args: str, cwd=None) -> subprocess.CompletedProcess:
+def torchrun(*args: str, cwd=None, check: bool = True) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc-per-node 2 -m grpoctl ARGS` (a free port, one machine)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc-per-node", "2", "-m", "grpoctl", *args],
                           capture_output=True, env=env, cwd=cwd, timeout=300)
-    if proc.returncode != 0:
+    if check and proc.returncode != 0:
         raise AssertionError(f"torchrun grpoctl {' '.join(args)} exited {proc.returncode}:\n"
                              f"{proc.stderr.decode(errors='replace')[-4000:]}")
     return proc
 
 
-def assert_same_checkpoint(a: Path, b: Path) -> float:
-    """Same weights (within the AdamW tolerance above, from a's optimizer state and lr) and
-    optimizer state (same names, within 0.1%); returns the largest weight difference."""
+def assert_same_checkpoint(a: Path, b: Path, carried: dict | None = None) -> tuple[float, dict]:
+    """Same optimizer state (same names) and weights, within the tolerances above: those of
+    the step that wrote a (from a's optimizer state and lr) plus `carried`, the tolerances of
+    the steps before it (None: a and b started from the same weights). Returns the largest
+    weight difference and the tolerances, to carry into the next step's comparison."""
     x, y = load_file(str(a / "optimizer.safetensors")), load_file(str(b / "optimizer.safetensors"))
     assert sorted(x) == sorted(y)
     for key in x:
-        assert torch.allclose(x[key].float(), y[key].float(), rtol=1e-3, atol=1e-9), key
+        want, got = x[key].float(), y[key].float()
+        atol = GRAD_ULPS * EPS32 * want.abs().max().item()  # exp_avg_sq: of the squares
+        assert torch.allclose(want, got, rtol=1e-3, atol=atol), \
+            (key, (want - got).abs().max().item(), atol)
     lr = json.loads((a / "trainer_state.json").read_text())["metrics"]["lr"]  # no warm-up here
     wa, wb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
     assert sorted(wa) == sorted(wb)
-    worst = 0.0
+    worst, tolerances = 0.0, {}
     for name in wa:
+        owner = name
+        if f"{name}.exp_avg_sq" not in x:  # tied to another parameter, which holds the state
+            owner = next(n for n in wa if f"{n}.exp_avg_sq" in x and torch.equal(wa[n], wa[name]))
+        steps = x[f"{owner}.step"].item()
+        root = (x[f"{owner}.exp_avg_sq"].float() / (1 - 0.999 ** steps)).sqrt()  # √v̂
+        grad_rounding = GRAD_ULPS * EPS32 * root.max().item()  # δg (√v̂ ~ |g|)
+        swing = torch.clamp(4 * grad_rounding / root, max=2.0)  # of r, this step
+        tol = lr * swing + ULPS_PER_STEP * EPS32 * wa[name].float().abs()
+        if carried is not None:
+            tol = tol + carried[name]
         diff = (wa[name] - wb[name]).abs()
-        moment = x.get(f"{name}.exp_avg_sq")
-        if moment is None:  # tied to another parameter (its state is under that name)
-            tol = torch.full_like(diff, ATOL)
-        else:
-            steps = x[f"{name}.step"].item()
-            root = (moment / (1 - 0.999 ** steps)).sqrt()
-            tol = torch.where(root < SMALL_GRAD, torch.full_like(diff, 2 * lr * steps),
-                              torch.full_like(diff, ATOL))
-        assert bool((diff <= tol).all()), (name, diff.max().item())
-        worst = max(worst, diff.max().item())
-    return worst
+        assert bool((diff <= tol).all()), (name, diff.max().item(), (diff - tol).max().item())
+        worst, tolerances[name] = max(worst, diff.max().item()), tol
+    return worst, tolerances
 
 
 # --- sharding a file by prompt groups ------------------------------------------------
@@ -143,7 +168,7 @@ def test_ddp_update_equals_one_process(adv_file, tiny_model, one_process):
     out = adv_file.parent / "ddp-1"
     torchrun("update", str(adv_file), "--policy", str(tiny_model), "--out", str(out), *FLAGS)
 
-    worst = assert_same_checkpoint(one_process["step-1"], out)
+    worst, step_1 = assert_same_checkpoint(one_process["step-1"], out)
     print(f"DDP update: max weight difference {worst:.2g}")
     single = json.loads((one_process["step-1"] / "trainer_state.json").read_text())["metrics"]
     ranks = json.loads((out / "trainer_state.json").read_text())["metrics"]
@@ -156,7 +181,29 @@ def test_ddp_update_equals_one_process(adv_file, tiny_model, one_process):
 
     # the checkpoint is an ordinary one: one process takes the next step from it
     run_update(str(adv_file), out, adv_file.parent / "ddp-then-single-2", CONFIG)
-    assert_same_checkpoint(one_process["step-2"], adv_file.parent / "ddp-then-single-2")
+    assert_same_checkpoint(one_process["step-2"], adv_file.parent / "ddp-then-single-2",
+                           carried=step_1)
+
+
+def test_an_error_on_every_rank_ends_each_rank_cleanly(adv_file, tiny_model):
+    # A token id beyond the vocabulary is found after the ranks joined their process group:
+    # a rank prints the one-line error, leaves the group (distributed.left_at_end) and exits
+    # with grpoctl's status 2, not aborting at interpreter exit (SIGABRT). torchrun then
+    # stops the others (SIGTERM: 143), whether or not they printed the error yet.
+    bad = adv_file.parent / "bad-token.jsonl"
+    lines = adv_file.read_text().splitlines()
+    record = json.loads(lines[0])
+    record["completion_ids"][0] = 10**6
+    bad.write_text("\n".join([json.dumps(record), *lines[1:]]) + "\n")
+    proc = torchrun("update", str(bad), "--policy", str(tiny_model), "--out",
+                    str(adv_file.parent / "never"), *FLAGS, check=False)
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode != 0
+    assert "error: " in err and "token id 1000000 is out of range" in err, err[-3000:]
+    assert "exitcode  : 2" in err or "exitcode: 2" in err, err[-3000:]
+    assert "terminate called" not in err and "SIGABRT" not in err, err[-3000:]
+    assert "exitcode  : -6" not in err and "exitcode: -6" not in err, err[-3000:]
+    assert not (adv_file.parent / "never").exists()
 
 
 def test_fsdp_update_resumes_and_equals_one_process(adv_file, one_process):
@@ -166,7 +213,7 @@ def test_fsdp_update_resumes_and_equals_one_process(adv_file, one_process):
     torchrun("update", str(adv_file), "--policy", str(one_process["step-1"]), "--out", str(out),
              "--fsdp", *FLAGS)
 
-    worst = assert_same_checkpoint(one_process["step-2"], out)
+    worst, _ = assert_same_checkpoint(one_process["step-2"], out)  # both from step-1
     print(f"FSDP update: max weight difference {worst:.2g}")
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["step"] == 2 and state["optimizer"]["resumed"] is True
@@ -223,6 +270,8 @@ def test_fsdp_loop_equals_one_process(tiny_model, tmp_path):
             advantages += [r.get("advantage") for r in one]
     assert any(advantages)  # the updates had something to learn
 
+    carried = None  # step 1 starts from the same weights
     for step in ("step-000001", "step-000002"):
-        worst = assert_same_checkpoint(single / "checkpoints" / step, ranks / "checkpoints" / step)
+        worst, carried = assert_same_checkpoint(single / "checkpoints" / step,
+                                                ranks / "checkpoints" / step, carried)
         print(f"FSDP loop, {step}: max weight difference {worst:.2g}")
