@@ -50,7 +50,8 @@ from collections.abc import Callable
 
 from grpoctl.config import STD_MODES, AdvantageSettings
 from grpoctl.errors import GrpoctlError
-from grpoctl.records import RecordError, group_by_prompt, line_of
+from grpoctl.records import (NEEDS_ADVANTAGE, RecordError, check_output, group_by_prompt,
+                             line_of, read_records, source_name, write_records)
 
 DEFAULT_EPS = AdvantageSettings.adv_eps  # verl's GRPO 1e-6; TRL's GRPOTrainer adds 1e-4
 
@@ -240,3 +241,14 @@ def compute_advantages(records: Sequence[dict], settings: AdvantageSettings | No
     if batch_std is not None:
         stats["batch_std"] = batch_std
     return out, stats
+
+
+def advantage_file(records: str, output: str, settings: AdvantageSettings | None = None, *,
+                   allow_uneven: bool = False) -> dict:
+    """`grpoctl advantage`: the records of the file `records` (`-` = stdin) given their
+    advantages into `output` (`-` = stdout), as compute_advantages; return its stats."""
+    check_output(output, [records])
+    out, stats = compute_advantages(read_records(records, NEEDS_ADVANTAGE), settings,
+                                    allow_uneven=allow_uneven, source=source_name(records))
+    write_records(out, output)
+    return stats

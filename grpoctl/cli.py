@@ -10,14 +10,13 @@ the stage modules (`rollout`, `rewards`, `advantages`, `update`, `loop`). Heavy
 imports (torch, transformers, math-verify) happen inside the commands that need
 them, so `grpoctl --help`, `score` and `advantage` start fast.
 
-Errors the user can fix (`GrpoctlError`) print one line, `error: ...`, and exit 2.
+Errors the user can fix (`GrpoctlError`, a bad flag) print one line, `error: ...`, and
+exit 2 (process.run_main, which also owns the streams and the signals).
 """
 
 from __future__ import annotations
 
 import json
-import math
-import os
 import sys
 from typing import Annotated, Optional
 
@@ -26,9 +25,9 @@ import typer
 from grpoctl import process
 from grpoctl.config import (AdapterSettings, AdvantageSettings, EvalSettings, LoopConfig,
                             ModelSettings, PromptSettings, SamplingSettings, ScoreSettings,
-                            UpdateConfig, VllmSettings, resolve_threads)
+                            UpdateConfig, VllmSettings)
 from grpoctl.errors import GrpoctlError
-from grpoctl.flags import Use, settings
+from grpoctl.flags import Use, flags_given, refuse_non_finite, settings
 
 app = typer.Typer(
     name="grpoctl",
@@ -80,17 +79,6 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def _use_threads(model: str, threads: int | None) -> None:
-    """--threads of a command that runs `model`, applied before the model loads: the
-    number given, else the model's default (config.resolve_threads, as `loop`); 0 leaves
-    torch's own choice. Every command that runs a model calls this, and only this."""
-    threads = resolve_threads(model, threads)
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-
-
 @app.command()
 @settings(prompts=Use(PromptSettings), model=Use(ModelSettings, only=SAMPLER),
           sampling=Use(SamplingSettings, skip=("prompts_per_step",),
@@ -114,9 +102,10 @@ def rollout(prompts: PromptSettings, shard: Annotated[Optional[str], typer.Optio
 
         grpoctl rollout -m M --prompts gsm8k_test.jsonl --prompt-field question --answer-after '#### '
     """
+    from grpoctl.models import use_threads
     from grpoctl.rollout import run_rollout
 
-    _use_threads(model.model, model.threads)
+    use_threads(model.model, model.threads)
     run_rollout(prompts, model, sampling, vllm, output=output, shard=shard,
                 progress=_progress(quiet), log=not quiet)
 
@@ -142,16 +131,9 @@ def score(records: Annotated[str, typer.Argument(help="Rollout file, or `-` for 
 
         grpoctl score r.jsonl --reward my_rewards.py:brevity=0.5
     """
-    from grpoctl.records import (NEEDS_SCORE, check_output, read_records, source_name,
-                                 write_records)
-    from grpoctl.rewards import score_records
+    from grpoctl.rewards import score_file
 
-    check_output(output, [records])
-    rows = read_records(records, NEEDS_SCORE)
-    scored, stats = score_records(rows, score.rewards, workers=score.score_workers,
-                                  timeout=score.score_timeout, progress=_progress(quiet),
-                                  source=source_name(records), explain=explain)
-    write_records(scored, output)
+    stats = score_file(records, output, score, explain=explain, progress=_progress(quiet))
     _log(f"score: {json.dumps(stats)}")
 
 
@@ -176,15 +158,9 @@ def advantage(records: Annotated[str, typer.Argument(help="Scored file, or `-` f
 
         grpoctl rollout -G 2 | grpoctl score | grpoctl advantage --estimator pairwise --drop-zero
     """
-    from grpoctl.advantages import compute_advantages
-    from grpoctl.records import (NEEDS_ADVANTAGE, check_output, read_records, source_name,
-                                 write_records)
+    from grpoctl.advantages import advantage_file
 
-    check_output(output, [records])
-    rows = read_records(records, NEEDS_ADVANTAGE)
-    out, stats = compute_advantages(rows, settings, allow_uneven=allow_uneven,
-                                    source=source_name(records))
-    write_records(out, output)
+    stats = advantage_file(records, output, settings, allow_uneven=allow_uneven)
     _log(f"advantage: {json.dumps(stats)}")
 
 
@@ -223,9 +199,10 @@ def update(records: Annotated[str, typer.Argument(help="File with advantages, or
             --update-epochs 2 --clip-ratio-c 3
     """
     from grpoctl import distributed
+    from grpoctl.models import use_threads
     from grpoctl.update import run_update
 
-    _use_threads(policy, model.threads)
+    use_threads(policy, model.threads)
     with distributed.left_at_end():  # torchrun: run_update joins the ranks' process group
         result = run_update(records, policy, out, cfg, model, adapter, metrics_path=metrics)
         if distributed.is_main():  # torchrun: one line, from rank 0
@@ -274,7 +251,9 @@ def eval_(scored: Annotated[Optional[str], typer.Option(help="Evaluate an alread
     from grpoctl.evaluate import run_eval
 
     if model.model is not None:  # --scored alone runs no model (and needs no torch)
-        _use_threads(model.model, model.threads)
+        from grpoctl.models import use_threads
+
+        use_threads(model.model, model.threads)
     summary = run_eval(model, prompts, sampling, vllm, score, samples=k.eval_samples,
                        scored=scored, pass_k=pass_k, greedy=greedy, by=by or [], save=save,
                        progress=_progress(quiet))
@@ -309,29 +288,17 @@ def loop(ctx: typer.Context, cfg: LoopConfig,
     from grpoctl.display import make_display
     from grpoctl.loop import run_loop
 
-    given = _flags_given(ctx, cfg) if resume else None
+    # --resume compares the settings named here with the run's; --run-dir names the run
+    given = flags_given(ctx, cfg, skip=("run_dir",)) if resume else None
     try:
         # --threads: applied by the run itself (Loop.load), from the run's resolved settings
-        # (with --resume, those in its config.json), by the rule of _use_threads
+        # (with --resume, those in its config.json), by the rule of models.use_threads
         with distributed.left_at_end():  # torchrun: run_loop joins the ranks' process group
             run = run_loop(cfg, resume=resume, display=make_display(quiet), given=given)
     except KeyboardInterrupt:
         _log("interrupted: finished steps are saved; continue with the same command plus --resume")
         sys.exit(130)
     _log(f"done: {run}")
-
-
-def _flags_given(ctx: typer.Context, cfg: LoopConfig) -> dict:
-    """{LoopConfig field: (flag, value)} for the settings named on the command line (what
-    --resume compares with the run's saved settings); options are named as their fields."""
-    given = {}
-    for param in ctx.command.params:
-        source = ctx.get_parameter_source(param.name)  # an enum typer does not export: by name
-        if param.name in ("run_dir", "resume", "quiet") or \
-                getattr(source, "name", None) != "COMMANDLINE":
-            continue
-        given[param.name] = (param.opts[0], getattr(cfg, param.name))
-    return given
 
 
 # --- show, diff: reading what a run learned (grpoctl/show.py, grpoctl/diff.py) ------------
@@ -448,116 +415,19 @@ def report(
 
         grpoctl report runs/g2-s0 --html -o report && xdg-open report/index.html
     """
-    if html:
-        from grpoctl.report_html import write_html_report
+    from grpoctl.report import report_command
 
-        result = write_html_report(run_dirs, out, labels=label or None, baseline=baseline)
-        _log(f"wrote {result['index']} and {len(result['pages'])} run page(s), "
-             f"{result['steps']} steps, {result['bytes'] / 1e6:.1f} MB")
-        return
-    from grpoctl.report import write_report
-
-    result = write_report(run_dirs, out, labels=label or None, baseline=baseline)
-    _log("wrote " + ", ".join([result["report"], *result["plots"]]))
-
-
-def _one_line(text: str) -> str:
-    """A message as one line: its lines joined, runs of whitespace made one space."""
-    return " ".join(text.split())
-
-
-def _settle_stdout() -> OSError | None:
-    """Flush stdout; if that fails (`> /dev/full`, a closed pipe), point file descriptor 1
-    at /dev/null so that the interpreter's own flush at exit neither fails again nor
-    prints "Exception ignored". Returns the error, or None."""
-    try:
-        sys.stdout.flush()
-        return None
-    except (OSError, ValueError) as e:  # ValueError: stdout already closed
-        try:
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            os.close(devnull)
-        except (OSError, ValueError, AttributeError):
-            pass  # a replaced sys.stdout (tests): nothing to redirect
-        return e if isinstance(e, OSError) else OSError(str(e))
-
-
-class _WatchedStdout:
-    """sys.stdout, remembering a failed write: tells `print` to a full device (an OSError
-    of stdout) from an OSError elsewhere (a bug, which keeps its traceback)."""
-
-    def __init__(self, stream):
-        self._stream = stream
-        self.error: OSError | None = None
-
-    def _watch(self, name, *args):
-        try:
-            return getattr(self._stream, name)(*args)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def write(self, text):
-        return self._watch("write", text)
-
-    def writelines(self, lines):
-        return self._watch("writelines", lines)
-
-    def flush(self):
-        return self._watch("flush")
-
-    def __getattr__(self, name):
-        return getattr(self._stream, name)
-
-
-def _finite_floats(command):
-    """Every float option of every command refuses NaN and infinity as a flag error.
-
-    typer's float options (and their min/max bounds) let "nan" and "inf" through, and a
-    NaN then surfaces far from its flag (as a NaN loss, or an error about a record).
-    One rule for all of them, so a new option is covered too: each parameter's
-    callback (click's public hook, called with the converted value, in every typer
-    version) refuses a float value that is not finite. No option has a callback of
-    its own; one would still run, after the check.
-    """
-    for sub in getattr(command, "commands", {}).values():
-        for param in sub.params:
-            if not getattr(param.callback, "refuses_non_finite", False):
-                param.callback = _refusing_non_finite(param.callback)
-    return command
-
-
-def _refusing_non_finite(callback):
-    def finite(ctx, param, value):
-        if isinstance(value, float) and not math.isfinite(value):
-            raise typer.BadParameter(f"{str(value)!r} is not a finite number", ctx=ctx,
-                                     param=param)
-        return value if callback is None else callback(ctx, param, value)
-    finite.refuses_non_finite = True
-    return finite
+    _log(report_command(run_dirs, out, labels=label or None, baseline=baseline, html=html))
 
 
 def main() -> None:
-    """Entry point: run the app, turning every user error into one line and exit status 2.
+    """Entry point: the app run by process.run_main (one-line errors, streams, signals).
 
     Click's own usage errors (a bad flag value, a missing argument) would print a
     multi-line box; they get the same one-line `error: ...` as grpoctl's errors, so
-    a pipeline's stderr stays greppable. Every message is one line (a multi-line one
-    is joined). stdout that cannot be written (`> /dev/full`) is one line too; a reader
-    that went away (`| head`) ends the command quietly with status 1, as click does.
+    a pipeline's stderr stays greppable.
     """
-    process.reopen_closed_standard_streams()
-    watched = sys.stdout = _WatchedStdout(sys.stdout)
-    status = 0
-    try:
-        with process.interrupt_on_termination_signals():
-            _main(watched)
-    except SystemExit as e:  # 130 for SIGTERM/SIGHUP too; say which it was
-        status = process.exit_status(e.code)
-    finally:
-        if sys.stdout is watched:
-            sys.stdout = watched._stream
+    status = process.run_main(_run_app, _user_error)
     if isinstance(status, int):
         from grpoctl import distributed
 
@@ -565,46 +435,29 @@ def main() -> None:
     raise SystemExit(status)
 
 
-def _main(watched: _WatchedStdout) -> None:
-    def fail(message: str, code: int) -> None:
-        _settle_stdout()
-        print(f"error: {_one_line(message)}", file=sys.stderr)
-        sys.exit(code)
-
+def _run_app():
+    # Without standalone mode the app returns its status (of `--help`, of an explicit
+    # exit; 130 for a Ctrl-C it caught) and raises the errors, for _user_error to word
     try:
-        status = _finite_floats(typer.main.get_command(app))(prog_name="grpoctl",
-                                                             standalone_mode=False)
-        stdout_error = _settle_stdout()  # what is still buffered, written now
-        if isinstance(stdout_error, BrokenPipeError):
-            sys.exit(1)
-        if stdout_error is not None:
-            fail(f"<stdout>: cannot write: {stdout_error.strerror or stdout_error}", 2)
-    except typer.TyperException as e:
-        # Typer >= 0.26 ships its own copy of click and exports none of its exceptions but
-        # BadParameter; all derive from typer.TyperException. A usage error (UsageError and
-        # its subclasses) is the one that carries the context of the command it concerns.
-        if type(e).__name__ == "NoArgsIsHelpError":  # plain `grpoctl`: show the help
-            e.show()  # (typer's own rich_utils tells it by its name, too)
-            sys.exit(2)
-        if hasattr(e, "ctx"):
-            where = e.ctx.command_path if e.ctx else "grpoctl"
-            fail(f"{where}: {e.format_message()} (see `{where} --help`)", e.exit_code)
-        fail(e.format_message(), e.exit_code)
-    except GrpoctlError as e:
-        fail(str(e), e.exit_code)
-    except (KeyboardInterrupt, typer.Abort):
-        _settle_stdout()
-        print(process.interrupt_message(), file=sys.stderr)
-        sys.exit(130)
-    except OSError as e:  # stdout written directly (print) on a full device; else a bug
-        if watched.error is not e:
-            raise
-        _settle_stdout()
-        if isinstance(e, BrokenPipeError):
-            sys.exit(1)
-        fail(f"<stdout>: cannot write: {e.strerror or e}", 2)
-    # Without standalone mode the app returns the status of `--help` and of explicit
-    # exits, and 130 for a Ctrl-C, which typer catches and would end silently.
-    if status == 130:  # which outputs, if any, were put in place before the signal
-        print(process.interrupt_message(), file=sys.stderr)
-    sys.exit(status if isinstance(status, int) else 0)
+        return refuse_non_finite(typer.main.get_command(app))(prog_name="grpoctl",
+                                                              standalone_mode=False)
+    except typer.Abort:  # click's name for a Ctrl-C
+        raise KeyboardInterrupt from None
+
+
+def _user_error(e: Exception) -> tuple[str, int] | None:
+    """(message, exit status) of an error the user can fix; None for a bug."""
+    if isinstance(e, GrpoctlError):
+        return str(e), e.exit_code
+    if not isinstance(e, typer.TyperException):
+        return None
+    # Typer >= 0.26 ships its own copy of click and exports none of its exceptions but
+    # BadParameter; all derive from typer.TyperException. A usage error (UsageError and
+    # its subclasses) is the one that carries the context of the command it concerns.
+    if type(e).__name__ == "NoArgsIsHelpError":  # plain `grpoctl`: show the help
+        e.show()  # (typer's own rich_utils tells it by its name, too)
+        sys.exit(2)
+    if hasattr(e, "ctx"):
+        where = e.ctx.command_path if e.ctx else "grpoctl"
+        return f"{where}: {e.format_message()} (see `{where} --help`)", e.exit_code
+    return e.format_message(), e.exit_code

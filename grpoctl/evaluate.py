@@ -33,7 +33,7 @@ from grpoctl.models import check_model_dir, check_vocab, load_policy, load_token
 from grpoctl.prompts import load_prompts, render_prompt, where_of
 from grpoctl.records import (NEEDS_ADVANTAGE, STDIO, RecordError, _kind, check_output,
                              group_by_prompt, line_of, read_records, write_records)
-from grpoctl.rewards import DEFAULT_TIMEOUT_S, parse_reward_specs, score_records
+from grpoctl.rewards import DEFAULT_TIMEOUT_S, score_records
 from grpoctl.rollout import generate, policy_step, tokenize_prompts
 
 
@@ -148,8 +148,8 @@ def evaluate_records(records: list[dict], k: int | None = None, by: str | Sequen
     correctness); workers and timeout go to the scoring pool (rewards.score_records, no
     progress bar); k, by and source as in `summarize`.
     """
-    scored, _ = score_records(records, parse_reward_specs(list(rewards)), workers=workers,
-                              timeout=timeout, progress=False)
+    score = ScoreSettings(rewards=list(rewards), score_workers=workers, score_timeout=timeout)
+    scored, _ = score_records(records, score, progress=False)
     return scored, summarize(scored, k=k, by=by, source=source)
 
 

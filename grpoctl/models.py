@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from grpoctl import lora as lora_lib  # light: peft is imported only when LoRA is used
-from grpoctl.config import DTYPES
+from grpoctl.config import DTYPES, resolve_threads
 from grpoctl.errors import GrpoctlError, first_line
 
 DEFAULT_MODEL = "default"  # the name users type for the embedded tiny model
@@ -62,6 +62,17 @@ def check_model_dir(path: str | os.PathLike) -> Path:
         if missing:
             raise GrpoctlError(f"{p}: no {missing[0]}, which {index.name} names")
     return p
+
+
+def use_threads(model: str, threads: int | None) -> None:
+    """--threads of a command that runs `model`, applied before the model loads: the
+    number given, else the model's default (config.resolve_threads, as `loop`); 0 leaves
+    torch's own choice. Every command that runs a model calls this, and only this."""
+    threads = resolve_threads(model, threads)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):

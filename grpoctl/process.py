@@ -18,6 +18,8 @@
 - Every command grpoctl starts (`run_command`) runs in its own process group, and the
   whole group is killed and waited for on every exit path: a shell's grandchild
   (`sh -c 'python judge.py'`) never outlives the stage that started it.
+- `run_main` runs the command line inside all this, and makes every way it can fail
+  one line on stderr: a user's error, stdout on a full device, an interrupt.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 
 # The termination signal being handled, if any (main() turns 130 into 128 + it).
 terminated_by: int | None = None
@@ -139,6 +142,122 @@ def interrupt_on_termination_signals():
 def exit_status(status):
     """A Ctrl-C's 130 becomes 128 + the termination signal's number, when that was it."""
     return 128 + terminated_by if status == 130 and terminated_by else status
+
+
+# --- stdout ------------------------------------------------------------------------
+
+
+def one_line(text: str) -> str:
+    """A message as one line: its lines joined, runs of whitespace made one space."""
+    return " ".join(text.split())
+
+
+def settle_stdout() -> OSError | None:
+    """Flush stdout; if that fails (`> /dev/full`, a closed pipe), point file descriptor 1
+    at /dev/null so that the interpreter's own flush at exit neither fails again nor
+    prints "Exception ignored". Returns the error, or None."""
+    try:
+        sys.stdout.flush()
+        return None
+    except (OSError, ValueError) as e:  # ValueError: stdout already closed
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            os.close(devnull)
+        except (OSError, ValueError, AttributeError):
+            pass  # a replaced sys.stdout (tests): nothing to redirect
+        return e if isinstance(e, OSError) else OSError(str(e))
+
+
+class WatchedStdout:
+    """sys.stdout, remembering a failed write: tells `print` to a full device (an OSError
+    of stdout) from an OSError elsewhere (a bug, which keeps its traceback)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.error: OSError | None = None
+
+    def _watch(self, name, *args):
+        try:
+            return getattr(self.stream, name)(*args)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def write(self, text):
+        return self._watch("write", text)
+
+    def writelines(self, lines):
+        return self._watch("writelines", lines)
+
+    def flush(self):
+        return self._watch("flush")
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+# --- the command line's run ---------------------------------------------------------
+
+
+def run_main(main: Callable[[], object],
+             user_error: Callable[[Exception], tuple[str, int] | None]):
+    """Run `main` (the command line; it returns its exit status) as this process's work,
+    and return the exit status.
+
+    Closed standard streams are reopened and SIGTERM/SIGHUP act as Ctrl-C first. An
+    exception that `user_error` explains as (message, status) prints `error: MESSAGE`
+    (one line) and exits with that status; any other keeps its traceback (a bug).
+    stdout that cannot be written (`> /dev/full`) is one line too, status 2; a reader
+    that went away (`| head`) ends the command quietly with status 1, as click does. An
+    interrupt says which outputs were written, status 130 (128 + a termination signal).
+    """
+    reopen_closed_standard_streams()
+    watched = sys.stdout = WatchedStdout(sys.stdout)
+    try:
+        with interrupt_on_termination_signals():
+            _run(main, user_error, watched)  # ends in sys.exit
+    except SystemExit as e:  # 130 for SIGTERM/SIGHUP too; say which it was
+        return exit_status(e.code)
+    finally:
+        if sys.stdout is watched:
+            sys.stdout = watched.stream
+
+
+def _run(main, user_error, watched: WatchedStdout) -> None:
+    def fail(message: str, status: int) -> None:
+        settle_stdout()
+        print(f"error: {one_line(message)}", file=sys.stderr)
+        sys.exit(status)
+
+    try:
+        status = main()
+        stdout_error = settle_stdout()  # what is still buffered, written now
+        if isinstance(stdout_error, BrokenPipeError):
+            sys.exit(1)
+        if stdout_error is not None:
+            fail(f"<stdout>: cannot write: {stdout_error.strerror or stdout_error}", 2)
+    except KeyboardInterrupt:
+        settle_stdout()
+        print(interrupt_message(), file=sys.stderr)
+        sys.exit(130)
+    except OSError as e:  # stdout written directly (print) on a full device; else a bug
+        if watched.error is not e:
+            raise
+        settle_stdout()
+        if isinstance(e, BrokenPipeError):
+            sys.exit(1)
+        fail(f"<stdout>: cannot write: {e.strerror or e}", 2)
+    except Exception as e:
+        explained = user_error(e)
+        if explained is None:
+            raise
+        fail(*explained)
+    # A command line may catch a Ctrl-C itself and return 130 (typer does): say which
+    # outputs, if any, were put in place before the signal
+    if status == 130:
+        print(interrupt_message(), file=sys.stderr)
+    sys.exit(status if isinstance(status, int) else 0)
 
 
 # --- commands grpoctl starts -------------------------------------------------------

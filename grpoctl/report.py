@@ -556,6 +556,20 @@ REPORT_FILES = ("report.md", "accuracy.png", "training.png", "index.html", "html
 HTML_MARKER = "<!-- grpoctl report --html -->"  # in the first line of an index.html grpoctl wrote
 
 
+def report_command(run_dirs: list[str], out_dir: str, labels: list[str] | None = None,
+                   baseline: str | None = None, html: bool = False) -> str:
+    """`grpoctl report`: write_report's files, or with `html` report_html's pages (which
+    hold them too); return what was written, as one line for stderr."""
+    if html:
+        from grpoctl.report_html import write_html_report  # it imports this module
+
+        result = write_html_report(run_dirs, out_dir, labels=labels, baseline=baseline)
+        return (f"wrote {result['index']} and {len(result['pages'])} run page(s), "
+                f"{result['steps']} steps, {result['bytes'] / 1e6:.1f} MB")
+    result = write_report(run_dirs, out_dir, labels=labels, baseline=baseline)
+    return "wrote " + ", ".join([result["report"], *result["plots"]])
+
+
 @contextlib.contextmanager
 def staged_report_dir(out: Path):
     """Yields an empty temporary sibling of `out` to write the report in, then puts it in

@@ -53,7 +53,8 @@ from grpoctl.answers import RULE_BOX, find_answer, judge_answer
 from grpoctl.config import ScoreSettings
 from grpoctl.errors import GrpoctlError
 from grpoctl.hacks import hack_rate
-from grpoctl.records import MAX_MAGNITUDE, RecordError, line_of, shown
+from grpoctl.records import (MAX_MAGNITUDE, NEEDS_SCORE, RecordError, check_output, line_of,
+                             read_records, shown, source_name, write_records)
 
 DEFAULT_SPECS = ("math",)
 DEFAULT_TIMEOUT_S = ScoreSettings.score_timeout  # declared in config.py
@@ -531,17 +532,18 @@ def _explained(judged: dict, value: float) -> dict:
     return out
 
 
-def score_records(records: Sequence[dict], specs: Sequence[RewardSpec | str] | None = None,
-                  workers: int | None = None, timeout: float = DEFAULT_TIMEOUT_S,
+def score_records(records: Sequence[dict], score: ScoreSettings | None = None, *,
                   progress: bool = True, source: str = "<records>",
                   explain: bool = False) -> tuple[list[dict], dict]:
     """Score records; return (new records with `rewards` and `reward`, stats).
 
-    specs: RewardSpec objects or spec strings (default ["math"]).
-    workers: math-verify processes (default os.cpu_count(); 0 = in this process, no hard limit).
-    timeout: CPU seconds allowed per distinct (gold, answer) pair (default 2.0); over it -> 0
-        (CPU time, not wall time: the verdict does not depend on the machine's load;
-        scoring_pool).
+    score: the `score` stage's settings [default: ScoreSettings(), the `math` reward]:
+        rewards: RewardSpec objects or spec strings.
+        score_workers: math-verify processes (None = os.cpu_count(); 0 = in this process,
+            no hard limit).
+        score_timeout: CPU seconds allowed per distinct (gold, answer) pair; over it -> 0
+            (CPU time, not wall time: the verdict does not depend on the machine's load;
+            scoring_pool).
     progress: show a progress bar on stderr when many pairs go to math-verify.
     source: the file name used in error messages (lines as records.line_of finds them).
     explain: add `explain` to each record, why `math` gave its reward (explain_math's
@@ -553,11 +555,10 @@ def score_records(records: Sequence[dict], specs: Sequence[RewardSpec | str] | N
         timeouts, errors (records), workers, seconds, records_per_s.
     """
     start = time.perf_counter()
-    specs = parse_reward_specs(specs)
-    if workers is not None and workers < 0:
-        raise GrpoctlError(f"--workers must be >= 0, got {workers}")
-    if not (timeout > 0 and math.isfinite(timeout)):
-        raise GrpoctlError(f"--timeout must be a positive number of seconds, got {timeout}")
+    score = score or ScoreSettings()
+    score.check()
+    specs = parse_reward_specs(score.rewards)
+    workers, timeout = score.score_workers, score.score_timeout
     for i, r in enumerate(records):
         if not isinstance(r.get("completion"), str):
             raise RecordError(source, line_of(records, i), "completion", "missing or not a string")
@@ -623,3 +624,14 @@ def score_records(records: Sequence[dict], specs: Sequence[RewardSpec | str] | N
     stats["seconds"] = time.perf_counter() - start
     stats["records_per_s"] = len(out) / stats["seconds"] if stats["seconds"] > 0 else 0.0
     return out, stats
+
+
+def score_file(records: str, output: str, score: ScoreSettings | None = None, *,
+               explain: bool = False, progress: bool = True) -> dict:
+    """`grpoctl score`: the records of the file `records` (`-` = stdin) scored into
+    `output` (`-` = stdout), as score_records; return its stats."""
+    check_output(output, [records])
+    scored, stats = score_records(read_records(records, NEEDS_SCORE), score, progress=progress,
+                                  source=source_name(records), explain=explain)
+    write_records(scored, output)
+    return stats

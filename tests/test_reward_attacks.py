@@ -15,6 +15,7 @@ import sys
 import numpy
 import pytest
 
+from grpoctl.config import ScoreSettings
 from grpoctl.evaluate import summarize
 from grpoctl.hacks import hack_rate, looks_gamed
 from grpoctl.rewards import explain_math, score_records
@@ -99,8 +100,8 @@ def _score(rows, workers):
         by_spec.setdefault(row[0], []).append(i)
     got = [None] * len(rows)
     for spec, indices in by_spec.items():
-        out, _ = score_records(_records([rows[i] for i in indices]), [spec], workers=workers,
-                               progress=False)
+        score = ScoreSettings([spec], score_workers=workers)
+        out, _ = score_records(_records([rows[i] for i in indices]), score, progress=False)
         for i, r in zip(indices, out):
             got[i] = r["reward"]
     return got
@@ -141,12 +142,12 @@ def test_explain_math_says_why():
 def test_hack_rate_by_hand():
     # format alone credits all three boxes; two of them are the prompt's sum: 2 of 3 gamed.
     records = _records([ROWS[0], ROWS[1], ROWS[8]])
-    out, stats = score_records(records, ["format"], progress=False)
+    out, stats = score_records(records, ScoreSettings(["format"]), progress=False)
     assert [r["reward"] for r in out] == [1.0, 1.0, 1.0]
     assert [looks_gamed(r) for r in out] == [True, True, False]
     assert stats["hack_rate"] == pytest.approx(2 / 3)
     # The math reward credits only the last one: nothing credited looks gamed.
-    out, stats = score_records(records, ["math"], progress=False)
+    out, stats = score_records(records, ScoreSettings(["math"]), progress=False)
     assert stats["hack_rate"] == 0.0
     assert hack_rate([]) == 0.0
     # A bare number from the prompt is no hack.
@@ -154,7 +155,7 @@ def test_hack_rate_by_hand():
                             "reward": 1.0})
     # eval's summary carries it
     scored = [dict(r, prompt_id="a", sample=i) for i, r in enumerate(
-        score_records(records, ["format"], progress=False)[0])]
+        score_records(records, ScoreSettings(["format"]), progress=False)[0])]
     assert summarize(scored)["hack_rate"] == pytest.approx(2 / 3)
 
 
@@ -165,7 +166,8 @@ def test_numpy_rewards_are_accepted(tmp_path):
                  "def half(completion):\n    return numpy.float32(0.5)\n"
                  "def count(completion):\n    return numpy.int64(3)\n")
     records = [{"prompt_id": "a", "completion": "abc"}, {"prompt_id": "b", "completion": "abcdefg"}]
-    out, _ = score_records(records, [f"{f}:is_short", f"{f}:half", f"{f}:count"], progress=False)
+    score = ScoreSettings([f"{f}:is_short", f"{f}:half", f"{f}:count"])
+    out, _ = score_records(records, score, progress=False)
     # 1 + 0.5 + 3 for the short one, 0 + 0.5 + 3 for the long one
     assert [r["reward"] for r in out] == [4.5, 3.5]
     assert out[0]["rewards"] == {"is_short": 1.0, "half": 0.5, "count": 3.0}

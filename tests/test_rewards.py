@@ -14,6 +14,7 @@ import pytest
 
 from grpoctl import scoring_pool
 from grpoctl.answers import MAX_SCAN_CHARS, extract_answer, last_boxed, match_without_sympy
+from grpoctl.config import ScoreSettings
 from grpoctl.errors import GrpoctlError
 from grpoctl.records import RecordError
 from grpoctl.rewards import (format_reward, math_reward, parse_reward_spec, parse_reward_specs,
@@ -161,8 +162,8 @@ def test_weighted_combination_with_a_user_reward_file(tmp_path):
     records = _records((r"short \boxed{4}", "4"),                         # right, boxed, short
                        (r"<think>long enough text</think> \boxed{5}", "4"),  # wrong, boxed, long
                        ("the answer is 4", "4"))                          # right, no box, short
-    out, stats = score_records(records, ["math=1", "format=0.1", f"{path}:brevity=0.5",
-                                         f"{path}:parts=2"], progress=False)
+    score = ScoreSettings(["math=1", "format=0.1", f"{path}:brevity=0.5", f"{path}:parts=2"])
+    out, stats = score_records(records, score, progress=False)
     assert [r["rewards"] for r in out] == [
         {"math": 1.0, "format": 1.0, "brevity": 1.0, "has_think": 0.0, "sample": 0.0},
         {"math": 0.0, "format": 1.0, "brevity": 0.0, "has_think": 1.0, "sample": 0.0},
@@ -198,7 +199,7 @@ def test_sympy_path_is_taken_and_counted():
 def test_in_process_scoring_gives_the_same_rewards():
     records = _records((r"\boxed{\frac{20z}{4}}", "5z"), (r"\boxed{\sqrt{2}}", r"\frac{2}{\sqrt{2}}"),
                        (r"\boxed{x^2}", "x^3"))
-    out, _ = score_records(records, workers=0, progress=False)
+    out, _ = score_records(records, ScoreSettings(score_workers=0), progress=False)
     assert [r["reward"] for r in out] == [1.0, 1.0, 0.0]
 
 
@@ -208,7 +209,7 @@ def test_gold_answer_must_be_present_for_math():
         score_records(records, progress=False, source="rollouts.jsonl")
     assert str(err.value).startswith("rollouts.jsonl:2: field 'answer': is missing or null")
     # ... but other rewards do not need it
-    out, _ = score_records(records, ["format"], progress=False)
+    out, _ = score_records(records, ScoreSettings(["format"]), progress=False)
     assert [r["reward"] for r in out] == [1.0, 1.0]
 
 
@@ -217,8 +218,8 @@ def test_nan_from_a_user_reward_is_a_one_line_error(tmp_path):
     path.write_text("def fn(completion, answer, record):\n"
                     "    return float('nan') if record['prompt_id'] == 'p1' else 1.0\n")
     with pytest.raises(RecordError) as err:
-        score_records(_records(("a", "1"), ("b", "1")), [f"{path}:fn"], progress=False,
-                      source="scored.jsonl")
+        score_records(_records(("a", "1"), ("b", "1")), ScoreSettings([f"{path}:fn"]),
+                      progress=False, source="scored.jsonl")
     assert str(err.value) == (f"scored.jsonl:2: field 'rewards.fn': reward '{path}:fn' "
                               "returned nan; a reward must be a finite number")
 
@@ -233,7 +234,7 @@ def test_bad_user_reward_values(tmp_path, body, shown):
     path = tmp_path / "bad.py"
     path.write_text(f"def fn(completion, answer, record):\n    {body}\n")
     with pytest.raises(RecordError) as err:
-        score_records(_records(("a", "1")), [f"{path}:fn"], progress=False)
+        score_records(_records(("a", "1")), ScoreSettings([f"{path}:fn"]), progress=False)
     assert shown in str(err.value) and "<records>:1: field 'rewards.fn'" in str(err.value)
     assert "\n" not in str(err.value)
 
@@ -259,8 +260,8 @@ def test_pathological_completions_score_zero_within_the_limit(capsys):
     # A symbolic gold, so that the towers reach math-verify (against a number they are
     # refused at once as no number, see test_reward_attacks.py).
     records = _records(*normal[:2], *[(c, "5x") for c in PATHOLOGICAL.values()], *normal[2:])
-    out, stats = score_records(records, timeout=1.0, workers=2, progress=False,
-                               source="bad.jsonl")
+    score = ScoreSettings(score_workers=2, score_timeout=1.0)
+    out, stats = score_records(records, score, progress=False, source="bad.jsonl")
     rewards = [r["reward"] for r in out]
     assert rewards[:2] == [1.0, 1.0] and rewards[-2:] == [0.0, 1.0]
     assert rewards[2:-2] == [0.0] * len(PATHOLOGICAL)

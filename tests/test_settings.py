@@ -179,3 +179,17 @@ def test_old_logprobs_default_follows_the_sampler_and_the_optimizer_steps():
     assert auto(config.UpdateSettings(old_logprobs="sampler"), "vllm") == "sampler"
     assert config.LoopConfig().resolved().old_logprobs == "sampler"
     assert config.LoopConfig(dtype="bfloat16").resolved().old_logprobs == "trainer"
+
+
+def test_field_docstrings_are_read_as_python_reads_them():
+    """flags.docstrings reads config.py with regular expressions (fast start-up); the same
+    {(class, field): docstring} as parsing it, so no option loses its help."""
+    from grpoctl import flags
+
+    tree = ast.parse(Path(config.__file__).read_text(encoding="utf-8"))
+    parsed = {(node.name, item.target.id): " ".join(after.value.value.split())
+              for node in tree.body if isinstance(node, ast.ClassDef)
+              for item, after in zip(node.body, node.body[1:])
+              if isinstance(item, ast.AnnAssign) and isinstance(after, ast.Expr)
+              and isinstance(after.value, ast.Constant)}
+    assert flags.docstrings() == parsed

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from conftest import run_in_process
 from hypothesis import strategies as st
 
-from grpoctl.config import AdvantageSettings
+from grpoctl.config import AdvantageSettings, ScoreSettings
 from grpoctl.advantages import compute_advantages
 from grpoctl.records import (FIELD_CHECKS, NEEDS_ADVANTAGE, NEEDS_SCORE, group_by_prompt,
                              read_records, write_records)
@@ -92,8 +92,8 @@ def test_score_then_advantage_keep_every_field_and_every_group(case, estimator, 
     # score, as `grpoctl score rollouts.jsonl -o scored.jsonl` runs it
     rows = read_records(str(tmp / "rollouts.jsonl"), NEEDS_SCORE)
     assert rows == records
-    scored, stats = score_records(rows, ["math", "format=0.25"], workers=0, timeout=1.0,
-                                  progress=False)
+    score = ScoreSettings(["math", "format=0.25"], score_workers=0, score_timeout=1.0)
+    scored, stats = score_records(rows, score, progress=False)
     write_records(scored, str(tmp / "scored.jsonl"))
     scored = read_records(str(tmp / "scored.jsonl"), NEEDS_ADVANTAGE)
     assert len(scored) == len(records) and stats["n"] == len(records)

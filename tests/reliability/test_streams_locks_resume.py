@@ -95,13 +95,14 @@ def reward_file(tmp_path) -> Path:
 
 
 def test_user_rewards_are_called_by_keyword(reward_file):
+    from grpoctl.config import ScoreSettings
     from grpoctl.rewards import score_records
 
     rows = records()
     specs = [f"{reward_file}:{name}" for name in
              ("trl_style", "completion_and_prompt", "answer_only", "keyword_only",
               "positional_names", "defaults_ignored")]
-    out, _ = score_records(rows, specs, progress=False)
+    out, _ = score_records(rows, ScoreSettings(specs), progress=False)
     for r in out:
         right = float(r["answer"] in r["completion"])
         assert r["rewards"] == {"trl_style": right,
