@@ -1,11 +1,13 @@
 """`grpoctl report --html`: pages made from a real run, loaded in headless Chromium.
 
-The chromium tests skip where it is not installed (Debian: `apt-get install -y chromium`).
+The chromium tests skip where it is not installed (Debian: `apt-get install -y chromium`),
+except in CI (CI=true), which installs it: there a missing browser is a failure.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -16,6 +18,8 @@ import pytest
 from conftest import run_cli
 
 CHROMIUM = shutil.which("chromium")
+if CHROMIUM is None and os.environ.get("CI") == "true":
+    raise RuntimeError("CI: chromium is not installed (.ci/run installs it with apt-get)")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed "
                                     "(apt-get install -y chromium)")
 EVIL = "<script>alert(1)</script></script><b>bold?</b> [bold]x[/bold] \\boxed{7}"
