@@ -544,6 +544,13 @@ class RunSettings:
     rollouts_from: str | None = None
     """Train on another run directory's rollouts (its prompts and samples) instead of
     sampling: off-policy once this policy differs from that run's."""
+    async_steps: int = setting(0, flag="--async", min=0)
+    """Sample step t with the weights after step t - 1 - N (the initial model for the
+    first N + 1 steps) in a sampler process of its own, while the trainer updates the
+    steps before it; the update's ratio is then taken against those older log-probs.
+    0 = each step sampled by the newest weights, in turn. hf backend only."""
+    sampler_threads: int | None = setting(min=0)
+    """CPU threads of the --async sampler process [default: --threads]."""
 
     def check(self) -> None:
         check_fields(self, __class__)
@@ -636,9 +643,25 @@ class LoopConfig(RunSettings, EvalSettings, AdapterSettings, UpdateSettings, Adv
                                f"for a refill group (the step's own rollouts are "
                                f"{cfg.prompts_per_step} x {cfg.group_size}); raise it or leave "
                                "--refill out")
+        if cfg.async_steps:  # sampler_worker.py: one hf sampler process, prompts known ahead
+            for on, why in ((cfg.backend == "vllm", "--backend vllm (the engine does not run in "
+                             "the sampler process yet)"),
+                            (cfg.refill, "--refill (its refills follow the step's own scores)"),
+                            (cfg.rollouts_from, "--rollouts-from (nothing is sampled)")):
+                if on:
+                    raise GrpoctlError(f"--async {cfg.async_steps} cannot run with {why}; "
+                                       "leave one out")
+        elif cfg.sampler_threads is not None:
+            raise GrpoctlError("--sampler-threads applies to --async only")
         if cfg.vllm_sleep and cfg.backend != "vllm":
             raise GrpoctlError("--vllm-sleep needs --backend vllm")
         cfg.old_logprobs = default_old_logprobs(cfg, cfg.backend, (cfg.dtype, cfg.vllm_dtype))
+        if cfg.async_steps and cfg.old_logprobs == "trainer" and cfg.is_cap is None:
+            # π_old = the current weights: nothing would weigh the N-step-old samples
+            raise GrpoctlError(f"--async {cfg.async_steps} with --old-logprobs trainer needs "
+                               "--is-cap (decoupled PPO: the samples are older than the "
+                               "weights); or take the ratio against the sampler's log-probs "
+                               "(--old-logprobs sampler)")
         return cfg
 
     def group(self, settings: type):

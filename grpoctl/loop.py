@@ -38,10 +38,10 @@ import types
 import typing
 from pathlib import Path
 
-from grpoctl import distributed, process
+from grpoctl import distributed, process, sampler_worker
 from grpoctl.advantages import compute_advantages
 from grpoctl.config import (AdapterSettings, AdvantageSettings, LoopConfig, SamplingSettings,
-                            UpdateSettings, flag_of, refill_cap)
+                            ScoreSettings, UpdateSettings, flag_of, refill_cap)
 from grpoctl.display import NullDisplay
 from grpoctl.errors import GrpoctlError
 from grpoctl.evaluate import evaluate_records, is_correct
@@ -490,6 +490,13 @@ class Loop:
 
     # one step -----------------------------------------------------------------------
 
+    def sample_step(self, prompts: list[dict], seed: int, policy_step: int) -> list[dict]:
+        """A step's rollouts, sampled by the weights after step `policy_step` (this
+        process's, or --async's sampler process's: sampler_worker.py), each record
+        carrying that step as `policy_step`."""
+        records = self.generate(prompts, self.cfg.group_size, self.sampling(seed), policy_step)
+        return [dict(r, policy_step=policy_step) for r in records]
+
     def rollout_stage(self, step: int, prompts: list[dict], attempt: int = 0) -> list[dict]:
         """The step's rollouts; attempt k > 0 is --refill's k-th draw of fresh prompts,
         in its own directory and with its own seed."""
@@ -501,7 +508,7 @@ class Loop:
             records = read_records(str(source))
         else:
             seed = step_seed(self.cfg.seed, step, salt=REFILL_SALT + attempt if attempt else 0)
-            records = self.generate(prompts, self.cfg.group_size, self.sampling(seed), step - 1)
+            records = self.sample_step(prompts, seed, step - 1)
         if distributed.is_main():  # torchrun: rank 0 writes the files
             path.parent.mkdir(exist_ok=True)
             write_records(records, str(path))
@@ -516,8 +523,7 @@ class Loop:
         if self.cfg.score_cmd:
             return _external_stage(self.cfg.score_cmd, directory / "rollouts.jsonl", path,
                                    NEEDS_ADVANTAGE)
-        scored, _ = score_records(records, parse_reward_specs(self.cfg.rewards),
-                                  workers=self.cfg.score_workers, timeout=self.cfg.score_timeout,
+        scored, _ = score_records(records, self.cfg.group(ScoreSettings),
                                   progress=False, source=str(directory / "rollouts.jsonl"))
         write_records(scored, str(path))
         return scored
@@ -738,7 +744,15 @@ def run_loop(cfg: LoopConfig, resume: bool = False, display=None,
              given: dict | None = None) -> Path:
     """Train for cfg.steps steps (or cfg.epochs epochs); return the run directory.
     given: the settings named with --resume (prepare_run_dir)."""
+    with sampler_worker.stopped_on_exit():  # --async: the sampler process ends with the loop
+        return _run_loop(cfg, resume, display, given)
+
+
+def _run_loop(cfg: LoopConfig, resume: bool, display, given: dict | None) -> Path:
     cfg = cfg.resolved()
+    if cfg.async_steps and distributed.world()[1] > 1:
+        raise GrpoctlError("--async runs one sampler process beside one trainer; under "
+                           "torchrun leave --async out")
     if cfg.backend == "vllm":  # what the engine cannot do is refused before the run dir is touched
         from grpoctl.rollout.vllm import check_engine, require_vllm
 
@@ -797,10 +811,12 @@ def run_loop(cfg: LoopConfig, resume: bool = False, display=None,
     elapsed, rollouts = previous.get("elapsed_s", 0.0), previous.get("rollouts", 0)
 
     # Replay finished updates after the checkpoint: same inputs, same weights.
+    sampler_worker.keep_policy(loop, start_ckpt)  # --async: weights the next steps sample with
     for s in range(start_ckpt + 1, last_done + 1):
         display.log(f"replaying the update of step {s} from its saved advantages")
         loop.update_stage(s, read_advantages(step_dir(run, s) / "advantages.jsonl",
                                              state.done_metrics(s).get("trained_sequences")))
+        sampler_worker.keep_policy(loop, s)
     if last_done > start_ckpt and (last_done % cfg.save_every == 0
                                    or finished_after(last_done, cursor)):
         display.log(f"saving the checkpoint of step {last_done} again (it was missing)")
@@ -817,6 +833,11 @@ def run_loop(cfg: LoopConfig, resume: bool = False, display=None,
 
     if cfg.backend == "vllm":  # after the replay: the engine gets the replayed weights
         loop.start_engine(prompts + eval_prompts)
+    pipeline = None  # --async N: steps sampled N ahead in a process of their own
+    if cfg.async_steps:
+        pipeline = sampler_worker.AsyncRollouts(
+            loop, lambda s: prompts_for_step(prompts, s, cfg.prompts_per_step, cfg.seed),
+            last_done, steps)
 
     # Evaluations a crash cut short (before training, or after the last finished step).
     done_evals = _done_evals(run)
@@ -839,7 +860,7 @@ def run_loop(cfg: LoopConfig, resume: bool = False, display=None,
             batch = prompts_for_step(prompts, step, cfg.prompts_per_step, cfg.seed)
 
         display.stage(step, "rollout")
-        records = loop.rollout_stage(step, batch)
+        records = pipeline.rollouts(step) if pipeline else loop.rollout_stage(step, batch)
         times["rollout_s"] = time.perf_counter() - t0
         display.stage(step, "score")
         scored = loop.score_stage(step, records)
@@ -863,6 +884,9 @@ def run_loop(cfg: LoopConfig, resume: bool = False, display=None,
         times["advantage_s"] = time.perf_counter() - t0 - sum(times.values())
         display.stage(step, "update")
         update_metrics = loop.update_stage(step, advantaged)
+        if pipeline:  # its weights to the sampler, which can start step + 1 + N
+            pipeline.trained(step)
+            stats.update(pipeline.metrics(step))
         times["update_s"] = time.perf_counter() - t0 - sum(times.values())
 
         rollouts += len(records)
@@ -887,6 +911,8 @@ def run_loop(cfg: LoopConfig, resume: bool = False, display=None,
     display.stop()
     if loop.engine is not None:
         loop.engine.close()
+    if pipeline:
+        pipeline.close()
     release_run_dir(run)
     return run
 

@@ -655,7 +655,8 @@ def write_json(obj: Any, path: str | os.PathLike) -> None:
 # What makes a record the sample it is: a stage that scores or weighs samples
 # (`--score-cmd`, `--advantage-cmd`) adds fields and may change its own, never these.
 IDENTITY_FIELDS = ("prompt_id", "sample", "prompt", "completion", "answer", "prompt_ids",
-                   "completion_ids", "logprobs", "finish_reason", "policy", "sampling")
+                   "completion_ids", "logprobs", "finish_reason", "policy", "policy_step",
+                   "sampling")
 
 
 def check_same_records(before: list[dict], after: list[dict], source: str,

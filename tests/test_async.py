@@ -1,0 +1,288 @@
+"""`loop --async N` (sampler_worker.py): the sampler in a process of its own, N steps ahead.
+
+Real processes on the embedded model. Nothing here waits on the clock: each test
+synchronises on files and process ids (a step's file appearing, a pid leaving the
+process table), so a faster or slower side changes nothing that is checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from grpoctl.config import LoopConfig
+from grpoctl.errors import GrpoctlError
+
+# 24 new tokens: the embedded model's answers then differ within groups, so the weights move
+BASE = {"steps": 4, "prompts_per_step": 4, "max_new_tokens": 24, "eval_prompts": None,
+        "lr": 1e-3, "seed": 3, "save_every": 2}
+
+# The loop as `grpoctl loop` runs it (signals as KeyboardInterrupt, one-line errors),
+# from a LoopConfig given as JSON; "kill" makes the process SIGKILL itself at an event
+# of its own run: {"at": "update"|"keep_policy"|"save_policy", "step": k, "after": FILE}
+# (the kill waits until FILE exists: the sampler is then ahead of the trainer).
+DRIVER = r"""
+import json, os, signal, sys, time
+from pathlib import Path
+from grpoctl import loop as loop_module, process, sampler_worker
+from grpoctl.config import LoopConfig
+from grpoctl.errors import GrpoctlError
+
+settings = json.loads(sys.argv[1])
+resume, kill, pidfile = (settings.pop(k, None) for k in ("resume", "kill", "pidfile"))
+
+def killer(name, original, owner):
+    def wrapped(*args, **kwargs):
+        step = args[1] if name != "save_policy" else int(Path(args[1]).stem.split("-")[-1])
+        if step == kill["step"]:
+            if kill.get("after"):
+                while not Path(kill["after"]).exists():  # the sampler's file: it is ahead
+                    time.sleep(0.01)
+            if pidfile:  # the sampler's pid, for the test to see it go
+                Path(pidfile).write_text(str(sampler_worker._running[-1].proc.pid))
+            if name == "save_policy":  # a kill inside the write: its temporary is left
+                Path(args[1]).parent.mkdir(exist_ok=True)
+                (Path(args[1]).parent / f".{Path(args[1]).name}.killed.tmp").write_bytes(b"x")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(*args, **kwargs)
+    setattr(owner, name, wrapped)
+
+if kill:
+    owner = {"update": loop_module.Loop, "keep_policy": sampler_worker,
+             "save_policy": sampler_worker}[kill["at"]]
+    name = {"update": "update_stage"}.get(kill["at"], kill["at"])
+    killer(name, getattr(owner, name), owner)
+try:
+    with process.interrupt_on_termination_signals():
+        loop_module.run_loop(LoopConfig(**settings), resume=bool(resume))
+except GrpoctlError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+except KeyboardInterrupt:
+    print("interrupted", file=sys.stderr)
+    sys.exit(process.exit_status(130))
+"""
+
+
+def env():
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def start(run: Path, **settings) -> subprocess.Popen:
+    args = {**BASE, "run_dir": str(run), **settings}
+    return subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(args)], env=env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def loop(run: Path, **settings) -> subprocess.CompletedProcess:
+    proc = start(run, **settings)
+    out, err = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def ok(run: Path, **settings) -> None:
+    result = loop(run, **settings)
+    assert result.returncode == 0, result.stderr
+
+
+def stage_files(run: Path) -> dict[str, bytes]:
+    """Every file, byte for byte, but the timings (done, metrics.jsonl), config.json
+    (its run_dir) and the checkpoints (compared as weights)."""
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*"))
+            if p.is_file() and p.name not in ("done", "metrics.jsonl", "config.json", ".lock")
+            and "checkpoints" not in p.parts}
+
+
+def weights(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(run / "checkpoints" / f"step-{step:06d}" / "model.safetensors")
+
+
+def assert_same_run(a: Path, b: Path, step: int) -> None:
+    assert stage_files(a) == stage_files(b)
+    wa, wb = weights(a, step), weights(b, step)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    strip = ("step_s", "rollout_s", "score_s", "advantage_s", "update_s", "elapsed_s", "seconds")
+    metrics = [[{k: v for k, v in json.loads(line).items() if k not in strip}
+                for line in (r / "metrics.jsonl").read_text().splitlines()] for r in (a, b)]
+    assert metrics[0] == metrics[1]
+
+
+def children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def in_group(pgid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                found.append(int(entry.name))
+    return found
+
+
+def gone(pid: int, timeout: float = 60) -> bool:
+    """`pid` has left the process table (or is a zombie), waiting up to `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def wait_for(path: Path, proc: subprocess.Popen) -> None:
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.02)
+
+
+def sampler_pid(proc: subprocess.Popen) -> int:
+    while True:
+        for child in children(proc.pid):
+            if b"grpoctl.sampler_worker" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return child
+        assert proc.poll() is None, proc.communicate()[1]
+        time.sleep(0.02)
+
+
+def temporaries(run: Path) -> list[Path]:
+    return [p for p in run.rglob(".*.tmp")]
+
+
+def policy_steps(run: Path, steps: int) -> list[set[int]]:
+    return [{json.loads(line)["policy_step"] for line in
+             (run / f"step-{s:06d}" / "rollouts.jsonl").read_text().splitlines()}
+            for s in range(1, steps + 1)]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """An uninterrupted --async 1 run."""
+    run = tmp_path_factory.mktemp("async") / "reference"
+    ok(run, async_steps=1)
+    return run
+
+
+def test_async_runs_are_deterministic_and_sampled_by_older_weights(reference, tmp_path):
+    ok(tmp_path / "again", async_steps=1)
+    assert_same_run(reference, tmp_path / "again", 4)
+    # step t sampled by the weights after step t - 2 (the initial model for steps 1, 2)
+    assert policy_steps(reference, 4) == [{0}, {0}, {1}, {2}]
+    metrics = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["policy_step"], m["policy_lag"]) for m in metrics] == [(0, 0), (0, 1), (1, 1), (2, 1)]
+    assert any(m["zero_adv_frac"] < 1 for m in metrics[:3])  # the weights moved
+    assert metrics[2]["ratio_min"] < 0.99  # π_θ against a policy one update old
+    assert [r["policy"]["step"] for s in (1, 3) for r in map(json.loads, (
+        reference / f"step-{s:06d}" / "rollouts.jsonl").read_text().splitlines())][::8] == [0, 1]
+    # the weights the next N + 1 steps would sample with (a --resume --steps extension)
+    assert sorted(p.name for p in (reference / "sampler").iterdir()) == [
+        "policy-step-000003.safetensors", "policy-step-000004.safetensors"]
+    assert not temporaries(reference)
+    handed = load_file(reference / "sampler" / "policy-step-000004.safetensors")
+    final = weights(reference, 4)  # the weights handed over are the trained ones, exactly
+    common = handed.keys() & final.keys()  # tied embeddings: stored under one name or the other
+    assert len(common) >= len(final) - 1 and all(torch.equal(handed[k], final[k]) for k in common)
+
+
+def test_async_with_is_cap_is_decoupled_ppo(tmp_path):
+    ok(tmp_path / "run", async_steps=1, is_cap=2.0, steps=3, save_every=3)
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text()
+               .splitlines()]
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["old_logprobs"] == "trainer"
+    assert all("is_weight_mean" in m for m in metrics) and metrics[2]["policy_lag"] == 1
+
+
+def test_sync_records_carry_policy_step_and_no_lag(tmp_path):
+    ok(tmp_path / "sync", steps=2)
+    assert policy_steps(tmp_path / "sync", 2) == [{0}, {1}]
+    metrics = json.loads((tmp_path / "sync" / "metrics.jsonl").read_text().splitlines()[0])
+    assert "policy_lag" not in metrics and not (tmp_path / "sync" / "sampler").exists()
+
+
+def test_async_2_samples_by_the_weights_three_steps_back(tmp_path):
+    ok(tmp_path / "a2", async_steps=2, steps=5, save_every=5)
+    assert policy_steps(tmp_path / "a2", 5) == [{0}, {0}, {0}, {1}, {2}]
+
+
+@pytest.mark.parametrize("kill", [
+    {"at": "update", "step": 2, "after": "step-000003/rollouts.jsonl"},  # sampler ahead
+    {"at": "update", "step": 3},  # save_every 2: resumes from step 2's checkpoint
+    {"at": "keep_policy", "step": 3},  # updated, its weights not yet handed over
+    {"at": "save_policy", "step": 2},  # inside the weights' write
+])
+def test_sigkill_then_resume_gives_the_uninterrupted_run(reference, tmp_path, kill):
+    run = tmp_path / "run"
+    kill = dict(kill, after=str(run / kill["after"]) if "after" in kill else None)
+    pidfile = tmp_path / "sampler.pid"
+    result = loop(run, async_steps=1, kill=kill, pidfile=str(pidfile))
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    assert gone(int(pidfile.read_text()))  # the sampler died with the trainer
+    ok(run, async_steps=1, resume=True)
+    assert_same_run(reference, run, 4)
+    assert not temporaries(run)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_stops_both_sides(tmp_path, signum):
+    run = tmp_path / "run"
+    proc = start(run, async_steps=1, steps=200)
+    pid = sampler_pid(proc)
+    wait_for(run / "step-000002" / "done", proc)
+    proc.send_signal(signum)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signum if signum != signal.SIGINT else 130, err
+    assert gone(pid, timeout=5) and not in_group(pid) and not children(proc.pid)
+    assert not temporaries(run)
+    ok(run, async_steps=1, steps=4, resume=True)  # and it resumes
+
+
+def test_a_sampler_that_dies_stops_the_loop_in_one_line(tmp_path):
+    run = tmp_path / "run"
+    proc = start(run, async_steps=1, steps=200)
+    pid = sampler_pid(proc)
+    wait_for(run / "step-000001" / "done", proc)
+    os.kill(pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error: the --async sampler process") and "SIGKILL" in lines[-1]
+    assert not temporaries(run) and not children(proc.pid)
+
+
+def test_refused_combinations_name_the_flag():
+    for settings in ({"backend": "vllm"}, {"refill": True}, {"rollouts_from": "x"}):
+        with pytest.raises(GrpoctlError, match="--async 1 cannot run with"):
+            LoopConfig(async_steps=1, **settings).resolved()
+    with pytest.raises(GrpoctlError, match="--sampler-threads applies to --async only"):
+        LoopConfig(sampler_threads=1).resolved()
+    with pytest.raises(GrpoctlError, match="--async"):
+        LoopConfig(async_steps=-1).resolved()
+    with pytest.raises(GrpoctlError, match="--old-logprobs trainer needs --is-cap"):
+        LoopConfig(async_steps=1, mini_batches=2).resolved()
