@@ -178,8 +178,7 @@ class AsyncRollouts:
             s = int(path.stem.split("-")[-1])
             if rollouts_path(self.run, s + 1 + self.n).is_file():
                 path.unlink()
-        self.worker = SamplerWorker(loop.cfg, self.run)
-        _running.append(self.worker)
+        self.worker: SamplerWorker | None = None  # started at the first step to sample
         for step in range(last_done + 1, min(last_done + 1 + self.n, steps) + 1):
             self._submit(step)
 
@@ -193,6 +192,9 @@ class AsyncRollouts:
             raise GrpoctlError(f"{policy_path(self.run, p)}: missing: step {step} is sampled by "
                                f"the weights after step {p} (--async {self.n}), and they were "
                                "deleted; resume from an earlier checkpoint is not possible")
+        if self.worker is None:
+            self.worker = SamplerWorker(self.loop.cfg, self.run)
+            _running.append(self.worker)
         self.worker.submit(step, p, self.prompts_of(step), step_seed(self.loop.cfg.seed, step))
 
     def rollouts(self, step: int) -> list[dict]:
@@ -217,6 +219,8 @@ class AsyncRollouts:
         return {"policy_step": p, "policy_lag": step - 1 - p}
 
     def close(self) -> None:
+        if self.worker is None:
+            return
         if self.worker in _running:
             _running.remove(self.worker)
         self.worker.close()

@@ -219,6 +219,20 @@ def test_async_with_is_cap_is_decoupled_ppo(tmp_path):
     assert all("is_weight_mean" in m for m in metrics) and metrics[2]["policy_lag"] == 1
 
 
+SCORE_CMD = (f"{sys.executable} -c \"import sys, json; [print(json.dumps(dict(r, reward="
+             f"float(len(r['completion']) % 2)))) for r in map(json.loads, sys.stdin)]\"")
+
+
+def test_async_with_lora_eval_and_a_score_command(tmp_path):
+    run = tmp_path / "run"
+    ok(run, async_steps=1, steps=3, save_every=3, lora_r=4, score_cmd=SCORE_CMD,
+       eval_prompts="arith:test", eval_limit=2, eval_samples=2, eval_every=2)
+    assert policy_steps(run, 3) == [{0}, {0}, {1}]
+    assert [json.loads(line)["step"] for line in (run / "eval.jsonl").read_text().splitlines()] \
+        == [0, 2, 3]
+    assert (run / "checkpoints" / "step-000003" / "adapter_config.json").is_file()
+
+
 def test_sync_records_carry_policy_step_and_no_lag(tmp_path):
     ok(tmp_path / "sync", steps=2)
     assert policy_steps(tmp_path / "sync", 2) == [{0}, {1}]
