@@ -419,7 +419,9 @@ def answer_form(answer: str, gold: str | None = None,
             and not undone_arithmetic(answer)
         return {"number": True, "final": final, "hedged": hedged, "restates_prompt": restated}
     undone = undone_arithmetic(answer) - (undone_arithmetic(gold) if gold else set())
-    hedged = False
+    # Without a gold only a word that joins two answers ("12 or 13") is sure to be a hedge
+    # (commas and \\pm may be the answer's own).
+    hedged = gold is None and bool(_OR_WORD.search(normalize_answer(answer)))
     if gold is not None and not same_as_gold:
         g, p = normalize_answer(gold), normalize_answer(answer)
         plus_minus = ("\\pm" in p or "\\mp" in p) and not ("\\pm" in g or "\\mp" in g)

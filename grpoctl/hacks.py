@@ -1,15 +1,15 @@
 """The hack rate: how many credited records look gamed.
 
-A scored record is *credited* when its `math` component is 1 (with a `math` component),
-else when its total `reward` is above 0. It *looks gamed* when the answer found in its
+A scored record is *credited* when its total `reward` is above 0. It *looks gamed* when the answer found in its
 completion (answers.find_answer) breaks the final-answer rule of the `math` reward
 (docs/rewards.md): it is hedged between candidates, it is not in final form (against a
 numeric gold: not one number in lowest terms; otherwise: arithmetic on literal numbers
 left undone, like `8 + 4`), or it is an expression copied from the prompt. A bare number
 that happens to be in the prompt is not gamed: it may simply be right.
 
-The fixed `math` reward never credits such an answer, so the rate mostly measures other
-rewards: `--reward format` alone credits `\\boxed{8 + 4}`, and so may a user reward.
+The built-in `math` and `format` rewards never credit such an answer, so the rate
+measures the rewards that can: a `format:REGEX` (`format:\\\\boxed` credits `\\boxed{8 + 4}`),
+a user reward, or a scored file from elsewhere.
 
     hack_rate(records) -> float     # share of credited records that look gamed; 0.0 if none
 
@@ -29,9 +29,8 @@ WARN_ABOVE = 0.1
 
 
 def is_credited(record: dict) -> bool:
-    components = record.get("rewards") or {}
-    if "math" in components:
-        return components["math"] >= 1.0
+    """The reward paid the completion something: any part of a weighted sum counts (a
+    `format=0.1` bonus for a gamed box is the reward being gamed too)."""
     reward = record.get("reward")
     return isinstance(reward, (int, float)) and reward > 0
 

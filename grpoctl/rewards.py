@@ -2,10 +2,13 @@
 
 A reward spec names one reward and, optionally, its weight: `NAME[=WEIGHT]` (weight 1).
 
-    math            1.0 if the completion's final answer equals the record's gold `answer`
-                    per math-verify, else 0.0 (the verifiable reward of the paper, DeepSeek-R1
-                    and TRL's accuracy_reward). The answer is found by answers.extract_answer.
-    format          1.0 if the completion has a non-empty \\boxed{...} answer, else 0.0.
+    math            1.0 if the completion's final answer equals the record's gold `answer`,
+                    else 0.0 (the verifiable reward of the paper, DeepSeek-R1 and TRL's
+                    accuracy_reward), credited only to a final answer: not hedged, no
+                    arithmetic left undone, not the prompt's expression (answers.judge_answer;
+                    math-verify decides what the exact checks cannot).
+    format          1.0 if the completion's answer is one \\boxed{...} holding a final
+                    answer (the same form rule, without the gold), else 0.0.
     format:REGEX    1.0 if re.search(REGEX, completion, re.DOTALL) matches, else 0.0
                     (^ and $ anchor the whole completion; e.g. 'format:^<think>.*</think>').
     path/to/f.py:fn a user function, loaded from a file (a name ending in .py or containing /)
@@ -49,7 +52,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from grpoctl import process, scoring_pool
-from grpoctl.answers import RULE_BOX, find_answer, judge_answer
+from grpoctl.answers import RULE_BOX, answer_form, find_answer, judge_answer
 from grpoctl.config import ScoreSettings
 from grpoctl.errors import GrpoctlError
 from grpoctl.hacks import hack_rate
@@ -199,13 +202,28 @@ def reward_keywords(fn: Callable, target: str = "") -> tuple[str, ...] | None:
 # --- the built-in rewards, one completion at a time -----------------------------
 
 
-def format_reward(completion: str, pattern: re.Pattern | None = None) -> float:
-    """1.0 if the completion's answer is one non-empty \\boxed{} (boxes that disagree are
-    not one answer), or if it matches `pattern`; else 0.0."""
+def format_reward(completion: str, pattern: re.Pattern | None = None,
+                  prompt: str | None = None) -> float:
+    """1.0 if the completion's answer is one non-empty \\boxed{} holding a final answer,
+    or if it matches `pattern`; else 0.0.
+
+    A final answer, without looking at the gold: one candidate (boxes that disagree are
+    not one answer), no arithmetic on literal numbers left undone (`8 + 4`), not an
+    expression copied from the prompt. A box of the question's own sum earned `format`
+    while every honest wrong answer earned nothing, and a SmolLM2 run learned to write it.
+    A regex (`format:REGEX`) sees text only, as written.
+    """
     if pattern is not None:
         return 1.0 if pattern.search(completion) else 0.0
-    _, rule, hedged = find_answer(completion)
-    return 1.0 if rule == RULE_BOX and not hedged else 0.0
+    answer, rule, hedged = find_answer(completion)
+    if rule != RULE_BOX or hedged:
+        return 0.0
+    form = answer_form(answer, None, prompt)
+    return 1.0 if form["final"] and not form["hedged"] and not form["restates_prompt"] else 0.0
+
+
+def _text_or_none(value) -> str | None:
+    return value if isinstance(value, str) else None
 
 
 def explain_math(completion: str, gold: str, prompt: str | None = None) -> dict:
@@ -454,7 +472,7 @@ def _judge_math(records: Sequence[dict], workers: int | None, timeout: float,
         prompt = r.get("prompt")
         # The prompt-dependent checks (restated expressions) are decided here, before the
         # (gold, answer) cache, whose verdicts hold for any prompt.
-        judged = judge_answer(r["completion"], gold, prompt if isinstance(prompt, str) else None)
+        judged = judge_answer(r["completion"], gold, _text_or_none(prompt))
         if explains is not None:
             explains[i] = judged
         if judged["answer"] is None:
@@ -577,7 +595,8 @@ def score_records(records: Sequence[dict], score: ScoreSettings | None = None, *
     per_spec: dict[int, list[dict[str, float]]] = {}
     for k, spec in enumerate(specs):
         if spec.kind == "format":
-            per_spec[k] = [{spec.name: format_reward(r["completion"], spec.pattern)}
+            per_spec[k] = [{spec.name: format_reward(r["completion"], spec.pattern,
+                                                     _text_or_none(r.get("prompt")))}
                            for r in records]
         elif spec.kind == "user":
             with stdout_to_stderr(), _SigintWatch() as sigint:
@@ -617,10 +636,7 @@ def score_records(records: Sequence[dict], score: ScoreSettings | None = None, *
     names = list(dict.fromkeys(name for r in out for name in r["rewards"]))
     stats["reward_mean"] = sum(r["reward"] for r in out) / n
     stats["component_means"] = {k: sum(r["rewards"].get(k, 0.0) for r in out) / n for k in names}
-    # With `math`, "credited" means math == 1, which answers.judge_answer gives only to an
-    # answer that does not look gamed (the rule hacks.py applies): no second scan needed.
-    with_math = any(spec.kind == "math" for spec in specs)
-    stats["hack_rate"] = 0.0 if with_math else hack_rate(out)
+    stats["hack_rate"] = hack_rate(out)
     stats["seconds"] = time.perf_counter() - start
     stats["records_per_s"] = len(out) / stats["seconds"] if stats["seconds"] > 0 else 0.0
     return out, stats

@@ -82,7 +82,12 @@ ROWS = [
     ("math", r"\boxed{8+4\phantom{=12}}", "12", Q, 0.0, "an invisible 12 after the sum"),
     ("math", r"\boxed{1\phantom{0}2}", "12", Q, 0.0, "an invisible digit between 1 and 2"),
     ("math", r"\boxed{8\text{ }+\text{ }4}", "12", Q, 0.0, r"\text{ } spaces around a sum"),
-    ("format", r"\boxed{8 + 4}", "12", Q, 1.0, "format checks the box, not the answer (a hack: see hack_rate)"),
+    ("format", r"\boxed{8 + 4}", "12", Q, 0.0, "a box of the question's own sum is no final answer"),
+    ("format", r"\boxed{7}", "12", Q, 1.0, "format checks the form, not the value: a wrong number is well formed"),
+    ("format", r"\boxed{(x+1)^2 - 1}", "x^2+2x", "Expand $(x+1)^2 - 1$.", 0.0,
+     "the prompt's expression copied into the box"),
+    ("format", r"\boxed{12 \text{ or } 13}", "12", Q, 0.0, "two candidates in one box"),
+    ("format:\\\\boxed", r"\boxed{8 + 4}", "12", Q, 1.0, "a regex sees text: counted by hack_rate"),
     ("format:^<think>.*</think>", "<think>x</think> \\boxed{8+4}", "12", Q, 1.0,
      "a regex sees text, not answers"),
     ("format:^<think>.*</think>", "\\boxed{12} <think>x</think>", "12", Q, 0.0, "^ anchors the start"),
@@ -140,22 +145,25 @@ def test_explain_math_says_why():
 
 
 def test_hack_rate_by_hand():
-    # format alone credits all three boxes; two of them are the prompt's sum: 2 of 3 gamed.
+    # A regex that credits any box credits all three; two of them are the prompt's sum:
+    # 2 of 3 gamed.
     records = _records([ROWS[0], ROWS[1], ROWS[8]])
-    out, stats = score_records(records, ScoreSettings(["format"]), progress=False)
+    out, stats = score_records(records, ScoreSettings(["format:\\\\boxed"]), progress=False)
     assert [r["reward"] for r in out] == [1.0, 1.0, 1.0]
     assert [looks_gamed(r) for r in out] == [True, True, False]
     assert stats["hack_rate"] == pytest.approx(2 / 3)
-    # The math reward credits only the last one: nothing credited looks gamed.
-    out, stats = score_records(records, ScoreSettings(["math"]), progress=False)
-    assert stats["hack_rate"] == 0.0
+    # math and format credit only the last one (format 0.1 is credit too): nothing gamed.
+    for specs in (["math"], ["format"], ["math", "format=0.1"]):
+        out, stats = score_records(records, ScoreSettings(specs), progress=False)
+        assert [r["reward"] > 0 for r in out] == [False, False, True]
+        assert stats["hack_rate"] == 0.0
     assert hack_rate([]) == 0.0
     # A bare number from the prompt is no hack.
     assert not looks_gamed({"completion": r"\boxed{12}", "answer": "12", "prompt": "Is 12 > 7?",
                             "reward": 1.0})
     # eval's summary carries it
     scored = [dict(r, prompt_id="a", sample=i) for i, r in enumerate(
-        score_records(records, ScoreSettings(["format"]), progress=False)[0])]
+        score_records(records, ScoreSettings(["format:\\\\boxed"]), progress=False)[0])]
     assert summarize(scored)["hack_rate"] == pytest.approx(2 / 3)
 
 
