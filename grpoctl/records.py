@@ -81,12 +81,18 @@ def shown(v: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _check_bounded(v: Any) -> str | None:
+def _unbounded(v: Any) -> str | None:
+    """What keeps v from being a reward or an advantage, or None."""
     if not _is_number(v):
-        return f"expected a finite number, got {shown(v)}"
-    if abs(v) > MAX_MAGNITUDE:
-        return f"{shown(v)} is too large (at most {MAX_MAGNITUDE:g} in size)"
-    return None
+        return "expected a finite number"
+    return f"too large (at most {MAX_MAGNITUDE:g} in size)" if abs(v) > MAX_MAGNITUDE else None
+
+
+def _check_bounded(v: Any) -> str | None:
+    problem = _unbounded(v)
+    if problem is None:
+        return None
+    return f"{shown(v)} is {problem}" if _is_number(v) else f"{problem}, got {shown(v)}"
 
 
 def _check_str(v: Any) -> str | None:
@@ -125,10 +131,8 @@ def _check_reward_components(v: Any) -> str | None:
     if not isinstance(v, dict):
         return f"expected an object of named rewards, got {_kind(v)}"
     for name, x in v.items():
-        if not _is_number(x):
-            return f"component '{name}' is {shown(x)}, expected a finite number"
-        if abs(x) > MAX_MAGNITUDE:
-            return f"component '{name}' is {shown(x)}, too large (at most {MAX_MAGNITUDE:g} in size)"
+        if problem := _unbounded(x):
+            return f"component '{name}' is {shown(x)}, {problem}"
     return None
 
 
