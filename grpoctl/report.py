@@ -147,7 +147,8 @@ def final_figures(run: dict) -> dict:
     steps, rollouts and seconds come from the last line of metrics.jsonl
     (`rollouts` and `elapsed_s` are cumulative; seconds are training time, the
     evaluations excluded). Initial Mean@k/Pass@k come from the step-0 evaluation,
-    final ones from the last evaluation.
+    final ones from the last evaluation. hack_rate is the largest of the steps' (runs
+    made before it was measured have none).
     """
     metrics, evals = run["metrics"], run["evals"]
     first = evals[0] if evals and evals[0]["step"] == 0 else None
@@ -162,6 +163,8 @@ def final_figures(run: dict) -> dict:
         "pass_at_k_initial": first["pass_at_k"] if first else None,
         "mean_at_k_final": last["mean_at_k"] if last else None,
         "pass_at_k_final": last["pass_at_k"] if last else None,
+        # the worst step: a reward being gamed shows there before it shows in a mean
+        "hack_rate": max((m["hack_rate"] for m in metrics if "hack_rate" in m), default=None),
     }
 
 
@@ -250,7 +253,7 @@ def mean_std(values: list) -> dict | None:
 
 
 FIGURES = ("steps", "rollouts", "seconds", "mean_at_k_initial", "mean_at_k_final",
-           "pass_at_k_initial", "pass_at_k_final")
+           "pass_at_k_initial", "pass_at_k_final", "hack_rate")
 
 
 def table_rows(groups: list[dict], baseline: int) -> list[dict]:
@@ -289,7 +292,8 @@ def markdown_table(rows: list[dict]) -> str:
     at = f"@{ks[0]}" if len(ks) == 1 else "@k"
     header = ["run", "seeds", "steps", "rollouts", "rollouts vs baseline", "train seconds",
               "seconds vs baseline", f"Mean{at} start (%)", f"Mean{at} final (%)",
-              f"Mean{at} vs baseline", f"Pass{at} start (%)", f"Pass{at} final (%)"]
+              f"Mean{at} vs baseline", f"Pass{at} start (%)", f"Pass{at} final (%)",
+              "hack rate, worst step (%)"]
     if len(ks) > 1:
         header.insert(2, "k")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -301,7 +305,8 @@ def markdown_table(rows: list[dict]) -> str:
                  _fmt_ratio(row["seconds_ratio"]),
                  _fmt(row["mean_at_k_initial"], "percent"), _fmt(row["mean_at_k_final"], "percent"),
                  _fmt_ratio(row["mean_at_k_ratio"]),
-                 _fmt(row["pass_at_k_initial"], "percent"), _fmt(row["pass_at_k_final"], "percent")]
+                 _fmt(row["pass_at_k_initial"], "percent"), _fmt(row["pass_at_k_final"], "percent"),
+                 _fmt(row["hack_rate"], "percent")]
         if len(ks) > 1:
             cells.insert(2, ", ".join(map(str, row["k"])) or "—")
         lines.append("| " + " | ".join(cells) + " |")
@@ -669,6 +674,9 @@ def report_markdown(rows: list[dict], baseline_label: str, default_baseline: boo
              "final Mean@k).",
              "- **start / final**: held-out accuracy before training (step 0) and at the last "
              "evaluation; — where a run has no such evaluation.",
+             "- **hack rate, worst step**: the largest share, over the training steps, of "
+             "credited completions whose answer looks gamed (hedged, unfinished or copied from "
+             "the prompt; docs/rewards.md).",
              "- Several seeds of one setting: mean ± sample standard deviation across seeds.\n"]
     titles = {"accuracy.png": "Held-out accuracy", "training.png": "Training"}
     for name in plots:

@@ -143,7 +143,17 @@ def test_final_figures_of_one_run(tmp_path):
     assert final_figures(run) == {
         "steps": 10, "rollouts": 10 * 2 * 64, "seconds": 125.0, "k": 4, "final_eval_step": 10,
         "mean_at_k_initial": 0.25, "pass_at_k_initial": 0.4,
-        "mean_at_k_final": 0.6, "pass_at_k_final": 0.8}
+        "mean_at_k_final": 0.6, "pass_at_k_final": 0.8, "hack_rate": None}
+
+
+def test_hack_rate_is_the_worst_step(tmp_path):
+    metrics = [{"step": 1, "rollouts": 4, "elapsed_s": 1.0, "hack_rate": 0.0},
+               {"step": 2, "rollouts": 8, "elapsed_s": 2.0, "hack_rate": 0.25},
+               {"step": 3, "rollouts": 12, "elapsed_s": 3.0, "hack_rate": 0.125}]
+    run = load_run(make_run(tmp_path / "r", {}, metrics, evals=None))
+    assert final_figures(run)["hack_rate"] == 0.25
+    cells = markdown_table(table_rows(group_runs([run]), 0)).splitlines()[2].split(" | ")
+    assert cells[-1] == "25.0 |"
 
 
 # --- grouping, labels and the table ------------------------------------------------------
@@ -216,10 +226,10 @@ def test_table_numbers_by_hand(paper_like):
     table = [line for line in text.splitlines() if line.startswith("| G=")]
     assert table[0].split(" | ")[1:] == [
         "0, 1", "10", "5,120", "1×", "550 ± 71", "1×", "20.0", "72.0 ± 2.8", "1×", "40.0",
-        "92.0 ± 2.8 |"]
+        "92.0 ± 2.8", "— |"]
     assert table[1].split(" | ")[1:] == [
         "0, 1, 2", "10", "1,280", "0.25×", "110 ± 10", "0.2×", "20.0", "70.0 ± 10.0", "0.972×",
-        "40.0", "85.0 ± 5.0 |"]
+        "40.0", "85.0 ± 5.0", "— |"]
     assert "| run | seeds | steps | rollouts | rollouts vs baseline | train seconds" in text
     assert "Mean@4 final (%)" in text and "**(baseline)**" in table[0]
 
@@ -280,7 +290,7 @@ def test_runs_without_evaluations_show_dashes(tmp_path):
     run = make_run(tmp_path / "r", {}, metrics, evals=None)
     rows = table_rows(group_runs([load_run(run)]), 0)
     cells = markdown_table(rows).splitlines()[2].split(" | ")
-    assert cells[1:] == ["0", "1", "4", "1×", "2.5", "1×", "—", "—", "—", "—", "— |"]
+    assert cells[1:] == ["0", "1", "4", "1×", "2.5", "1×", "—", "—", "—", "—", "—", "— |"]
 
 
 # --- curves ---------------------------------------------------------------------------------
