@@ -80,6 +80,19 @@ def run_cli(*args: str, input: str | bytes | None = None, check: bool = False,
     return proc
 
 
+def finished_loop(tmp_path_factory, name: str, *flags: str) -> Path:
+    """A real `grpoctl loop FLAGS` run, finished, in a new temporary directory: the
+    module-scoped run many test files read."""
+    run = tmp_path_factory.mktemp(name) / "run"
+    run_cli("loop", *flags, "--run-dir", str(run), check=True)
+    return run
+
+
+# Two steps of 8 prompts out of 8 (--limit 8): both steps ask the same prompts.
+TWO_STEPS_SAME_PROMPTS = ("--group-size", "2", "--steps", "2", "--prompts-per-step", "8",
+                          "--limit", "8", "--eval-prompts", "none", "--threads", "1", "-q")
+
+
 def run_in_process(argv: list[str], cwd, monkeypatch, capfd,
                    stdin: bytes = b"") -> tuple[int, str, str]:
     """`grpoctl ARGV` through the CLI's own entry point in this process (no interpreter

@@ -7,16 +7,13 @@ import shutil
 
 import pytest
 
-from conftest import run_cli
+from conftest import TWO_STEPS_SAME_PROMPTS, finished_loop, run_cli
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A real 2-step run; --limit 8 with 8 prompts per step: both steps ask the same prompts."""
-    path = tmp_path_factory.mktemp("diff") / "run"
-    run_cli("loop", "--group-size", "2", "--steps", "2", "--prompts-per-step", "8", "--limit", "8",
-            "--eval-prompts", "none", "--threads", "1", "-q", "--run-dir", str(path), check=True)
-    return path
+    return finished_loop(tmp_path_factory, "diff", *TWO_STEPS_SAME_PROMPTS)
 
 
 def records(path) -> list[dict]:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import finished_loop, run_cli
 from safetensors.torch import load_file
 
 from grpoctl.loop import group_stats
@@ -39,9 +39,7 @@ def evals_without_timings(run: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("loop") / "run"
-    run_cli("loop", *SHORT, "--run-dir", str(run), check=True)
-    return run
+    return finished_loop(tmp_path_factory, "loop", *SHORT)
 
 
 def test_run_directory_layout(finished_run):

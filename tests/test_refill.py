@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import finished_loop, run_cli
 from safetensors.torch import load_file
 
 from grpoctl.refill import contrastive_prompts, epoch_order, refill_size, take_prompts
@@ -71,9 +71,7 @@ def test_the_stream_starts_with_the_batch_of_a_run_without_refill():
 
 @pytest.fixture(scope="module")
 def refill_run(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("refill") / "run"
-    run_cli("loop", *ARGS, "--run-dir", str(run), check=True)
-    return run
+    return finished_loop(tmp_path_factory, "refill", *ARGS)
 
 
 def test_each_step_trains_on_prompts_per_step_contrastive_groups(refill_run):

@@ -10,16 +10,13 @@ import sys
 
 import pytest
 
-from conftest import run_cli
+from conftest import TWO_STEPS_SAME_PROMPTS, finished_loop
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A real 2-step run of the embedded model; --limit 8 makes both steps the same prompts."""
-    path = tmp_path_factory.mktemp("show") / "run"
-    run_cli("loop", "--group-size", "2", "--steps", "2", "--prompts-per-step", "8", "--limit", "8",
-            "--eval-prompts", "none", "--threads", "1", "-q", "--run-dir", str(path), check=True)
-    return path
+    return finished_loop(tmp_path_factory, "show", *TWO_STEPS_SAME_PROMPTS)
 
 
 def show(*args, env=None):

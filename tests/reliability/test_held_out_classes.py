@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import finished_loop, run_cli
 
 SMALL = ["--steps", "1", "--prompts-per-step", "2", "-G", "2", "--max-new-tokens", "8",
          "--eval-limit", "2", "--quiet"]
@@ -77,9 +77,7 @@ def with_positions(model: Path, where: Path, positions: int) -> Path:
 
 @pytest.fixture(scope="module")
 def one_step_run(tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("held-out") / "run"
-    run_cli("loop", *SMALL, "--run-dir", str(run), check=True)
-    return run
+    return finished_loop(tmp_path_factory, "held-out", *SMALL)
 
 
 # --- 1. signals at the commit point ---------------------------------------------------
