@@ -154,8 +154,9 @@ def test_score_gives_the_same_rewards_quiet_and_loaded(tmp_path, load):
     """`grpoctl score` as a real process on answers math-verify has to judge (not the
     plain-number fast path), with a short --timeout: the same rewards and no timeout
     whether or not three busy loops load the machine."""
-    pairs = [(r"\frac{1}{2}", "0.5"), (r"\sqrt{4}", "2"), ("x+1", "1+x"),
-             (r"\frac{6}{4}", r"\frac{3}{2}"), (r"\frac{3}{4}", "0.7"), (r"2\pi", r"\pi+\pi"),
+    # Symbolic golds: a numeric gold is decided by exact arithmetic, never by math-verify.
+    pairs = [(r"\frac{x}{2}", "0.5x"), (r"\sqrt{2}", r"\frac{2}{\sqrt{2}}"), ("x+1", "1+x"),
+             (r"(x+1)^2", "x^2+2x+1"), (r"\frac{3}{4}x", "0.7x"), (r"2\pi", r"\pi+\pi"),
              (r"\{1,2\}", r"\{2,1\}")]
     records = [{"prompt_id": f"p{i}", "sample": 0, "completion": f"so \\boxed{{{pred}}}",
                 "answer": gold} for i, (pred, gold) in enumerate(pairs)]
