@@ -108,9 +108,13 @@ def grpoctl(*args: str, cwd: Path, env: dict | None = None, **popen) -> subproce
 def test_a_termination_signal_ends_the_command_as_ctrl_c_does(work, name):
     (work / "out.jsonl").write_text('{"prompt_id": "mine", "sample": 0}\n')
     before = (work / "out.jsonl").read_bytes()
+    # The signal's default action, whatever this test runs under (nohup ignores SIGHUP,
+    # and an ignored signal rightly stays ignored: the next test).
+    signum = getattr(signal, name)
     proc = grpoctl("score", "r.jsonl", "-r", "rewards.py:stop_at_third", "-o", "out.jsonl",
-                   cwd=work, env={"SIGNAL_NAME": name})
-    assert proc.returncode == 128 + getattr(signal, name), proc.stderr.decode()
+                   cwd=work, env={"SIGNAL_NAME": name},
+                   preexec_fn=lambda: signal.signal(signum, signal.SIG_DFL))
+    assert proc.returncode == 128 + signum, proc.stderr.decode()
     assert "interrupted" in proc.stderr.decode() and "Traceback" not in proc.stderr.decode()
     assert (work / "out.jsonl").read_bytes() == before and leftovers(work) == []
 
