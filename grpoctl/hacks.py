@@ -19,7 +19,7 @@ Every step of `loop` records it (`hack_rate`, and with --refill `sampled_hack_ra
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from grpoctl.answers import answer_form, find_answer
 
@@ -35,9 +35,13 @@ def is_credited(record: dict) -> bool:
     return isinstance(reward, (int, float)) and reward > 0
 
 
-def looks_gamed(record: dict) -> bool:
+def looks_gamed(record: dict, judged: dict | None = None) -> bool:
     """Whether the record's answer breaks the final-answer rule (see the module docstring),
-    whatever it was credited with."""
+    whatever it was credited with. judged: the `math` reward's answers.judge_answer of
+    this record, when scoring just made it (the same checks, not done twice)."""
+    if judged is not None:
+        return judged["answer"] is not None and bool(
+            judged["hedged"] or not judged["final"] or judged["restates_prompt"])
     completion = record.get("completion")
     if not isinstance(completion, str):
         return False
@@ -50,11 +54,12 @@ def looks_gamed(record: dict) -> bool:
     return hedged or form["hedged"] or not form["final"] or form["restates_prompt"]
 
 
-def hack_rate(records: Iterable[dict]) -> float:
-    """The share of credited records that look gamed; 0.0 when none is credited."""
+def hack_rate(records: Iterable[dict], judgements: Sequence[dict | None] | None = None) -> float:
+    """The share of credited records that look gamed; 0.0 when none is credited.
+    judgements: one answers.judge_answer dict (or None) per record, when scoring made them."""
     credited = gamed = 0
-    for record in records:
+    for i, record in enumerate(records):
         if is_credited(record):
             credited += 1
-            gamed += looks_gamed(record)
+            gamed += looks_gamed(record, judgements[i] if judgements else None)
     return gamed / credited if credited else 0.0

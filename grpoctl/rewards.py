@@ -461,10 +461,10 @@ class _Reporter:
 
 def _judge_math(records: Sequence[dict], workers: int | None, timeout: float,
                 reporter: _Reporter, source: str, stats: dict,
-                explains: list | None = None) -> list[float]:
-    """The `math` component of every record (the slow part of scoring). explains, when
-    given, gets each record's explain_math dict, from these same verdicts (math-verify
-    runs once, in the pool, under its time limit)."""
+                judgements: list) -> list[float]:
+    """The `math` component of every record (the slow part of scoring). judgements[i]
+    gets record i's answers.judge_answer dict: `--explain` and the hack rate read the
+    same verdicts (math-verify runs once, in the pool, under its time limit)."""
     values = [0.0] * len(records)
     waiting: dict[tuple[str, str], list[int]] = {}  # pairs math-verify must judge -> records
     for i, r in enumerate(records):
@@ -473,8 +473,7 @@ def _judge_math(records: Sequence[dict], workers: int | None, timeout: float,
         # The prompt-dependent checks (restated expressions) are decided here, before the
         # (gold, answer) cache, whose verdicts hold for any prompt.
         judged = judge_answer(r["completion"], gold, _text_or_none(prompt))
-        if explains is not None:
-            explains[i] = judged
+        judgements[i] = judged
         if judged["answer"] is None:
             stats["no_answer"] += 1
             continue
@@ -585,7 +584,7 @@ def score_records(records: Sequence[dict], score: ScoreSettings | None = None, *
     elif explain:
         raise GrpoctlError("--explain tells why the `math` reward gave its value: add "
                            "--reward math")
-    explains = [None] * len(records) if explain else None
+    judgements = [None] * len(records)  # the math reward's, per record (_judge_math)
     stats = {"n": len(records), "fast_path": 0, "refused": 0, "cached": 0, "verified": 0, "no_answer": 0,
              "timeouts": 0, "errors": 0,
              "workers": scoring_pool.default_workers() if workers is None else workers}
@@ -607,7 +606,7 @@ def score_records(records: Sequence[dict], score: ScoreSettings | None = None, *
     for k, spec in enumerate(specs):
         if spec.kind == "math":
             math_values = _judge_math(records, workers, timeout, reporter, source, stats,
-                                      explains)
+                                      judgements)
             per_spec[k] = [{"math": v} for v in math_values]
     reporter.finish()
 
@@ -629,14 +628,14 @@ def score_records(records: Sequence[dict], score: ScoreSettings | None = None, *
                               f"the weighted sum of the rewards ({terms}) is {total:g}; a reward "
                               f"must be a finite number of at most {MAX_MAGNITUDE:g} in size")
         out.append({**r, "rewards": components, "reward": total})
-        if explains is not None:
-            out[-1]["explain"] = _explained(explains[i], components["math"])
+        if explain:
+            out[-1]["explain"] = _explained(judgements[i], components["math"])
 
     n = max(len(out), 1)
     names = list(dict.fromkeys(name for r in out for name in r["rewards"]))
     stats["reward_mean"] = sum(r["reward"] for r in out) / n
     stats["component_means"] = {k: sum(r["rewards"].get(k, 0.0) for r in out) / n for k in names}
-    stats["hack_rate"] = hack_rate(out)
+    stats["hack_rate"] = hack_rate(out, judgements)
     stats["seconds"] = time.perf_counter() - start
     stats["records_per_s"] = len(out) / stats["seconds"] if stats["seconds"] > 0 else 0.0
     return out, stats
