@@ -95,7 +95,8 @@ def main() -> None:
     import grpoctl.rollout.hf as hf
     import grpoctl.rollout.packed as packed
     from grpoctl.models import load_policy, load_tokenizer
-    from grpoctl.rollout import SamplingParams, generate
+    from grpoctl.config import SamplingSettings
+    from grpoctl.rollout import generate
 
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -107,7 +108,7 @@ def main() -> None:
     model, tokenizer = load_policy(args.model), load_tokenizer(args.model)
     counter = FlopCounter(model)
     prompts = arith_prompts(tokenizer, args.prompts)
-    sampling = SamplingParams(max_new_tokens=args.max_new_tokens, seed=0)
+    sampling = SamplingSettings(max_new_tokens=args.max_new_tokens, seed=0)
     in_place, can_pack, switchable = hf.preallocate, packed.can_pack, attention._switchable_config
     variants = ("baseline", "cache", "packed", "grpoctl")
 

@@ -122,7 +122,8 @@ def measure(model_dir: str, prompts: int, group: int, args, reps: int) -> dict:
     """Wall seconds, tokens and FLOP of `reps` rollouts and updates (after one warm-up)."""
     from grpoctl.models import load_policy, load_tokenizer
     from grpoctl.prompts import render_prompt
-    from grpoctl.rollout import SamplingParams, generate
+    from grpoctl.config import SamplingSettings
+    from grpoctl.rollout import generate
     from grpoctl.task import load_split
     from grpoctl.update import UpdateConfig, make_optimizer, update_step
 
@@ -136,7 +137,7 @@ def measure(model_dir: str, prompts: int, group: int, args, reps: int) -> dict:
     for rep in range(reps + 1):
         chosen = rng.sample(items, prompts)
         rendered = [dict(p, text=render_prompt(tokenizer, p["text"])) for p in chosen]
-        sampling = SamplingParams(temperature=1.0, max_new_tokens=args.max_new_tokens, seed=rep)
+        sampling = SamplingSettings(temperature=1.0, max_new_tokens=args.max_new_tokens, seed=rep)
         start = time.perf_counter()
         records = generate(model, tokenizer, rendered, group, sampling,
                            batch_size=prompts * group, progress=False)

@@ -68,11 +68,12 @@ def arith_prompts(tokenizer, limit: int) -> list[dict]:
 
 def hf_rollout(model_dir: str, args) -> tuple[float, list[dict]]:
     from grpoctl.models import load_policy, load_tokenizer
-    from grpoctl.rollout import SamplingParams, generate
+    from grpoctl.config import SamplingSettings
+    from grpoctl.rollout import generate
 
     model, tokenizer = load_policy(model_dir), load_tokenizer(model_dir)
     rendered = arith_prompts(tokenizer, args.prompts)
-    sampling = SamplingParams(max_new_tokens=args.max_new_tokens, seed=0)
+    sampling = SamplingSettings(max_new_tokens=args.max_new_tokens, seed=0)
     generate(model, tokenizer, rendered[:2], 1, sampling, progress=False)  # warm-up
     start = time.perf_counter()
     records = generate(model, tokenizer, rendered, args.group_size, sampling,

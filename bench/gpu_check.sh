@@ -43,13 +43,14 @@ import torch
 from grpoctl.logprobs import completion_logprobs
 from grpoctl.models import load_policy, load_tokenizer
 from grpoctl.prompts import load_prompts, render_prompt
-from grpoctl.rollout import SamplingParams, generate
+from grpoctl.config import SamplingSettings
+from grpoctl.rollout import generate
 
 tok = load_tokenizer("default")
 prompts = [dict(p, text=render_prompt(tok, p["text"])) for p in load_prompts("arith:test", limit=64)]
 for dtype in ("float32", "bfloat16"):
     model = load_policy("default", dtype=dtype, device="cuda")
-    records = generate(model, tok, prompts, 2, SamplingParams(max_new_tokens=32, seed=0), progress=False)
+    records = generate(model, tok, prompts, 2, SamplingSettings(max_new_tokens=32, seed=0), progress=False)
     with torch.no_grad():
         new, _ = completion_logprobs(model, [r["prompt_ids"] for r in records],
                                      [r["completion_ids"] for r in records], temperature=1.0,

@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from grpoctl.logprobs import completion_logprobs  # noqa: E402
-from grpoctl.lora import LoraSettings  # noqa: E402
+from grpoctl.config import AdapterSettings  # noqa: E402
 from grpoctl.models import load_policy, load_training_policy, make_tiny_model  # noqa: E402
 from grpoctl.update import UpdateConfig, make_optimizer, update_step  # noqa: E402
 
@@ -109,7 +109,7 @@ def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 def time_config(path, records, args, dtype: str, attn: str, checkpointing: bool,
                 lora_r: int) -> dict:
     """One warm-up update_step, then --steps timed ones: seconds/step and peak GiB."""
-    lora = LoraSettings(r=lora_r) if lora_r else None
+    lora = AdapterSettings(lora_r=lora_r) if lora_r else None
     model = load_training_policy(path, dtype, args.device, attn_implementation=attn,
                                  gradient_checkpointing=checkpointing, lora=lora)
     cfg = UpdateConfig(lr=args.lr, micro_batch_size=args.micro_batch_size)

@@ -153,7 +153,8 @@ def test_a_skipped_push_fails_the_sync_check_and_a_real_push_passes(engine, tiny
 
 def test_lora_weights_are_pushed_merged(engine, tiny_llama64):
     pytest.importorskip("peft", reason="LoRA needs the lora extra (peft)")
-    from grpoctl.lora import LoraSettings, wrap_with_lora
+    from grpoctl.config import AdapterSettings
+    from grpoctl.lora import wrap_with_lora
     from grpoctl.models import load_policy, load_tokenizer
     from grpoctl.config import SamplingSettings
     from grpoctl.rollout import generate
@@ -164,7 +165,7 @@ def test_lora_weights_are_pushed_merged(engine, tiny_llama64):
     records = generate(engine.llm, tok, PROMPTS, 2, SamplingSettings(max_new_tokens=12, seed=1),
                        backend="vllm", progress=False)
     model = wrap_with_lora(load_policy(tiny_llama64, device=DEVICE),
-                           LoraSettings(r=4, alpha=8.0, target_modules="q_proj,v_proj"))
+                           AdapterSettings(lora_r=4, lora_alpha=8.0, lora_target_modules="q_proj,v_proj"))
     torch.manual_seed(3)
     with torch.no_grad():  # peft starts B at zero; give the adapter a real delta
         for name, p in model.named_parameters():
