@@ -13,8 +13,8 @@ set -euo pipefail
 out=${1:-${OUT:-gpu-check}}
 mkdir -p "$out"
 if [ -d "${WHEELS:-.gpu_wheels}" ]; then
-  python -m pip install -q --no-deps --no-index --target /tmp/grpoctl-wheels "${WHEELS:-.gpu_wheels}"/*.whl
-  export PYTHONPATH=/tmp/grpoctl-wheels
+  python -m pip install -q --no-deps --no-index --target .gpu_site "${WHEELS:-.gpu_wheels}"/*.whl
+  export PYTHONPATH=$PWD/.gpu_site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 python -c "import math_verify" || { echo "math-verify is missing: see WHEELS above" >&2; exit 1; }
