@@ -171,15 +171,27 @@ RULE_BOX, RULE_HASHES, RULE_ANSWER_IS, RULE_LAST_NUMBER, RULE_NONE = (
     "last \\boxed{}", "####", "answer is", "last number", "none")
 
 # A second candidate right after the first ("12 or 13", "12, 13", "$12$ and $13$", "12 \pm 1").
-_HEDGE_AFTER = re.compile(r"^\s*\$?\s*(?:or|,|;|and|/|\\pm|\\mp|\\text\{\s*or\s*\})\s*\$?\s*"
-                          r"[-+]?(?:\d|\.\d|\\frac)", re.IGNORECASE)
+_PM = r"\\(?:pm|mp)(?![A-Za-z])"  # \pm, \mp (not \pmod)
+_HEDGE_AFTER = re.compile(r"^\s*\$?\s*(?:,\s*)?(?:(?:or|and)\b|,|;|/|" + _PM + r"|\\text\{\s*or\s*\})"
+                          r"\s*(?:(?:maybe|perhaps|possibly|probably)\s+)?\$?\s*[-+]?(?:\d|\.\d|\\frac)",
+                          re.IGNORECASE)
 # (a list of bare numbers, "... 998 999 1000", is candidates too)
-_HEDGE_BEFORE = re.compile(r"(?:\d|\$)\s*\$?\s*(?:or|,|and|\\pm)\s*\$?\s*$|\d\s+$", re.IGNORECASE)
+_HEDGE_BEFORE = re.compile(r"(?:\d|\$)\s*\$?\s*(?:or|,|and|" + _PM + r")\s*\$?\s*$|\d\s+$",
+                           re.IGNORECASE)
 # ... or further along the same line, after a word that offers an alternative
 # ("12, or maybe 13", "I think 12, perhaps 13").
-_HEDGE_WORD = r"(?:\b(?:or|maybe|perhaps|possibly|probably|alternatively|otherwise|either)\b|\\pm|\\mp)"
+_HEDGE_WORD = r"(?:\b(?:or|maybe|perhaps|possibly|probably|alternatively|otherwise|either)\b|" + _PM + ")"
 _HEDGE_WORD_AFTER = re.compile(_HEDGE_WORD + r".*?\d", re.IGNORECASE)
 _HEDGE_WORD_BEFORE = re.compile(r"\d.*?" + _HEDGE_WORD, re.IGNORECASE)
+# ... within the answer's own sentence: "12. This is probably right, since 3 x 4 is 12"
+# offers no second answer.
+_SENTENCE_END = re.compile(r"[.;!?](?:\s|$)")
+
+
+def _hedged_after(rest: str) -> bool:
+    """A second candidate in `rest`, the text after an answer, up to its sentence's end."""
+    sentence = _SENTENCE_END.split(rest, maxsplit=1)[0]
+    return bool(_HEDGE_AFTER.search(rest) or _HEDGE_WORD_AFTER.search(sentence))
 
 
 def find_answer(text: str) -> tuple[str | None, str, bool]:
@@ -187,12 +199,15 @@ def find_answer(text: str) -> tuple[str | None, str, bool]:
     completion offers more than one candidate (two boxes with different answers, or
     "12 or 13" where the answer is read)."""
     tail = text[-MAX_SCAN_CHARS:]
-    boxed, still_open, contents = _scan_all_boxes(tail)
+    boxed, still_open, contents, box_end = _scan_all_boxes(tail)
     if boxed is not None:
         if not boxed:
             return None, RULE_NONE, False
         keys = {_same_answer_key(c) for c in contents if c}
-        return boxed, RULE_BOX, len(keys) > 1
+        # A second candidate right after the box ("\boxed{12}, or maybe 13"); prose further
+        # on ("... has a remainder of 1 when divided by 2, 3, 4, or 6") is no hedge.
+        after = bool(_HEDGE_AFTER.search(tail[box_end:]))
+        return boxed, RULE_BOX, len(keys) > 1 or after
     if still_open:
         return None, RULE_NONE, False
     hashes = tail.rfind("####")
@@ -207,7 +222,8 @@ def find_answer(text: str) -> tuple[str | None, str, bool]:
     if number is None:
         return None, RULE_NONE, False
     before = tail[:number.start()].rsplit("\n", 1)[-1]
-    hedged = bool(_HEDGE_BEFORE.search(before) or _HEDGE_WORD_BEFORE.search(before))
+    sentence = _SENTENCE_END.split(before)[-1]
+    hedged = bool(_HEDGE_BEFORE.search(before) or _HEDGE_WORD_BEFORE.search(sentence))
     return _clean_number(number.group()), RULE_LAST_NUMBER, hedged
 
 
@@ -221,13 +237,12 @@ def _answer_on_line(line: str, rule: str, inline_math: bool) -> tuple[str | None
             answer = _strip_sentence(line)
             return answer, (rule if answer else RULE_NONE), False
         answer, rest = _clean_number(number.group()), line[number.end():]
-    hedged = bool(_HEDGE_AFTER.search(rest) or _HEDGE_WORD_AFTER.search(rest))
-    return answer, (rule if answer else RULE_NONE), hedged
+    return answer, (rule if answer else RULE_NONE), _hedged_after(rest)
 
 
-def _scan_all_boxes(tail: str) -> tuple[str | None, bool, list[str]]:
+def _scan_all_boxes(tail: str) -> tuple[str | None, bool, list[str], int]:
     """(last box's unwrapped content, a box still open at the end, the unwrapped contents
-    of every outermost box), one linear scan."""
+    of every outermost box, where the last box ends), one linear scan."""
     stack: list[tuple[bool, int]] = []
     open_boxes = 0
     spans: list[tuple[int, int]] = []
@@ -246,7 +261,8 @@ def _scan_all_boxes(tail: str) -> tuple[str | None, bool, list[str]]:
             stack.append((True, m.end()))
             open_boxes += 1
     contents = [_unwrap_boxes(tail[a:b].strip()) for a, b in spans]
-    return (contents[-1] if contents else None), open_boxes > 0, contents
+    end = spans[-1][1] + 1 if spans else 0
+    return (contents[-1] if contents else None), open_boxes > 0, contents, end
 
 
 def _unwrap_boxes(content: str) -> str:
@@ -316,7 +332,7 @@ def parse_number(s: str) -> tuple[Fraction, bool] | None:
         word = m.group(1) if m.group(1) is not None else m.group(2)
         if word is not None and _NOT_UNITS.intersection(word.lower().replace(".", " ").split()):
             return None
-        s = s[:m.start()].rstrip(".")
+        s = s[:m.start()].rstrip().rstrip(".").rstrip()
     s = _unwrap(s.removeprefix("\\$").removeprefix("$"))
     sign = -1 if s.startswith("-") else 1
     body = s[1:] if s[:1] in "+-" else s
@@ -389,6 +405,18 @@ def undone_arithmetic(answer: str) -> set[str]:
     return found
 
 
+# Two numbers offered side by side: `12, 13`, `12 \text{ or } 13`, `12 \pm 1` (not `2^{3}`,
+# which is one number left unevaluated).
+_CANDIDATES = re.compile(r"\d\s*(?:,|;|\\pm|\\mp|\\text\{\s*(?:or|and)\s*\}|\b(?:or|and)\b)\s*"
+                         r"[-+]?(?:\d|\.\d|\\frac)", re.IGNORECASE)
+
+
+def _assigned_name(answer: str) -> str | None:
+    """`x` of `x = 2` (an answer written as an assignment), else None."""
+    m = _NAME_IS.match(_canonical(answer))
+    return m.group()[:-1] if m else None
+
+
 def _top_level_commas(s: str) -> int:
     depth = count = 0
     for ch in s:
@@ -415,8 +443,7 @@ def answer_form(answer: str, gold: str | None = None,
     if gold_number is not None:
         pred = parse_number(answer)
         final = pred is not None and (pred[1] or same_as_gold)
-        hedged = pred is None and len(_NUMBER_RE.findall(normalize_answer(answer))) > 1 \
-            and not undone_arithmetic(answer)
+        hedged = pred is None and bool(_CANDIDATES.search(normalize_answer(answer)))
         return {"number": True, "final": final, "hedged": hedged, "restates_prompt": restated}
     undone = undone_arithmetic(answer) - (undone_arithmetic(gold) if gold else set())
     # Without a gold only a word that joins two answers ("12 or 13") is sure to be a hedge
@@ -504,7 +531,8 @@ def judge_answer(completion: str, gold: str, prompt: str | None = None) -> dict:
         out["source"] = "restates the prompt"
     elif form["number"]:  # a final number against a numeric gold: exact arithmetic decides
         pred = parse_number(answer)
-        out["verdict"] = (pred[0] == parse_number(gold)[0] if pred
+        names = {_assigned_name(answer), _assigned_name(gold)} - {None}
+        out["verdict"] = (pred[0] == parse_number(gold)[0] and len(names) < 2 if pred
                           else _canonical(answer) == _canonical(gold))
         out["source"] = "fast path"
     else:
