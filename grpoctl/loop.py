@@ -28,8 +28,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import os
-import random
 import re
 import shutil
 import sys
@@ -51,7 +51,7 @@ from grpoctl.prompts import load_prompts, render_prompt, where_of
 from grpoctl.records import (NEEDS_ADVANTAGE, NEEDS_SCORE, NEEDS_UPDATE, atomic_open,
                              check_same_records, dumps, group_by_prompt, iter_jsonl,
                              parse_records, read_records, write_json, write_records)
-from grpoctl.refill import contrastive_prompts, refill_size, take_prompts
+from grpoctl.refill import contrastive_prompts, epoch_order, refill_size, take_prompts
 from grpoctl.rewards import parse_reward_specs, score_records
 from grpoctl.rollout import generate, tokenize_prompts
 from grpoctl.runlock import lock_run_dir, release_run_dir
@@ -101,8 +101,7 @@ def prompts_for_step(prompts: list[dict], step: int, per_step: int, seed: int) -
     if steps_per_epoch == 0:
         raise GrpoctlError(f"--prompts-per-step {per_step} is more than the {len(prompts)} prompts")
     epoch, k = divmod(step - 1, steps_per_epoch)
-    order = list(range(len(prompts)))
-    random.Random(seed * 100_003 + epoch).shuffle(order)
+    order = epoch_order(len(prompts), seed, epoch)  # the --refill stream's order too
     return [prompts[i] for i in order[k * per_step:(k + 1) * per_step]]
 
 
@@ -291,14 +290,52 @@ def _type_name(hint) -> str:
     return str(hint).replace("<class '", "").replace("'>", "").replace("NoneType", "null")
 
 
-def planned_steps(cfg: LoopConfig) -> int:
-    """The steps cfg's run takes: --steps, or --epochs over its prompts (run_loop's rule)."""
+def stream_end(cfg: LoopConfig, prompt_count: int) -> int | None:
+    """--refill --epochs: the position in the prompt stream (refill.take_prompts) where
+    the run ends, round(epochs * prompts); None for a run without --refill or with --steps."""
+    return round(cfg.epochs * prompt_count) if cfg.refill and not cfg.steps else None
+
+
+def run_prompts(cfg: LoopConfig) -> list[dict]:
+    """The run's training prompts (--prompts, --limit), loaded as run_loop loads them."""
+    return Loop(cfg, Path(cfg.run_dir), NullDisplay()).load_prompts(cfg.prompts, cfg.limit)
+
+
+def planned_steps(cfg: LoopConfig, prompts: list[dict] | None = None) -> int:
+    """The steps cfg's run takes (run_loop's rule): --steps, or --epochs over its prompts
+    (loaded when not given). With --refill --epochs a bound: the run ends sooner once
+    the prompt stream reaches stream_end (every step takes at least prompts_per_step)."""
     if cfg.steps:
         return cfg.steps
-    prompts = Loop(cfg, Path(cfg.run_dir), NullDisplay()).load_prompts(cfg.prompts, cfg.limit)
-    if cfg.refill:  # epochs of the prompt stream: at most this many steps
-        return max(1, -(-round(cfg.epochs * len(prompts)) // cfg.prompts_per_step))
+    prompts = run_prompts(cfg) if prompts is None else prompts
+    end = stream_end(cfg, len(prompts))
+    if end is not None:
+        return max(1, -(-end // cfg.prompts_per_step))
     return max(1, round(cfg.epochs * (len(prompts) // cfg.prompts_per_step)))
+
+
+def _check_not_shortened_by_epochs(run: Path, cfg: LoopConfig, epochs_flag, finished: int):
+    """--resume --epochs (cfg: the run's settings with the new value): refused when the
+    run would end before its finished steps, which run_loop would then discard. Without
+    --refill, counted in steps (planned_steps); with --refill, in the prompt stream: a
+    step consumes more than prompts_per_step prompts, so the new stream_end must be past
+    the position where the last finished step began (its predecessor's prompt_cursor)."""
+    prompts = run_prompts(cfg)
+    end = stream_end(cfg, len(prompts))
+    if end is None:
+        planned = planned_steps(cfg, prompts)
+        if planned < finished:
+            raise GrpoctlError(f"{run}: --epochs {epochs_flag} is {planned} steps: the run has "
+                               f"finished {finished} steps, and a run is not shortened; give "
+                               "more --epochs (or --steps)")
+        return
+    began = refill_cursor(Run(run), finished - 1)
+    if end <= began:
+        least = math.ceil((began + 1) / len(prompts) * 10_000) / 10_000
+        raise GrpoctlError(f"{run}: --epochs {epochs_flag} ends the prompt stream at prompt "
+                           f"{end} ({len(prompts)} an epoch), but finished step {finished} "
+                           f"began at prompt {began}, and a run is not shortened; give "
+                           f"--epochs {least:g} or more (or --steps)")
 
 
 def prepare_run_dir(cfg: LoopConfig, resume: bool,
@@ -342,13 +379,10 @@ def prepare_run_dir(cfg: LoopConfig, resume: bool,
             raise GrpoctlError(f"{run}: --steps {changes['steps'][1]}: the run has finished "
                                f"{finished} steps, and a run is not shortened; give --steps "
                                f">= {finished}")
-        if "epochs" in changes and finished:  # the same rule, counted in steps
-            planned = planned_steps(dataclasses.replace(
-                resumed, **{k: new for k, (_, new) in changes.items()}))
-            if planned < finished:
-                raise GrpoctlError(f"{run}: --epochs {changes['epochs'][1]} is {planned} steps: "
-                                   f"the run has finished {finished} steps, and a run is not "
-                                   "shortened; give more --epochs (or --steps)")
+        if "epochs" in changes and finished:  # the same rule, counted in epochs
+            _check_not_shortened_by_epochs(run, dataclasses.replace(
+                resumed, **{k: new for k, (_, new) in changes.items()}),
+                changes["epochs"][1], finished)
         remove_stale_temporaries(run)  # a run's, now that config.json says it is one
         if changes:
             resumed = dataclasses.replace(resumed, **{k: new for k, (_, new) in changes.items()})
@@ -772,12 +806,10 @@ def _run_loop(cfg: LoopConfig, resume: bool, display, given: dict | None) -> Pat
         parse_reward_specs(cfg.rewards)  # a user reward file that does not load
         if cfg.rollouts_from:
             _check_rollouts_from(Path(cfg.rollouts_from), cfg)
-        steps = cfg.steps or max(1, round(cfg.epochs * (len(prompts) // cfg.prompts_per_step)))
+        steps = planned_steps(cfg, prompts)
         # --refill --epochs: the run ends once that many epochs of the prompt stream are
         # consumed; `steps` is then a bound (each step takes at least prompts_per_step)
-        prompt_end = round(cfg.epochs * len(prompts)) if cfg.refill and not cfg.steps else None
-        if prompt_end is not None:
-            steps = max(1, -(-prompt_end // cfg.prompts_per_step))
+        prompt_end = stream_end(cfg, len(prompts))
         eval_prompts = (loop.load_prompts(cfg.eval_prompts, cfg.eval_limit) if cfg.eval_prompts
                         else [])
         state = Run(run)

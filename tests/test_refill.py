@@ -210,3 +210,31 @@ def test_refill_refuses_reused_rollouts(tmp_path, refill_run):
                      "--run-dir", str(tmp_path / "r"))
     assert result.returncode == 2 and "--refill" in result.stderr.decode()
     assert not (tmp_path / "r").exists()
+
+
+def test_resume_with_fewer_epochs_than_the_finished_steps_consumed_is_refused(tmp_path):
+    """A --refill step consumes more than prompts_per_step prompts, so fewer --epochs can
+    end the prompt stream before a finished step began while still counting enough steps:
+    refused (one line, nothing written or removed), not the finished steps discarded."""
+    n, per_step = 48, 4
+    run = tmp_path / "run"
+    run_cli("loop", "-G", "2", "--refill", "--prompts", "arith:train", "--limit", str(n),
+            "--prompts-per-step", str(per_step), "--epochs", "1", "--max-new-tokens", "16",
+            "--eval-prompts", "none", "--seed", "5", "--quiet", "--run-dir", str(run), check=True)
+    metrics = read(run / "metrics.jsonl")
+    finished = len(metrics)
+    began = metrics[-2]["prompt_cursor"]  # where the last finished step began
+    # seed 5 refills: counted in steps (prompts_per_step each) the stream's end is far
+    assert finished >= 2 and -(-began // per_step) >= finished
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    result = run_cli("loop", "--resume", "--run-dir", str(run), "--epochs", repr(began / n))
+    err = result.stderr.decode().strip()
+    assert result.returncode == 2 and len(err.splitlines()) == 1, err
+    assert "--epochs" in err and "not shortened" in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()} == before
+    assert all((run / f"step-{s:06d}" / "done").is_file() for s in range(1, finished + 1))
+    # One prompt past where the last step began: the run is already over, nothing dropped
+    run_cli("loop", "--resume", "--run-dir", str(run), "--epochs", repr((began + 1) / n),
+            check=True)
+    assert read(run / "metrics.jsonl") == metrics
+    assert all((run / f"step-{s:06d}" / "done").is_file() for s in range(1, finished + 1))
