@@ -22,7 +22,7 @@ import sys
 
 from grpoctl.errors import GrpoctlError
 from grpoctl.records import read_records, source_name
-from grpoctl.show import is_right, resolve_source
+from grpoctl.show import is_right, resolve_source, visible
 
 
 def parse_side(text: str) -> tuple[str, int | None]:
@@ -116,7 +116,7 @@ def print_diff(result: dict, limit: int | None = 20, console=None) -> None:
     # A pipe gets no terminal width: 120 columns keep the tables on one line per row.
     console = console or Console(highlight=False, width=None if sys.stdout.isatty() else 120)
     s = result["summary"]
-    console.print(Text(f"A: {s['a']}\nB: {s['b']}"))
+    console.print(Text(f"A: {visible(s['a'])}\nB: {visible(s['b'])}"))
     summary = Table(show_header=True, header_style="bold")
     for name in ("", "A", "B", "change"):
         summary.add_column(name, justify="left" if not name else "right")
@@ -146,7 +146,7 @@ def print_diff(result: dict, limit: int | None = 20, console=None) -> None:
     for name in ("prompt_id", "acc A", "acc B", "flip", "len A", "len B", "Δ len"):
         table.add_column(name, justify="left" if name in ("prompt_id", "flip") else "right")
     for r in rows:
-        table.add_row(Text(r["prompt_id"]), _pct(r["accuracy_a"]), _pct(r["accuracy_b"]),
+        table.add_row(Text(visible(r["prompt_id"])), _pct(r["accuracy_a"]), _pct(r["accuracy_b"]),
                       r["flip"] or "", f"{r['length_a']:.1f}", f"{r['length_b']:.1f}",
                       f"{r['length_change']:+.1f}")
     console.print(table)

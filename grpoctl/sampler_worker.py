@@ -111,12 +111,30 @@ class SamplerWorker:
         if step not in self.pending:
             raise GrpoctlError(f"internal: step {step} was not submitted to the sampler")
         while self.pending and self.pending[0] <= step:
-            line = self.proc.stdout.readline()
-            answer = json.loads(line) if line.strip() else None
+            answer = self._answer(self.proc.stdout.readline())
             if answer is None or "error" in answer:
                 raise GrpoctlError(self._failure(answer))
             if answer.get("step") == self.pending[0]:
                 self.pending.pop(0)
+
+    @staticmethod
+    def _answer(line: bytes) -> dict | None:
+        """The sampler's answer on one line of its pipe: None at end of file (it died), and
+        an {"error": ...} naming the line for one that is not an answer, rather than a
+        JSON traceback in the trainer (main() keeps stray output off the pipe; this is
+        what is left if anything gets there all the same)."""
+        if not line:
+            return None
+        try:
+            answer = json.loads(line)
+        except ValueError:
+            answer = None
+        if isinstance(answer, dict) and ("error" in answer or "step" in answer):
+            return answer
+        text = line.decode("utf-8", "replace").rstrip("\n")
+        if len(text) > 80:
+            text = text[:80] + "..."
+        return {"error": f"it wrote a line that is not an answer: {text!r}"}
 
     def _send(self, message: dict) -> None:
         try:
@@ -240,10 +258,20 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def answer_pipe():
+    """The answers' own copy of fd 1, opened for bytes; fd 1 itself then points at stderr,
+    so nothing else written to it (a print, C code, a child process) lands among the
+    answers. The copy is not inherited by children (os.dup)."""
+    sys.stdout.flush()
+    answer = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    return answer
+
+
 def main() -> None:
     _die_with_parent(int(sys.argv[1]))
-    answer = sys.stdout.buffer
-    sys.stdout = sys.stderr  # a stray print must not land in the answers
+    answer = answer_pipe()
     try:
         _serve(answer)
     except Exception as e:  # one line for the trainer to report

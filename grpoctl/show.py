@@ -339,6 +339,18 @@ def run_model(source: str) -> str | None:
 # --- printing --------------------------------------------------------------------------
 
 
+# C0 controls but newline and tab, DEL, and C1: what a terminal acts on instead of showing.
+# rich.text.Text drops only BEL, BS, VT, FF and CR; ESC would pass through.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def visible(text) -> str:
+    """Model or record text made safe to print on a terminal: each control character
+    (C0 but newline and tab, DEL, C1) becomes a visible escape, ESC -> `\\x1b`, so a
+    completion cannot set the terminal's title, clear the screen or move the cursor."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+
+
 def _fmt(x) -> str:
     if x is None:
         return "—"
@@ -357,21 +369,23 @@ def _shade(logprob: float) -> str:
 def render_group(console, group: Group, tokens: bool = False, texts: dict | None = None,
                  policy_stats: dict | None = None) -> None:
     """Print one group. Model text goes through rich.text.Text, never markup: a
-    completion holding `[bold]` prints literally."""
+    completion holding `[bold]` prints literally, and through visible(): its control
+    characters print as escapes and never reach the terminal."""
     from rich.text import Text
 
     first = group.records[0]
     kind = group_kind(group)
     rewards = [r.get("reward") for r in group.records]
-    head = Text(f"── {group.prompt_id}", style="bold cyan")
+    head = Text(f"── {visible(group.prompt_id)}", style="bold cyan")
     head.append(f"  line {group.line}, {len(group.records)} completions", style="dim")
     if kind:
         head.append(f", {kind}", style="yellow" if kind == "tied" else "green")
         head.append(" (rewards " + " | ".join(_fmt(v) for v in rewards) + ")", style="dim")
     console.print(head, soft_wrap=True)
     if "prompt" in first:
-        console.print(Text("prompt: ", style="bold").append(Text(first["prompt"])), soft_wrap=True)
-    console.print(Text("gold:   ", style="bold").append(Text(str(first.get("answer")))),
+        console.print(Text("prompt: ", style="bold").append(Text(visible(first["prompt"]))),
+                      soft_wrap=True)
+    console.print(Text("gold:   ", style="bold").append(Text(visible(first.get("answer")))),
                   soft_wrap=True)
     for r in group.records:
         right = is_right(r)
@@ -391,9 +405,9 @@ def render_group(console, group: Group, tokens: bool = False, texts: dict | None
             line.append(f"  {'stop' if finish == 'stop' else 'cut at limit'}",
                         style="" if finish == "stop" else "magenta")
         line.append("  answer ")
-        line.append(Text(str(info["extracted"])))
+        line.append(Text(visible(info["extracted"])))
         if info["rule"]:
-            line.append(f" ({info['rule']}; {info['why']})", style="dim")
+            line.append(f" ({visible(info['rule'])}; {visible(info['why'])})", style="dim")
         mark = {True: " ✓ right", False: " ✗ wrong", None: " ? unjudged"}[right]
         line.append(mark, style={True: "green", False: "red", None: "dim"}[right])
         console.print(line, soft_wrap=True)
@@ -401,7 +415,8 @@ def render_group(console, group: Group, tokens: bool = False, texts: dict | None
             stats = (policy_stats or {}).get((r["prompt_id"], r.get("sample")))
             console.print(token_line(r, texts or {}, console.is_terminal, stats), soft_wrap=True)
         else:
-            console.print(Text("    ").append(Text(r.get("completion", ""))), soft_wrap=True)
+            console.print(Text("    ").append(Text(visible(r.get("completion", "")))),
+                          soft_wrap=True)
     console.print()
 
 
@@ -416,7 +431,7 @@ def token_line(record: dict, texts: dict, colour: bool, stats=None):
     new_lps, entropies = stats if stats else (None, None)
     for i, lp in enumerate(lps):
         tid = ids[i] if i < len(ids) else None
-        piece = texts.get(tid, f"[{tid}]") if texts else f"{tid}"
+        piece = visible(texts.get(tid, f"[{tid}]")) if texts else f"{tid}"
         note = ""
         if new_lps is not None:
             ratio = math.exp(new_lps[i] - lp)

@@ -290,6 +290,41 @@ def test_a_sampler_that_dies_stops_the_loop_in_one_line(tmp_path):
     assert not temporaries(run) and not children(proc.pid)
 
 
+def test_stray_output_on_fd_1_stays_off_the_answer_pipe():
+    """What C code or a child process writes to the sampler's fd 1 goes to stderr: only
+    the answers reach the trainer's pipe."""
+    code = ("import os, subprocess, sys; from grpoctl.sampler_worker import answer_pipe; "
+            "answer = answer_pipe(); print('a print'); sys.stdout.flush(); "
+            "os.write(1, b'C code\\n'); subprocess.run(['echo', 'a child']); "
+            "answer.write(b'{\"step\": 1}\\n'); answer.flush()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == b'{"step": 1}\n'
+    assert proc.stderr.split() == b"a print C code a child".split()
+
+
+@pytest.mark.parametrize("line", [b"some library's banner\n", b"\n", b"42\n", b"{}\n"])
+def test_a_line_that_is_not_an_answer_is_one_line_error(line):
+    from grpoctl.sampler_worker import SamplerWorker
+
+    worker = SamplerWorker.__new__(SamplerWorker)  # its pipe only: no model, no sampler
+    worker.run, worker.pending = Path("/nonexistent"), [1]
+    worker.proc = subprocess.Popen([sys.executable, "-c", f"import sys; "
+                                    f"sys.stdout.buffer.write({line!r})"],
+                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    try:
+        with pytest.raises(GrpoctlError) as raised:
+            worker.result(1)
+    finally:
+        worker.proc.wait()
+        worker.proc.stdout.close()
+    message = str(raised.value)
+    assert "\n" not in message and message.startswith(
+        f"the --async sampler process (pid {worker.proc.pid}) failed while sampling step 1: "
+        "it wrote a line that is not an answer: ")
+    assert repr(line.decode().rstrip("\n")) in message
+
+
 def test_refused_combinations_name_the_flag():
     for settings in ({"backend": "vllm"}, {"refill": True}, {"rollouts_from": "x"}):
         with pytest.raises(GrpoctlError, match="--async 1 cannot run with"):

@@ -81,6 +81,33 @@ def test_model_text_prints_literally_even_in_colour(tmp_path, run):
     assert "\x1b[" in out  # the forced terminal did get colour
 
 
+def test_terminal_escapes_in_model_text_print_visibly_not_to_the_terminal(tmp_path, run):
+    """ESC, BEL and the other controls of a completion, prompt or gold answer would set
+    the terminal's title or clear its screen: they print as `\\x1b`-style escapes."""
+    from grpoctl.show import token_line
+
+    evil = "a\x1b]0;pwned\x07b\x1b[2Jc\x9b31m\x7fd"
+    recs = records(run / "step-000001" / "advantages.jsonl")[:2]
+    recs[0]["completion"] = f"{evil} \\boxed{{{evil}}}"
+    for r in recs:
+        r["prompt"], r["answer"] = f"prompt {evil}", f"gold {evil}"
+    path = tmp_path / "escapes.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    rc, out, err = show(path, env={"FORCE_COLOR": "1", "COLUMNS": "200"})
+    assert rc == 0, err
+    assert "\x1b[" in out  # rich's own colour codes: a forced terminal
+    for raw in ("\x1b]", "\x1b[2J", "\x07", "\x9b", "\x7f"):
+        assert raw not in out
+    shown = "a\\x1b]0;pwned\\x07b\\x1b[2Jc\\x9b31m\\x7fd"
+    assert f"prompt {shown}" in out and f"gold {shown}" in out
+    assert out.count(shown) >= 4  # prompt, gold, the completion (twice)
+    # tokens decoded one by one go through the same helper, in colour and in plain text
+    record = {"completion_ids": [5, 6], "logprobs": [-0.1, -2.0]}
+    for colour in (True, False):
+        line = token_line(record, {5: "\x1b[2J", 6: "x\ty\n"}, colour).plain
+        assert "\x1b" not in line and "\\x1b[2J" in line and "x\ty\n" in line
+
+
 def test_tokens_show_each_token_and_a_policy_adds_ratio_and_entropy(run):
     rc, out, err = show(run, "--tokens", "--limit", "1")
     assert rc == 0, err
