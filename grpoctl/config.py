@@ -548,9 +548,12 @@ class RunSettings:
     """Sample step t with the weights after step t - 1 - N (the initial model for the
     first N + 1 steps) in a sampler process of its own, while the trainer updates the
     steps before it; the update's ratio is then taken against those older log-probs.
-    0 = each step sampled by the newest weights, in turn. hf backend only."""
+    0 = each step sampled by the newest weights, in turn."""
     sampler_threads: int | None = setting(min=0)
     """CPU threads of the --async sampler process [default: --threads]."""
+    sampler_device: str | None = None
+    """Torch device of the --async sampler process and its vLLM engine, e.g. cuda:1 with
+    the trainer on --device cuda:0 [default: --device]."""
 
     def check(self) -> None:
         check_fields(self, __class__)
@@ -643,16 +646,17 @@ class LoopConfig(RunSettings, EvalSettings, AdapterSettings, UpdateSettings, Adv
                                f"for a refill group (the step's own rollouts are "
                                f"{cfg.prompts_per_step} x {cfg.group_size}); raise it or leave "
                                "--refill out")
-        if cfg.async_steps:  # sampler_worker.py: one hf sampler process, prompts known ahead
-            for on, why in ((cfg.backend == "vllm", "--backend vllm (the engine does not run in "
-                             "the sampler process yet)"),
-                            (cfg.refill, "--refill (its refills follow the step's own scores)"),
+        if cfg.async_steps:  # sampler_worker.py: one sampler process, prompts known ahead
+            for on, why in ((cfg.vllm_sleep, "--vllm-sleep (the engine samples while the "
+                             "trainer updates: give each its own memory or device)"),
+                            (cfg.refill and cfg.async_steps > 1, "--refill (a step's prompts "
+                             "follow the refills of the step before it: --async 1 at most)"),
                             (cfg.rollouts_from, "--rollouts-from (nothing is sampled)")):
                 if on:
                     raise GrpoctlError(f"--async {cfg.async_steps} cannot run with {why}; "
                                        "leave one out")
-        elif cfg.sampler_threads is not None:
-            raise GrpoctlError("--sampler-threads applies to --async only")
+        elif cfg.sampler_threads is not None or cfg.sampler_device is not None:
+            raise GrpoctlError("--sampler-threads and --sampler-device apply to --async only")
         if cfg.vllm_sleep and cfg.backend != "vllm":
             raise GrpoctlError("--vllm-sleep needs --backend vllm")
         cfg.old_logprobs = default_old_logprobs(cfg, cfg.backend, (cfg.dtype, cfg.vllm_dtype))

@@ -89,6 +89,11 @@ def step_seed(seed: int, step: int, salt: int = 0) -> int:
     return (seed * 1_000_003 + step * 7919 + salt) % (2**31 - 1)
 
 
+def attempt_seed(seed: int, step: int, attempt: int) -> int:
+    """The sampling seed of a step's rollouts (attempt k > 0: its k-th --refill draw)."""
+    return step_seed(seed, step, salt=REFILL_SALT + attempt if attempt else 0)
+
+
 def prompts_for_step(prompts: list[dict], step: int, per_step: int, seed: int) -> list[dict]:
     """The step's prompts: slice number k of epoch e's shuffled order.
 
@@ -443,6 +448,7 @@ class Loop:
         self.cfg, self.run, self.display = cfg, run, display
         self.model = self.tokenizer = self.optimizer = self.ref_model = None
         self.engine = None  # the vLLM engine (--backend vllm), built by start_engine
+        self.sampler = None  # --async: the sampler process (sampler_worker.AsyncRollouts)
 
     # setup ---------------------------------------------------------------------
 
@@ -484,18 +490,23 @@ class Loop:
                                        top_p=c.eval_top_p, top_k=c.eval_top_k)
         return sampling
 
-    def start_engine(self, prompts: list[dict]) -> None:
-        """Build the run's vLLM engine and give it the trainer's current weights.
+    def context_length(self, prompts: list[dict]) -> int | None:
+        """The vLLM engine's context: the longest of `prompts` (rendered) + --max-new-tokens."""
+        from grpoctl.rollout.vllm import context_length
+
+        return context_length(self.cfg.model, tokenize_prompts(self.tokenizer, self.render(prompts)),
+                              self.cfg.max_new_tokens)
+
+    def start_engine(self, length: int | None) -> None:
+        """Build the run's vLLM engine and give it this process's current weights.
 
         Built from --model (a full model, even when the run saves LoRA adapters), then
-        handed the trainer's weights: those of a resumed checkpoint and replayed updates.
-        Its context is sized for the longest of `prompts` (vllm.context_length).
+        handed the model's weights: those of a resumed checkpoint and replayed updates.
+        `length`: its context (context_length).
         """
-        from grpoctl.rollout.vllm import VllmEngine, context_length
+        from grpoctl.rollout.vllm import VllmEngine
 
         c = self.cfg
-        length = context_length(c.model, tokenize_prompts(self.tokenizer, self.render(prompts)),
-                                c.max_new_tokens)
         self.engine = VllmEngine(c.model, self.sampling(c.seed), dtype=c.vllm_dtype or c.dtype,
                                  trust_remote_code=c.trust_remote_code,
                                  tensor_parallel_size=c.tensor_parallel_size,
@@ -535,14 +546,16 @@ class Loop:
         """The step's rollouts; attempt k > 0 is --refill's k-th draw of fresh prompts,
         in its own directory and with its own seed."""
         path = attempt_dir(self.run, step, attempt) / "rollouts.jsonl"
+        if self.sampler is not None:  # --async: the sampler process writes the file
+            self.sampler.rollouts(step, prompts, attempt)
         if path.is_file():
             return read_records(str(path))
         if self.cfg.rollouts_from:
             source = step_dir(Path(self.cfg.rollouts_from), step) / "rollouts.jsonl"
             records = read_records(str(source))
         else:
-            seed = step_seed(self.cfg.seed, step, salt=REFILL_SALT + attempt if attempt else 0)
-            records = self.sample_step(prompts, seed, step - 1)
+            records = self.sample_step(prompts, attempt_seed(self.cfg.seed, step, attempt),
+                                       step - 1)
         if distributed.is_main():  # torchrun: rank 0 writes the files
             path.parent.mkdir(exist_ok=True)
             write_records(records, str(path))
@@ -683,11 +696,16 @@ class Loop:
             os.rename(old, doomed)
             shutil.rmtree(doomed, ignore_errors=True)
 
+    def sample_evaluation(self, step: int, eval_prompts: list[dict]) -> list[dict]:
+        """The evaluation's completions by this process's weights (those after `step`)."""
+        return self.generate(eval_prompts, self.cfg.eval_samples,
+                             self.sampling(step_seed(self.cfg.seed, step, salt=1), True), step,
+                             logprobs=False)
+
     def evaluate(self, step: int, eval_prompts: list[dict], elapsed: float,
                  rollouts: int) -> dict | None:
-        records = self.generate(eval_prompts, self.cfg.eval_samples,
-                                self.sampling(step_seed(self.cfg.seed, step, salt=1), True), step,
-                                logprobs=False)
+        records = (self.sampler.evaluation(step, eval_prompts) if self.sampler
+                   else self.sample_evaluation(step, eval_prompts))
         if not distributed.is_main():  # torchrun: rank 0 scores and records the evaluation
             return None
         _, summary = evaluate_records(records, k=self.cfg.eval_samples,
@@ -853,23 +871,33 @@ def _run_loop(cfg: LoopConfig, resume: bool, display, given: dict | None) -> Pat
                                    or finished_after(last_done, cursor)):
         display.log(f"saving the checkpoint of step {last_done} again (it was missing)")
         loop.save(last_done, previous)  # e.g. a finished run whose final checkpoint was deleted
+
+    def batch_of(step: int, cursor: int) -> list[dict]:
+        """The step's own prompts (--refill: the stream's next ones from `cursor`)."""
+        if cfg.refill:
+            return refill_batch(prompts, cursor, cfg.prompts_per_step, cfg.seed)[0]
+        return prompts_for_step(prompts, step, cfg.prompts_per_step, cfg.seed)
+
     for s in range(last_done + 1, steps + 1) if resume else ():  # every rank, before it reads
         if not step_dir(run, s).is_dir():
             continue
         if cfg.refill and s > last_done + 1:  # its prompts follow from the steps before it
             shutil.rmtree(step_dir(run, s), ignore_errors=True)
             continue
-        batch = (refill_batch(prompts, cursor, cfg.prompts_per_step, cfg.seed)[0] if cfg.refill
-                 else prompts_for_step(prompts, s, cfg.prompts_per_step, cfg.seed))
-        state.drop_damaged_stage_files(s, batch, cfg, display.log)
+        state.drop_damaged_stage_files(s, batch_of(s, cursor), cfg, display.log)
 
-    if cfg.backend == "vllm":  # after the replay: the engine gets the replayed weights
-        loop.start_engine(prompts + eval_prompts)
-    pipeline = None  # --async N: steps sampled N ahead in a process of their own
+    length = loop.context_length(prompts + eval_prompts) if cfg.backend == "vllm" else None
+    # --async N: steps sampled N ahead in a process of their own (with --refill one ahead,
+    # once the step before has drawn its refills); that process builds the engine, if any
+    pipeline = None
     if cfg.async_steps:
-        pipeline = sampler_worker.AsyncRollouts(
-            loop, lambda s: prompts_for_step(prompts, s, cfg.prompts_per_step, cfg.seed),
-            last_done, steps)
+        pipeline = loop.sampler = sampler_worker.AsyncRollouts(loop, steps, length)
+        ahead = 1 if cfg.refill else 1 + cfg.async_steps
+        for s in range(last_done + 1, last_done + 1 + ahead):
+            if not finished_after(s - 1, cursor):
+                pipeline.submit(s, batch_of(s, cursor))
+    elif cfg.backend == "vllm":  # after the replay: the engine gets the replayed weights
+        loop.start_engine(length)
 
     # Evaluations a crash cut short (before training, or after the last finished step).
     done_evals = _done_evals(run)
@@ -892,7 +920,7 @@ def _run_loop(cfg: LoopConfig, resume: bool, display, given: dict | None) -> Pat
             batch = prompts_for_step(prompts, step, cfg.prompts_per_step, cfg.seed)
 
         display.stage(step, "rollout")
-        records = pipeline.rollouts(step) if pipeline else loop.rollout_stage(step, batch)
+        records = loop.rollout_stage(step, batch)
         times["rollout_s"] = time.perf_counter() - t0
         display.stage(step, "score")
         scored = loop.score_stage(step, records)
@@ -906,6 +934,8 @@ def _run_loop(cfg: LoopConfig, resume: bool, display, given: dict | None) -> Pat
                           epochs_consumed=cursor / len(prompts))
             kept_name = "kept.jsonl"
             times["refill_s"] = time.perf_counter() - t0 - sum(times.values())
+            if pipeline and not finished_after(step, cursor):  # the next step's prompts are known
+                pipeline.submit(step + 1, batch_of(step + 1, cursor))
         display.stage(step, "advantage")
         advantaged = loop.advantage_stage(step, kept, kept_name) if kept or cfg.refill else []
         stats = {**group_stats(own, advantaged), **refill}
@@ -918,6 +948,8 @@ def _run_loop(cfg: LoopConfig, resume: bool, display, given: dict | None) -> Pat
         update_metrics = loop.update_stage(step, advantaged)
         if pipeline:  # its weights to the sampler, which can start step + 1 + N
             pipeline.trained(step)
+            if not cfg.refill:
+                pipeline.submit(step + 1 + cfg.async_steps, batch_of(step + 1 + cfg.async_steps, 0))
             stats.update(pipeline.metrics(step))
         times["update_s"] = time.perf_counter() - t0 - sum(times.values())
 
@@ -935,6 +967,8 @@ def _run_loop(cfg: LoopConfig, resume: bool, display, given: dict | None) -> Pat
             with atomic_open(step_dir(run, step) / "done") as f:
                 f.write(dumps(metrics) + "\n")
             append_line(run / "metrics.jsonl", metrics)
+        if pipeline:
+            pipeline.done(step)
         display.step_done(metrics)
 
         if eval_prompts and _eval_due(cfg, step, last):

@@ -48,8 +48,15 @@ def policy_path(run: Path, step: int) -> Path:
     return run / "sampler" / f"policy-step-{step:06d}.safetensors"
 
 
-def rollouts_path(run: Path, step: int) -> Path:
-    return run / f"step-{step:06d}" / "rollouts.jsonl"
+def rollouts_path(run: Path, step: int, attempt: int = 0) -> Path:
+    """Where a step's rollouts go (attempt k > 0: --refill's k-th draw, loop.attempt_dir)."""
+    from grpoctl.loop import attempt_dir
+
+    return attempt_dir(run, step, attempt) / "rollouts.jsonl"
+
+
+def step_done(run: Path, step: int) -> bool:
+    return (run / f"step-{step:06d}" / "done").is_file()
 
 
 def save_policy(model, path: Path) -> None:
@@ -75,47 +82,82 @@ def save_policy(model, path: Path) -> None:
 
 def keep_policy(loop, step: int) -> None:
     """After the update of `step` (or its replay on --resume): save its weights if the
-    step they sample, step + 1 + N, has no rollouts yet and they are not saved already."""
+    step they sample, step + 1 + N, is not done and they are not saved already."""
     n, run = loop.cfg.async_steps, loop.run
-    if n and step >= 1 and not rollouts_path(run, step + 1 + n).is_file() \
+    if n and step >= 1 and not step_done(run, step + 1 + n) \
             and not policy_path(run, step).is_file():
         save_policy(loop.model, policy_path(run, step))
 
 
-class SamplerWorker:
-    """The sampler process: submit(...) queues a step, result(step) waits for its file."""
+def gpu_env(device: str | None) -> dict:
+    """--sampler-device cuda:K: the sampler process sees only that GPU (as cuda:0), as
+    vLLM places its engine on the first GPU it sees; {} for any other device."""
+    if not (device or "").startswith("cuda:"):
+        return {}
+    index = int(device.split(":", 1)[1])
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = visible.split(",") if visible else [str(i) for i in range(index + 1)]
+    if index >= len(ids):
+        raise GrpoctlError(f"--sampler-device {device}: CUDA_VISIBLE_DEVICES={visible} shows "
+                           f"{len(ids)} GPU(s)")
+    return {"CUDA_VISIBLE_DEVICES": ids[index]}
 
-    def __init__(self, cfg, run: Path):
+
+def sampler_device(device: str | None, trainer_device: str) -> str:
+    """The device the sampler process names: --device when no --sampler-device is
+    given, cuda for cuda:K (the one GPU gpu_env leaves it), else as given."""
+    if device is None:
+        return trainer_device
+    return "cuda" if device.startswith("cuda:") else device
+
+
+class SamplerWorker:
+    """The sampler process: submit(...) queues a step's rollouts, result(("rollouts", step))
+    waits for its file; submit_evaluation and result(("evaluation", step)) likewise."""
+
+    def __init__(self, cfg, run: Path, context_length: int | None = None):
         import dataclasses
 
         self.run = run
-        self.pending: list[int] = []  # submitted steps not yet answered, in order
+        self.pending: list[tuple] = []  # requests not yet answered, in order: (kind, step, attempt)
+        self.answered: dict[tuple, dict] = {}  # answers read while waiting for a later one
         self.proc = subprocess.Popen(
             # -c, not -m: the working directory leaves sys.path, as in `python -m grpoctl`
             [sys.executable, "-c", "import sys; del sys.path[0]; "
              "from grpoctl.sampler_worker import main; main()", str(os.getpid())],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(
+            env={**os.environ, **gpu_env(cfg.sampler_device), "PYTHONPATH": os.pathsep.join(
                 [str(Path(__file__).resolve().parent.parent)]
                 + [p for p in [os.environ.get("PYTHONPATH")] if p])})
-        self._send({"config": dataclasses.asdict(cfg), "run": str(run)})
+        self._send({"config": dataclasses.asdict(cfg), "run": str(run),
+                    "context_length": context_length})
 
-    def submit(self, step: int, policy_step: int, prompts: list[dict], seed: int) -> None:
+    def submit(self, key: tuple, policy_step: int, prompts: list[dict], seed: int) -> None:
+        """Queue a request, key (kind, step, attempt): kind "rollouts" (written to
+        rollouts_path(run, step, attempt)) or "evaluation" (the completions come back in
+        the answer)."""
+        kind, step, attempt = key
         weights = policy_path(self.run, policy_step) if policy_step else None
-        self._send({"step": step, "policy_step": policy_step, "prompts": prompts, "seed": seed,
+        self._send({"kind": kind, "step": step, "attempt": attempt, "policy_step": policy_step,
+                    "prompts": prompts, "seed": seed,
                     "weights": str(weights) if weights else None})
-        self.pending.append(step)
+        self.pending.append(key)
 
-    def result(self, step: int) -> None:
-        """Wait until the sampler has written step `step`'s rollouts.jsonl."""
-        if step not in self.pending:
-            raise GrpoctlError(f"internal: step {step} was not submitted to the sampler")
-        while self.pending and self.pending[0] <= step:
+    def asked(self, request: tuple) -> bool:
+        """`request` was submitted and its answer not yet taken by result()."""
+        return request in self.pending or request in self.answered
+
+    def result(self, request: tuple) -> dict:
+        """Wait for the answer to `request` (a key), reading the earlier ones first."""
+        if not self.asked(request):
+            raise GrpoctlError(f"internal: {request} was not submitted to the sampler")
+        while request not in self.answered:
             answer = self._answer(self.proc.stdout.readline())
             if answer is None or "error" in answer:
                 raise GrpoctlError(self._failure(answer))
-            if answer.get("step") == self.pending[0]:
-                self.pending.pop(0)
+            if (answer.get("kind"), answer.get("step"), answer.get("attempt")) == self.pending[0]:
+                self.answered[self.pending.pop(0)] = answer
+        return self.answered.pop(request)
 
     @staticmethod
     def _answer(line: bytes) -> dict | None:
@@ -145,7 +187,11 @@ class SamplerWorker:
 
     def _failure(self, answer: dict | None) -> str:
         """One line saying that the sampler stopped, and why."""
-        doing = f"while sampling step {self.pending[0]}" if self.pending else "at start"
+        doing = "at start"
+        if self.pending:
+            kind, step, attempt = self.pending[0]
+            doing = f"while sampling the {kind} of step {step}" + (
+                f" (refill {attempt})" if attempt else "")
         if answer is not None:
             return f"the --async sampler process (pid {self.proc.pid}) failed {doing}: " \
                    f"{answer['error']}"
@@ -164,8 +210,9 @@ class SamplerWorker:
         for stream in (self.proc.stdin, self.proc.stdout):
             with contextlib.suppress(OSError):
                 stream.close()
-        for step in self.pending:  # a rollouts.jsonl the sampler was writing
-            for stale in rollouts_path(self.run, step).parent.glob(".rollouts.jsonl.*.tmp"):
+        for kind, step, attempt in self.pending:  # a rollouts.jsonl the sampler was writing
+            folder = rollouts_path(self.run, step, attempt).parent
+            for stale in folder.glob(".rollouts.jsonl.*.tmp"):
                 stale.unlink(missing_ok=True)
         self.pending = []
 
@@ -186,55 +233,83 @@ def stopped_on_exit():
 
 
 class AsyncRollouts:
-    """The loop's side of --async: which step to sample with which weights, and when."""
+    """The loop's side of --async: which rollouts to sample with which weights, and when.
+    The loop submits each step's prompts as soon as they are known (N steps ahead; with
+    --refill, one: a step's prompts follow the refills of the step before it)."""
 
-    def __init__(self, loop, prompts_of, last_done: int, steps: int):
-        self.loop, self.run, self.n = loop, loop.run, loop.cfg.async_steps
-        self.prompts_of, self.steps = prompts_of, steps
-        # Weights nobody needs any more (a kill after the rollouts they sampled were written)
+    def __init__(self, loop, steps: int, context_length: int | None = None):
+        self.loop, self.run, self.n, self.steps = loop, loop.run, loop.cfg.async_steps, steps
+        self.context_length = context_length  # the vLLM engine's (loop.context_length)
+        self.sampler_metrics: dict[int, dict] = {}  # step -> what the sampler measured
+        # Weights nobody needs any more (a kill after the step they sampled was done)
         for path in (self.run / "sampler").glob("policy-step-*.safetensors"):
-            s = int(path.stem.split("-")[-1])
-            if rollouts_path(self.run, s + 1 + self.n).is_file():
+            if step_done(self.run, int(path.stem.split("-")[-1]) + 1 + self.n):
                 path.unlink()
-        self.worker: SamplerWorker | None = None  # started at the first step to sample
-        for step in range(last_done + 1, min(last_done + 1 + self.n, steps) + 1):
-            self._submit(step)
+        self.worker: SamplerWorker | None = None  # started at the first request
 
-    def _submit(self, step: int) -> None:
-        from grpoctl.loop import step_seed
+    def _worker(self) -> SamplerWorker:
+        if self.worker is None:
+            self.worker = SamplerWorker(self.loop.cfg, self.run, self.context_length)
+            _running.append(self.worker)
+        return self.worker
 
-        if step > self.steps or rollouts_path(self.run, step).is_file():
+    def submit(self, step: int, prompts: list[dict], attempt: int = 0) -> None:
+        """Queue step `step`'s rollouts (attempt k: --refill's k-th draw), sampled by the
+        weights after step policy_of(step), unless they are written or queued already."""
+        from grpoctl.loop import attempt_seed
+
+        key = ("rollouts", step, attempt)
+        if step > self.steps or rollouts_path(self.run, step, attempt).is_file() \
+                or (self.worker and self.worker.asked(key)):
             return
         p = policy_of(step, self.n)
         if p and not policy_path(self.run, p).is_file():
             raise GrpoctlError(f"{policy_path(self.run, p)}: missing: step {step} is sampled by "
                                f"the weights after step {p} (--async {self.n}), and they were "
                                "deleted; resume from an earlier checkpoint is not possible")
-        if self.worker is None:
-            self.worker = SamplerWorker(self.loop.cfg, self.run)
-            _running.append(self.worker)
-        self.worker.submit(step, p, self.prompts_of(step), step_seed(self.loop.cfg.seed, step))
+        self._worker().submit(key, p, prompts, attempt_seed(self.loop.cfg.seed, step, attempt))
 
-    def rollouts(self, step: int) -> list[dict]:
-        """Step `step`'s rollouts, once the sampler has written them."""
-        from grpoctl.records import read_records
-
-        path = rollouts_path(self.run, step)
-        if not path.is_file():
-            self.worker.result(step)
-        p = policy_of(step, self.n)
-        if p:  # its weights have done their work
-            policy_path(self.run, p).unlink(missing_ok=True)
-        return read_records(str(path))
+    def rollouts(self, step: int, prompts: list[dict], attempt: int = 0) -> None:
+        """Return once step `step`'s rollouts.jsonl (of `attempt`) is written: asked for
+        now if it was not queued before."""
+        key = ("rollouts", step, attempt)
+        if rollouts_path(self.run, step, attempt).is_file() and not (
+                self.worker and self.worker.asked(key)):
+            return  # written before this process started (--resume)
+        self.submit(step, prompts, attempt)
+        answer = self.worker.result(key)
+        self.sampler_metrics.setdefault(step, {}).update(answer.get("metrics", {}))
 
     def trained(self, step: int) -> None:
-        """After the update of `step`: hand its weights over, queue step + 1 + N."""
+        """After the update of `step`: hand its weights over (for step + 1 + N)."""
         keep_policy(self.loop, step)
-        self._submit(step + 1 + self.n)
+
+    def done(self, step: int) -> None:
+        """After `step` is done: the weights that sampled it have done their work."""
+        p = policy_of(step, self.n)
+        if p:
+            policy_path(self.run, p).unlink(missing_ok=True)
+
+    def evaluation(self, step: int, prompts: list[dict]) -> list[dict]:
+        """The evaluation after `step`, sampled by the sampler process with the weights
+        after `step` (its backend, as a run without --async evaluates with its own), queued
+        behind the rollouts already asked for."""
+        path, made = policy_path(self.run, step), False
+        if step and not path.is_file():  # not kept for a rollout step (the run's end, a resume)
+            save_policy(self.loop.model, path)
+            made = True
+        worker, key = self._worker(), ("evaluation", step, 0)
+        worker.submit(key, step, prompts, None)  # its seed: Loop.sample_evaluation
+        try:
+            return worker.result(key)["records"]
+        finally:
+            if made:
+                path.unlink(missing_ok=True)
 
     def metrics(self, step: int) -> dict:
+        """The step's lag, and what the sampler measured (vLLM: the weights' sync check)."""
         p = policy_of(step, self.n)
-        return {"policy_step": p, "policy_lag": step - 1 - p}
+        return {"policy_step": p, "policy_lag": step - 1 - p, **self.sampler_metrics.pop(step, {})}
 
     def close(self) -> None:
         if self.worker is None:
@@ -283,6 +358,7 @@ def main() -> None:
 
 def _serve(answer) -> None:
     import torch
+    from safetensors.torch import load_model
 
     from grpoctl.config import LoopConfig
     from grpoctl.display import NullDisplay
@@ -292,32 +368,51 @@ def _serve(answer) -> None:
 
     first = json.loads(sys.stdin.readline())
     cfg, run = LoopConfig(**first["config"]), Path(first["run"])
+    cfg.device = sampler_device(cfg.sampler_device, cfg.device)
     threads = cfg.sampler_threads if cfg.sampler_threads is not None else cfg.threads
     if threads:
         torch.set_num_threads(threads)
-    # Built as the trainer builds its policy (LoRA adapter included), so that the weights
-    # it saves load here key for key.
     loop = Loop(cfg, run, NullDisplay())
-    loop.model = load_training_policy(cfg.model, cfg.dtype, cfg.device, cfg.trust_remote_code,
-                                      cfg.attn_implementation, False, lora_settings(cfg),
-                                      seed=cfg.seed)
     loop.tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    loaded = 0  # the step whose weights the model holds
+
+    def initial_policy():
+        # Built as the trainer builds its policy (LoRA adapter included), so that the
+        # weights it saves load here key for key; --backend vllm samples with an engine
+        # fed from it.
+        loop.model = load_training_policy(cfg.model, cfg.dtype, cfg.device,
+                                          cfg.trust_remote_code, cfg.attn_implementation,
+                                          False, lora_settings(cfg), seed=cfg.seed)
+
+    initial_policy()
+    if cfg.backend == "vllm":
+        loop.start_engine(first["context_length"])
+    loaded, check = 0, False  # the step whose weights the model holds; a push to check
     for line in sys.stdin:  # EOF: the trainer closed the pipe
         request = json.loads(line)
-        p = request["policy_step"]
-        if p != loaded:
-            from safetensors.torch import load_model
-
-            if p == 0:  # never asked after a later policy; rebuilt for completeness
-                raise RuntimeError("the initial policy was asked for after a later one")
-            load_model(loop.model, request["weights"], strict=True)
+        p, step, attempt = request["policy_step"], request["step"], request["attempt"]
+        if p != loaded:  # (an evaluation can come between a step's refills: back one step)
+            if p == 0:
+                initial_policy()
+            else:
+                load_model(loop.model, request["weights"], strict=True)
+            if loop.engine is not None:  # pushed into the live engine, checked below
+                loop.engine.load_weights(loop.model)
+                loop.engine.llm.reset_prefix_cache()  # its cached KV is the old weights'
+                check = True
             loaded = p
-        records = loop.sample_step(request["prompts"], request["seed"], p)
-        path = rollouts_path(run, request["step"])
-        path.parent.mkdir(exist_ok=True)
-        write_records(records, str(path))
-        answer.write((json.dumps({"step": request["step"]}) + "\n").encode())
+        reply = {"kind": request["kind"], "step": step, "attempt": attempt}
+        if request["kind"] == "evaluation":
+            reply["records"] = loop.sample_evaluation(step, request["prompts"])
+        else:
+            records = loop.sample_step(request["prompts"], request["seed"], p)
+            if check:  # the engine against this process's model, on these samples (as sync)
+                stats = loop.engine.check_sync(loop.model, records)
+                reply["metrics"] = {"vllm_sync_max_abs_logprob_diff": stats["max_abs"],
+                                    "vllm_sync_mean_abs_logprob_diff": stats["mean_abs"],
+                                    "vllm_sync_tokens": stats["tokens"]}
+                check = False
+            path = rollouts_path(run, step, attempt)
+            path.parent.mkdir(exist_ok=True)
+            write_records(records, str(path))
+        answer.write((json.dumps(reply) + "\n").encode())
         answer.flush()
-
-

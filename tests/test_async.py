@@ -110,7 +110,8 @@ def assert_same_run(a: Path, b: Path, step: int) -> None:
     assert stage_files(a) == stage_files(b)
     wa, wb = weights(a, step), weights(b, step)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    strip = ("step_s", "rollout_s", "score_s", "advantage_s", "update_s", "elapsed_s", "seconds")
+    strip = ("step_s", "rollout_s", "score_s", "refill_s", "advantage_s", "update_s", "elapsed_s",
+             "seconds")
     metrics = [[{k: v for k, v in json.loads(line).items() if k not in strip}
                 for line in (r / "metrics.jsonl").read_text().splitlines()] for r in (a, b)]
     assert metrics[0] == metrics[1]
@@ -233,6 +234,49 @@ def test_async_with_lora_eval_and_a_score_command(tmp_path):
     assert (run / "checkpoints" / "step-000003" / "adapter_config.json").is_file()
 
 
+def eval_figures(run: Path) -> list[tuple]:
+    return [(e["step"], e["mean_at_k"], e["pass_at_k"]) for e in
+            map(json.loads, (run / "eval.jsonl").read_text().splitlines())]
+
+
+def test_async_evaluations_are_sampled_by_the_weights_of_their_step(tmp_path):
+    """The sampler process evaluates (with its backend): at step 0 what a run without
+    --async finds, at step 3 what the checkpoint of step 3 samples in this process."""
+    from grpoctl.display import NullDisplay
+    from grpoctl.evaluate import evaluate_records
+    from grpoctl.loop import Loop
+
+    evals = {"eval_prompts": "arith:test", "eval_limit": 6, "eval_samples": 2, "eval_every": 3,
+             "steps": 3, "save_every": 3}
+    ok(tmp_path / "async", async_steps=1, **evals)
+    ok(tmp_path / "sync", **{**evals, "steps": 1, "save_every": 1})
+    got = eval_figures(tmp_path / "async")
+    assert [e[0] for e in got] == [0, 3] and got[0] == eval_figures(tmp_path / "sync")[0]
+
+    cfg = LoopConfig(**json.loads((tmp_path / "async" / "config.json").read_text()))
+    here = Loop(cfg, tmp_path / "async", NullDisplay())
+    here.load(3)
+    records = here.sample_evaluation(3, here.load_prompts(cfg.eval_prompts, cfg.eval_limit))
+    _, summary = evaluate_records(records, k=2)
+    assert got[1] == (3, summary["mean_at_k"], summary["pass_at_k"])
+    # the weights of the last N + 1 steps, and no copy the evaluations made
+    assert sorted(p.name for p in (tmp_path / "async" / "sampler").iterdir()) == [
+        "policy-step-000002.safetensors", "policy-step-000003.safetensors"]
+
+
+def test_sampler_device_gives_the_sampler_one_gpu(monkeypatch):
+    from grpoctl.sampler_worker import gpu_env, sampler_device
+
+    assert sampler_device(None, "cuda:1") == "cuda:1" and sampler_device("cpu", "cuda") == "cpu"
+    assert sampler_device("cuda:1", "cuda:0") == "cuda" and gpu_env("cpu") == gpu_env(None) == {}
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert gpu_env("cuda:1") == {"CUDA_VISIBLE_DEVICES": "1"}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")
+    assert gpu_env("cuda:1") == {"CUDA_VISIBLE_DEVICES": "6"}
+    with pytest.raises(GrpoctlError, match="--sampler-device cuda:2: CUDA_VISIBLE_DEVICES=4,6"):
+        gpu_env("cuda:2")
+
+
 def test_sync_records_carry_policy_step_and_no_lag(tmp_path):
     ok(tmp_path / "sync", steps=2)
     assert policy_steps(tmp_path / "sync", 2) == [{0}, {1}]
@@ -260,6 +304,33 @@ def test_sigkill_then_resume_gives_the_uninterrupted_run(reference, tmp_path, ki
     assert gone(int(pidfile.read_text()))  # the sampler died with the trainer
     ok(run, async_steps=1, resume=True)
     assert_same_run(reference, run, 4)
+    assert not temporaries(run)
+
+
+REFILL = {"async_steps": 1, "refill": True, "steps": 3, "save_every": 3}
+
+
+def test_async_with_refill_draws_each_refill_with_the_steps_weights(tmp_path):
+    """--refill --async 1: the next step's prompts follow this step's refills, each
+    attempt sampled by the weights of the step's own rollouts; a kill while the sampler
+    is ahead, then --resume, gives the uninterrupted run."""
+    ok(tmp_path / "a", **REFILL)
+    refills = sorted((tmp_path / "a").glob("step-*/refill-*/rollouts.jsonl"))
+    assert refills  # most groups tie, so the steps draw refills
+    for path in (tmp_path / "a").glob("step-*/**/rollouts.jsonl"):
+        step = int(next(p for p in path.parts if p.startswith("step-"))[5:])
+        assert {json.loads(line)["policy_step"] for line in path.read_text().splitlines()} \
+            == {max(0, step - 2)}, path
+    metrics = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text()
+               .splitlines()]
+    cursors = [m["prompt_cursor"] for m in metrics]
+    assert cursors == sorted(cursors) and cursors[0] > 4  # refills drew from the stream
+
+    run = tmp_path / "b"
+    kill = {"at": "update", "step": 2, "after": str(run / "step-000003" / "rollouts.jsonl")}
+    assert loop(run, kill=kill, **REFILL).returncode == -signal.SIGKILL
+    ok(run, resume=True, **REFILL)
+    assert_same_run(tmp_path / "a", run, 3)
     assert not temporaries(run)
 
 
@@ -308,29 +379,31 @@ def test_a_line_that_is_not_an_answer_is_one_line_error(line):
     from grpoctl.sampler_worker import SamplerWorker
 
     worker = SamplerWorker.__new__(SamplerWorker)  # its pipe only: no model, no sampler
-    worker.run, worker.pending = Path("/nonexistent"), [1]
+    worker.run, worker.pending, worker.answered = Path("/nonexistent"), [("rollouts", 1, 0)], {}
     worker.proc = subprocess.Popen([sys.executable, "-c", f"import sys; "
                                     f"sys.stdout.buffer.write({line!r})"],
                                    stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
     try:
         with pytest.raises(GrpoctlError) as raised:
-            worker.result(1)
+            worker.result(("rollouts", 1, 0))
     finally:
         worker.proc.wait()
         worker.proc.stdout.close()
     message = str(raised.value)
     assert "\n" not in message and message.startswith(
-        f"the --async sampler process (pid {worker.proc.pid}) failed while sampling step 1: "
+        f"the --async sampler process (pid {worker.proc.pid}) failed while sampling the rollouts of step 1: "
         "it wrote a line that is not an answer: ")
     assert repr(line.decode().rstrip("\n")) in message
 
 
 def test_refused_combinations_name_the_flag():
-    for settings in ({"backend": "vllm"}, {"refill": True}, {"rollouts_from": "x"}):
-        with pytest.raises(GrpoctlError, match="--async 1 cannot run with"):
-            LoopConfig(async_steps=1, **settings).resolved()
-    with pytest.raises(GrpoctlError, match="--sampler-threads applies to --async only"):
-        LoopConfig(sampler_threads=1).resolved()
+    for n, settings in ((1, {"backend": "vllm", "vllm_sleep": True}), (2, {"refill": True}),
+                        (1, {"rollouts_from": "x"})):
+        with pytest.raises(GrpoctlError, match=f"--async {n} cannot run with"):
+            LoopConfig(async_steps=n, **settings).resolved()
+    for settings in ({"sampler_threads": 1}, {"sampler_device": "cpu"}):
+        with pytest.raises(GrpoctlError, match="--sampler-device apply to --async only"):
+            LoopConfig(**settings).resolved()
     with pytest.raises(GrpoctlError, match="--async"):
         LoopConfig(async_steps=-1).resolved()
     with pytest.raises(GrpoctlError, match="--old-logprobs trainer needs --is-cap"):

@@ -304,6 +304,48 @@ def test_loop_with_vllm_samples_from_the_updated_weights(tiny_llama64, tmp_path)
         assert stale > 1e-2  # the updates moved them: the match above is not a coincidence
 
 
+def test_async_loop_runs_the_engine_in_the_sampler_process(tiny_llama64, tmp_path):
+    """--backend vllm --async 1: the engine lives in the sampler process, the trainer's
+    weights are pushed into it without a restart (and checked), and the evaluations are
+    the engine's too."""
+    from grpoctl.models import load_policy
+
+    run = tmp_path / "run"
+    proc = run_cli("loop", "--model", str(tiny_llama64), "--prompts", "arith:train",
+                   "--backend", "vllm", "--async", "1", "--old-logprobs", "sampler",
+                   "--device", DEVICE, "--dtype", "float32", "--gpu-memory-utilization", "0.2",
+                   "--enforce-eager", "--reward", "format:[a-z]", "--lr", "1e-2",
+                   "--group-size", "2", "--prompts-per-step", "8", "--steps", "4",
+                   "--max-new-tokens", "8", "--eval-prompts", "arith:test", "--eval-limit", "4",
+                   "--eval-every", "2", "--save-every", "1", "--keep-last", "4",
+                   "--run-dir", str(run), timeout=900)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["policy_step"], m["policy_lag"]) for m in metrics] == [(0, 0), (0, 1), (1, 1),
+                                                                       (2, 1)]
+    for m in metrics[2:]:  # steps 3, 4: sampled after a push, checked on their samples
+        assert m["vllm_sync_tokens"] > 0 and m["vllm_sync_mean_abs_logprob_diff"] < 1e-4
+    assert [json.loads(line)["step"] for line in (run / "eval.jsonl").read_text().splitlines()] \
+        == [0, 2, 4]
+    base = load_policy(tiny_llama64, device=DEVICE)
+    for step, policy_step in ((3, 1), (4, 2)):  # the weights N + 1 steps back, not the newest
+        policy = load_policy(run / "checkpoints" / f"step-{policy_step:06d}", device=DEVICE)
+        newer = load_policy(run / "checkpoints" / f"step-{step - 1:06d}", device=DEVICE)
+        records = [json.loads(line) for line in
+                   (run / f"step-{step:06d}" / "rollouts.jsonl").read_text().splitlines()]
+        stale = newest = 0.0
+        for r in records:
+            got = torch.tensor(r["logprobs"])
+            assert r["policy_step"] == policy_step
+            assert torch.allclose(got, naive_logprobs(policy, r["prompt_ids"],
+                                                      r["completion_ids"]), atol=1e-4, rtol=0)
+            stale = max(stale, (got - naive_logprobs(base, r["prompt_ids"],
+                                                     r["completion_ids"])).abs().max().item())
+            newest = max(newest, (got - naive_logprobs(newer, r["prompt_ids"],
+                                                       r["completion_ids"])).abs().max().item())
+        assert stale > 1e-2 and newest > 1e-2  # neither the base model nor the newest weights
+
+
 def test_smollm2_through_every_stage_with_vllm_sampling(smollm2_dir, tmp_path):
     """A real pretrained model: rollout and eval on vLLM, score, advantage, update between."""
     from safetensors.torch import load_file
