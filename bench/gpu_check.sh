@@ -6,9 +6,9 @@
 #
 #   bash bench/gpu_check.sh [OUT_DIR]
 #
-# Prints, per device: seconds per step and the held-out Mean@4 before/after; then the
-# largest |rollout log-prob - update log-prob| in float32 and bfloat16 on the GPU
-# (the trainer/engine mismatch that the PPO ratio sees at step 0).
+# Prints, per device (and with --async 1 on the GPU): seconds per step and the held-out
+# Mean@4 before/after; then the largest |rollout log-prob - update log-prob| in float32
+# and bfloat16 on the GPU (the trainer/engine mismatch that the PPO ratio sees at step 0).
 set -euo pipefail
 out=${1:-${OUT:-gpu-check}}
 mkdir -p "$out"
@@ -22,8 +22,11 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())"
 
 steps=${STEPS:-30}
-for device in cuda cpu; do
-  python -m grpoctl loop --group-size 2 --steps "$steps" --eval-every "$steps" --device "$device" \
+# cuda-async1: `--async 1` on the one GPU, the sampler process beside the trainer
+for device in cuda cuda-async1 cpu; do
+  flags=(--device "${device%-async1}")
+  [ "$device" = cuda-async1 ] && flags+=(--async 1)
+  python -m grpoctl loop --group-size 2 --steps "$steps" --eval-every "$steps" "${flags[@]}" \
     --run-dir "$out/run-$device" --quiet
   python - "$out/run-$device" "$device" <<'PY'
 import json, sys

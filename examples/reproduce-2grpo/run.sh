@@ -18,7 +18,12 @@
 #     16-GRPO's rollouts per step); its rollouts count the discarded ones (runs g2rs-s*);
 #   - the group-size ablation at a fixed ABLATION_PROMPTS (16) prompts per step: G = 2, 4,
 #     8, 16 with the same steps and lr, so larger G spends more rollouts (runs ablation/*).
-# Then `grpoctl report` writes the tables and plots to results/ and results/ablation/.
+# And one of grpoctl's own (EXPERIMENTS=async, not run by default):
+#   - the embedded default job, `grpoctl loop --group-size 2`, against the same with
+#     `--async 1` (the sampler one thread, the trainer one), one run at a time so that the
+#     seconds compare (runs async/sync-s*, async/async1-s*).
+# Then `grpoctl report` writes the tables and plots to results/, results/ablation/ and
+# results/async/.
 #
 # Usage: examples/reproduce-2grpo/run.sh [OUT_DIR]
 #   PARALLEL=1 trains the seeds side by side (24 minutes on 2 CPU cores, measured); one after
@@ -85,6 +90,23 @@ if [ "${PARALLEL:-0}" = 1 ]; then  # the seeds side by side, one process (one th
 else
   for seed in $SEEDS; do train_seed "$seed"; done
 fi
+
+if [[ " $EXPERIMENTS " == *" async "* ]]; then  # the default job, sync and --async 1, in turn
+  for seed in $SEEDS; do
+    for mode in sync async1; do
+      run="$out/async/$mode-s$seed"
+      if [ -f "$run/checkpoints/step-000100/trainer_state.json" ]; then
+        echo "done already: $run" >&2; continue
+      fi
+      flags=(); [ "$mode" = sync ] || flags=(--async 1 --sampler-threads 1)
+      [ -f "$run/config.json" ] && flags+=(--resume)
+      echo "default job, $mode, seed=$seed" >&2
+      grpoctl loop --group-size 2 --seed "$seed" --run-dir "$run" --quiet "${flags[@]}"
+    done
+  done
+  grpoctl report "$out"/async/*-s* --baseline "$out/async/sync-s${SEEDS%% *}" -o "$results/async"
+fi
+[ "$EXPERIMENTS" != async ] || exit 0  # no run of the paper's experiments to report
 
 # the baseline of the ratios: the largest G, first seed (16-GRPO by default)
 baseline="g$(printf '%s\n' $GROUP_SIZES | sort -n | tail -1)-s${SEEDS%% *}"
