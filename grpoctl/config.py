@@ -655,6 +655,10 @@ class LoopConfig(RunSettings, EvalSettings, AdapterSettings, UpdateSettings, Adv
                 if on:
                     raise GrpoctlError(f"--async {cfg.async_steps} cannot run with {why}; "
                                        "leave one out")
+            device = cfg.sampler_device or ""
+            if device.startswith("cuda:") and not device[5:].isdigit():  # sampler_worker.gpu_env
+                raise GrpoctlError(f"--sampler-device {device}: expected a device such as cpu, "
+                                   "cuda or cuda:1")
         elif cfg.sampler_threads is not None or cfg.sampler_device is not None:
             raise GrpoctlError("--sampler-threads and --sampler-device apply to --async only")
         if cfg.vllm_sleep and cfg.backend != "vllm":

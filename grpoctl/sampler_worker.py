@@ -14,10 +14,16 @@ What a step samples depends only on (seed, step) and the weights of step t - 1 -
 never on which side is faster: the same seed gives the same files, and `--resume`
 after a kill at any moment gives the files and weights of an uninterrupted run.
 
-The weights of step s stay in RUN/sampler/ until the rollouts they sample (step
-s + 1 + N) are written: a resumed run finds every policy its next steps need there
-(or rebuilds it while replaying updates: `keep_policy`). A finished run keeps the
-last N + 1, which a `--resume --steps` extension samples with.
+The sampler process also samples the evaluations (with the weights of their step) and,
+with --refill (--async 1 only), a step's refills, with the weights of the step's own
+rollouts; the next step is then submitted once this step's refills are drawn, since its
+prompts follow them. With --backend vllm the engine lives in the sampler process and
+each policy it loads is pushed into it, then checked on the next rollouts (vllm_sync_*).
+
+The weights of step s stay in RUN/sampler/ until the step they sample (s + 1 + N) is
+done: a resumed run finds every policy its next steps need there (or rebuilds it while
+replaying updates: `keep_policy`). A finished run keeps the last N + 1, which a
+`--resume --steps` extension samples with.
 
 The sampler process is in a session of its own (a Ctrl-C at the terminal reaches the
 trainer only) and is killed with its group on every exit of the loop (`stopped_on_exit`);

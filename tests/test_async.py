@@ -404,6 +404,8 @@ def test_refused_combinations_name_the_flag():
     for settings in ({"sampler_threads": 1}, {"sampler_device": "cpu"}):
         with pytest.raises(GrpoctlError, match="--sampler-device apply to --async only"):
             LoopConfig(**settings).resolved()
+    with pytest.raises(GrpoctlError, match="--sampler-device cuda:x: expected a device"):
+        LoopConfig(async_steps=1, sampler_device="cuda:x").resolved()
     with pytest.raises(GrpoctlError, match="--async"):
         LoopConfig(async_steps=-1).resolved()
     with pytest.raises(GrpoctlError, match="--old-logprobs trainer needs --is-cap"):
