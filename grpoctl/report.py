@@ -185,19 +185,20 @@ def setting_of(config: dict) -> str:
 
 
 def auto_label(config: dict, differing: list[str]) -> str:
-    """Group size and prompts per step, then every other setting in `differing`.
+    """Group size and prompts per step, then every other setting in `differing` that
+    the run sets, named by its flag.
 
     e.g. "G=2, 256 prompts/step, lr 8e-06"; the seed is added by group_runs.
     """
+    from grpoctl.config import flag_of
+
     parts = [f"G={config.get('group_size')}", f"{config.get('prompts_per_step')} prompts/step"]
     for key in differing:
-        if key in ("group_size", "prompts_per_step"):
-            continue
         value = config.get(key)
-        if isinstance(value, float):
-            parts.append(f"{key.replace('_', '-')} {value:g}")
-        else:
-            parts.append(f"{key.replace('_', '-')} {value}")
+        if key in ("group_size", "prompts_per_step") or value is None:  # None: left unset
+            continue
+        name = flag_of(key).lstrip("-")  # as the user typed it: async, not async_steps
+        parts.append(f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}")
     return ", ".join(parts)
 
 

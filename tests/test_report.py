@@ -388,3 +388,12 @@ def test_an_existing_output_directory_must_be_an_earlier_report(paper_like, tmp_
     write_report(runs, str(out), labels=["a", "b"])  # an earlier report: replaced
     assert (out / "report.md").read_text() != first
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_labels_name_settings_by_their_flag_and_leave_out_unset_ones():
+    from grpoctl.report import auto_label
+
+    config = {"group_size": 2, "prompts_per_step": 64, "async_steps": 1, "sampler_threads": None,
+              "lr": 1e-4}
+    assert auto_label(config, ["async_steps", "sampler_threads", "lr"]) == \
+        "G=2, 64 prompts/step, async 1, lr 0.0001"
