@@ -5,7 +5,9 @@
     1. the content of the LAST complete `\\boxed{...}` (or `\\fbox{...}`), found by
        matching braces (not a regex), so `\\boxed{\\frac{1}{2}}` gives `\\frac{1}{2}`;
        an empty last box means "no answer" (None), and so does a box left unclosed
-       with no complete box before it (a completion cut off inside its answer);
+       with no complete box before it (a completion cut off inside its answer), and
+       a box command without its brace after the last complete box (`\\boxed3}`,
+       which LaTeX renders as a box around 3: the stated answer is unreadable);
     2. else, after the last `####` (GSM8K's convention): the first number on that line;
     3. else, after the last "answer is" / "answer:" (any case): the first inline math
        `$...$` / `\\(...\\)` on that line, else its first number, else the rest of the line;
@@ -37,6 +39,9 @@ MAX_SCAN_CHARS = 20_000
 # One token stream for brace matching: a box opener, an escaped brace (ignored), a brace.
 _BRACE_TOKENS = re.compile(r"\\(?:boxed|fbox)\s*\{|\\[{}]|[{}]")
 _BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
+# A box command without its brace (`\boxed3}`, `\boxed 12`, a trailing `\boxed`): LaTeX
+# would box one token of it; the model's stated answer is unreadable.
+_BARE_BOX = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])(?!\s*\{)")
 _NUMBER = r"\d{1,3}(?:(?:,|\{,\})\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+"
 _NUMBER_RE = re.compile(rf"(?<![\w.])-?(?:{_NUMBER})")
 _ANSWER_IS = re.compile(r"answer\s*(?:is|:)\s*:?", re.IGNORECASE)
@@ -200,6 +205,9 @@ def find_answer(text: str) -> tuple[str | None, str, bool]:
     "12 or 13" where the answer is read)."""
     tail = text[-MAX_SCAN_CHARS:]
     boxed, still_open, contents, box_end = _scan_all_boxes(tail)
+    bare = _last_match(_BARE_BOX, tail)
+    if bare is not None and bare.start() >= box_end:  # the last box has no brace: no answer
+        return None, RULE_NONE, False
     if boxed is not None:
         if not boxed:
             return None, RULE_NONE, False
