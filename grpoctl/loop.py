@@ -547,7 +547,7 @@ class Loop:
         in its own directory and with its own seed."""
         path = attempt_dir(self.run, step, attempt) / "rollouts.jsonl"
         if self.sampler is not None:  # --async: the sampler process writes the file
-            self.sampler.rollouts(step, prompts, attempt)
+            self.sampler.wait_for_rollouts(step, prompts, attempt)
         if path.is_file():
             return read_records(str(path))
         if self.cfg.rollouts_from:

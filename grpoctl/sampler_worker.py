@@ -275,7 +275,7 @@ class AsyncRollouts:
                                "deleted; resume from an earlier checkpoint is not possible")
         self._worker().submit(key, p, prompts, attempt_seed(self.loop.cfg.seed, step, attempt))
 
-    def rollouts(self, step: int, prompts: list[dict], attempt: int = 0) -> None:
+    def wait_for_rollouts(self, step: int, prompts: list[dict], attempt: int = 0) -> None:
         """Return once step `step`'s rollouts.jsonl (of `attempt`) is written: asked for
         now if it was not queued before."""
         key = ("rollouts", step, attempt)
