@@ -611,6 +611,18 @@ def staged_report_dir(out: Path):
         raise
 
 
+REPORT_MARK = b"# grpoctl report\n"
+
+
+def _written_by_report(path: Path, mark: bytes) -> bool:
+    """`path` is a file that begins with a grpoctl report's mark."""
+    try:
+        with open(path, "rb") as f:
+            return mark in f.read(200)
+    except OSError:
+        return False
+
+
 def _check_report_dir(out: Path) -> None:
     """An existing -o must be an earlier report (or empty): never a run directory or a
     directory of the user's own files, whose same-named files would be replaced."""
@@ -618,12 +630,12 @@ def _check_report_dir(out: Path) -> None:
         return
     if not out.is_dir():
         raise GrpoctlError(f"{out}: exists and is not a directory; -o takes a directory")
-    others = sorted(set(os.listdir(out)) - set(REPORT_FILES))
-    for name, mark in (("report.md", b"# grpoctl report\n"), ("index.html", HTML_MARKER.encode())):
-        if (out / name).is_file():
-            with open(out / name, "rb") as f:
-                if mark not in f.read(200):
-                    others.append(f"{name} (not one grpoctl wrote)")
+    # a report of its own inside (results/ablation/ beside results/report.md) is left alone
+    others = sorted(name for name in set(os.listdir(out)) - set(REPORT_FILES)
+                    if not _written_by_report(out / name / "report.md", REPORT_MARK))
+    for name, mark in (("report.md", REPORT_MARK), ("index.html", HTML_MARKER.encode())):
+        if (out / name).is_file() and not _written_by_report(out / name, mark):
+            others.append(f"{name} (not one grpoctl wrote)")
     if others:
         raise GrpoctlError(f"{out}: holds files a report does not write ({', '.join(others[:3])}"
                            f"{', ...' if len(others) > 3 else ''}); choose a new -o")

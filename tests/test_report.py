@@ -388,6 +388,14 @@ def test_an_existing_output_directory_must_be_an_earlier_report(paper_like, tmp_
     write_report(runs, str(out), labels=["a", "b"])  # an earlier report: replaced
     assert (out / "report.md").read_text() != first
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    # a report of its own inside (results/ablation/) is left alone; any other folder is not
+    write_report(runs[:1], str(out / "ablation"))
+    nested = (out / "ablation" / "report.md").read_bytes()
+    write_report(runs, str(out))
+    assert (out / "ablation" / "report.md").read_bytes() == nested
+    (out / "notes").mkdir()
+    with pytest.raises(GrpoctlError, match=r"holds files a report does not write \(notes\)"):
+        write_report(runs, str(out))
 
 
 def test_labels_name_settings_by_their_flag_and_leave_out_unset_ones():
