@@ -118,8 +118,8 @@ def sampler_device(device: str | None, trainer_device: str) -> str:
 
 
 class SamplerWorker:
-    """The sampler process: submit(...) queues a step's rollouts, result(("rollouts", step))
-    waits for its file; submit_evaluation and result(("evaluation", step)) likewise."""
+    """The sampler process: submit(key, ...) queues a request, key (kind, step, attempt),
+    and result(key) waits for its answer (rollouts: once their file is written)."""
 
     def __init__(self, cfg, run: Path, context_length: int | None = None):
         import dataclasses
