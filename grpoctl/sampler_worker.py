@@ -402,8 +402,7 @@ def _serve(answer) -> None:
             else:
                 load_model(loop.model, request["weights"], strict=True)
             if loop.engine is not None:  # pushed into the live engine, checked below
-                loop.engine.load_weights(loop.model)
-                loop.engine.llm.reset_prefix_cache()  # its cached KV is the old weights'
+                loop.engine.push_weights(loop.model)
                 check = True
             loaded = p
         reply = {"kind": request["kind"], "step": step, "attempt": attempt}
@@ -412,10 +411,7 @@ def _serve(answer) -> None:
         else:
             records = loop.sample_step(request["prompts"], request["seed"], p)
             if check:  # the engine against this process's model, on these samples (as sync)
-                stats = loop.engine.check_sync(loop.model, records)
-                reply["metrics"] = {"vllm_sync_max_abs_logprob_diff": stats["max_abs"],
-                                    "vllm_sync_mean_abs_logprob_diff": stats["mean_abs"],
-                                    "vllm_sync_tokens": stats["tokens"]}
+                reply["metrics"] = loop.engine.sync_metrics(loop.model, records)
                 check = False
             path = rollouts_path(run, step, attempt)
             path.parent.mkdir(exist_ok=True)

@@ -741,22 +741,27 @@ class VllmEngine:
         check_mismatch(stats, sync_tolerance(self.dtype, next(model.parameters()).dtype))
         return stats
 
-    def sync_weights(self, model, records: list[dict]) -> dict:
-        """After an update: wake (if asleep), load the new weights, reset the prefix cache, check.
-
-        Returns the metrics loop writes: vllm_sync_max_abs_logprob_diff,
-        vllm_sync_mean_abs_logprob_diff, vllm_sync_tokens, vllm_sync_s.
-        """
-        start = time.perf_counter()
+    def push_weights(self, model) -> None:
+        """Wake (if asleep), load `model`'s weights, reset the prefix cache."""
         self.wake_up(tags=["weights"])  # weights first, so the KV cache is not back while they load
         self.load_weights(model)
         self.wake_up()  # the KV cache (a no-op when awake)
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
+
+    def sync_metrics(self, model, records: list[dict]) -> dict:
+        """check_sync as the metrics loop writes: vllm_sync_max_abs_logprob_diff,
+        vllm_sync_mean_abs_logprob_diff, vllm_sync_tokens."""
         stats = self.check_sync(model, records)
         return {"vllm_sync_max_abs_logprob_diff": stats["max_abs"],
                 "vllm_sync_mean_abs_logprob_diff": stats["mean_abs"],
-                "vllm_sync_tokens": stats["tokens"],
-                "vllm_sync_s": time.perf_counter() - start}
+                "vllm_sync_tokens": stats["tokens"]}
+
+    def sync_weights(self, model, records: list[dict]) -> dict:
+        """After an update: push the new weights, check them on `records`; the metrics
+        of sync_metrics and vllm_sync_s (seconds)."""
+        start = time.perf_counter()
+        self.push_weights(model)
+        return {**self.sync_metrics(model, records), "vllm_sync_s": time.perf_counter() - start}
 
     def close(self) -> None:
         """Shut the engine down and free its GPU memory (tests build several in one process)."""
