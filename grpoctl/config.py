@@ -559,6 +559,8 @@ class RunSettings:
         check_fields(self, __class__)
 
 
+ASYNC_CLIP_RATIO_C = 3.0  # --clip-ratio-c under --async: verl's default
+
 GROUPS = (PromptSettings, ModelSettings, SamplingSettings, VllmSettings, ScoreSettings,
           AdvantageSettings, UpdateSettings, AdapterSettings, EvalSettings, RunSettings)
 
@@ -608,6 +610,11 @@ class LoopConfig(RunSettings, EvalSettings, AdapterSettings, UpdateSettings, Adv
     16-GRPO)]."""
     micro_batch_size: int | None = redeclared(UpdateSettings, "micro_batch_size")
     """Sequences per forward/backward pass [default: 256 for the embedded model, else 8]."""
+    clip_ratio_c: float | None = redeclared(UpdateSettings, "clip_ratio_c")
+    """Dual clip (Ye et al. 2020; verl's clip_ratio_c): for A < 0 cap each token's loss at
+    C·|A|, so a stale ratio ρ > C gives no gradient. Must be > 1. It only acts off-policy:
+    --async, mini-batches, update epochs, --rollouts-from, another sampling engine
+    [default: 3.0 with --async (verl's value), else off]."""
 
     def check(self) -> None:
         self.resolved()
@@ -664,6 +671,10 @@ class LoopConfig(RunSettings, EvalSettings, AdapterSettings, UpdateSettings, Adv
         if cfg.vllm_sleep and cfg.backend != "vllm":
             raise GrpoctlError("--vllm-sleep needs --backend vllm")
         cfg.old_logprobs = default_old_logprobs(cfg, cfg.backend, (cfg.dtype, cfg.vllm_dtype))
+        if cfg.async_steps and cfg.clip_ratio_c is None:
+            # Samples N updates old hold tokens whose probability has since grown many-fold
+            # (ρ up to ~30 measured); with A < 0 their gradient grows with ρ, unclipped.
+            cfg.clip_ratio_c = ASYNC_CLIP_RATIO_C
         if cfg.async_steps and cfg.old_logprobs == "trainer" and cfg.is_cap is None:
             # π_old = the current weights: nothing would weigh the N-step-old samples
             raise GrpoctlError(f"--async {cfg.async_steps} with --old-logprobs trainer needs "

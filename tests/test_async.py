@@ -200,6 +200,7 @@ def test_async_runs_are_deterministic_and_sampled_by_older_weights(reference, tm
     assert [(m["policy_step"], m["policy_lag"]) for m in metrics] == [(0, 0), (0, 1), (1, 1), (2, 1)]
     assert any(m["zero_adv_frac"] < 1 for m in metrics[:3])  # the weights moved
     assert metrics[2]["ratio_min"] < 0.99  # π_θ against a policy one update old
+    assert all("dual_clip_fraction" in m for m in metrics)  # --clip-ratio-c 3, --async's default
     assert [r["policy"]["step"] for s in (1, 3) for r in map(json.loads, (
         reference / f"step-{s:06d}" / "rollouts.jsonl").read_text().splitlines())][::8] == [0, 1]
     # the weights the next N + 1 steps would sample with (a --resume --steps extension)
@@ -394,6 +395,12 @@ def test_a_line_that_is_not_an_answer_is_one_line_error(line):
         f"the --async sampler process (pid {worker.proc.pid}) failed while sampling the rollouts of step 1: "
         "it wrote a line that is not an answer: ")
     assert repr(line.decode().rstrip("\n")) in message
+
+
+def test_async_dual_clips_stale_ratios_unless_told_otherwise():
+    assert LoopConfig(async_steps=1).resolved().clip_ratio_c == 3.0  # verl's clip_ratio_c
+    assert LoopConfig(async_steps=2, clip_ratio_c=10.0).resolved().clip_ratio_c == 10.0
+    assert LoopConfig().resolved().clip_ratio_c is None  # on-policy: nothing to cap
 
 
 def test_refused_combinations_name_the_flag():
