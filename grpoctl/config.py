@@ -673,7 +673,7 @@ class LoopConfig(RunSettings, EvalSettings, AdapterSettings, UpdateSettings, Adv
         cfg.old_logprobs = default_old_logprobs(cfg, cfg.backend, (cfg.dtype, cfg.vllm_dtype))
         if cfg.async_steps and cfg.clip_ratio_c is None:
             # Samples N updates old hold tokens whose probability has since grown many-fold
-            # (ρ up to ~30 measured); with A < 0 their gradient grows with ρ, unclipped.
+            # (ρ up to 44 on SmolLM2); with A < 0 their gradient grows with ρ, unclipped.
             cfg.clip_ratio_c = ASYNC_CLIP_RATIO_C
         if cfg.async_steps and cfg.old_logprobs == "trainer" and cfg.is_cap is None:
             # π_old = the current weights: nothing would weigh the N-step-old samples
