@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import run_cli
 from grpoctl.config import LoopConfig
 from grpoctl.errors import GrpoctlError
 
@@ -395,6 +396,39 @@ def test_a_line_that_is_not_an_answer_is_one_line_error(line):
         f"the --async sampler process (pid {worker.proc.pid}) failed while sampling the rollouts of step 1: "
         "it wrote a line that is not an answer: ")
     assert repr(line.decode().rstrip("\n")) in message
+
+
+def test_the_readme_overlap_by_hand(tmp_path):
+    """README, "By hand": step 3 sampled by the checkpoint of step 1 while step 2's
+    update runs in another process; step 3's update then sees samples one update old."""
+    def rollout(model: str, step: int) -> Path:
+        out = tmp_path / f"step-{step}"
+        out.mkdir()
+        run_cli("rollout", "--model", model, "--prompts", "arith:train", "--limit", "4",
+                "-G", "2", "--seed", str(step), "--threads", "1", "-o",
+                str(out / "rollouts.jsonl"), check=True)
+        scored = run_cli("score", str(out / "rollouts.jsonl"), check=True).stdout
+        (out / "adv.jsonl").write_bytes(run_cli("advantage", "-", input=scored, check=True).stdout)
+        return out / "adv.jsonl"
+
+    def update(adv: Path, policy: str, step: int, *flags: str) -> list[str]:
+        return [sys.executable, "-m", "grpoctl", "update", str(adv), "--policy", policy,
+                "--out", str(tmp_path / f"ckpt-{step}"), "--lr", "1e-3", "--threads", "1",
+                "--metrics", str(tmp_path / f"metrics-{step}.jsonl"), *flags]
+
+    subprocess.run(update(rollout("default", 1), "default", 1), check=True, capture_output=True)
+    adv2 = rollout("default", 2)
+    training = subprocess.Popen(update(adv2, str(tmp_path / "ckpt-1"), 2),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    adv3 = rollout(str(tmp_path / "ckpt-1"), 3)  # while step 2 trains
+    assert training.wait(timeout=300) == 0, training.stderr.read().decode()[-2000:]
+    subprocess.run(update(adv3, str(tmp_path / "ckpt-2"), 3, "--clip-ratio-c", "3"),
+                   check=True, capture_output=True)
+    records = [json.loads(line) for line in adv3.read_text().splitlines()]
+    assert {r["policy"]["step"] for r in records} == {1}  # sampled by ckpt-1, trained from ckpt-2
+    metrics = json.loads((tmp_path / "metrics-3.jsonl").read_text().splitlines()[-1])
+    assert metrics["ratio_min"] < 0.99 or metrics["ratio_max"] > 1.01  # π_θ ≠ the sampler's
+    assert "dual_clip_fraction" in metrics
 
 
 def test_async_dual_clips_stale_ratios_unless_told_otherwise():
