@@ -23,7 +23,8 @@ distinct prompt is run once and its KV cache is shared by its completions
 (`_shared_prompt_logits`): two passes, prompts then completions, with gradients
 flowing back through the shared cache. Same numbers up to float rounding
 (~1e-6), G times less work on the prompt tokens, which at G = 16 are most of
-the tokens.
+the tokens. The prompts' common prefix (a chat template's system prompt) is run
+once the same way, in a pass before theirs.
 """
 
 from __future__ import annotations
@@ -32,9 +33,14 @@ import inspect
 
 import torch
 
+from grpoctl.distributed import is_fsdp
 from grpoctl.models import is_gradient_checkpointing
-from grpoctl.padding import (cache_argument, distinct_rows, left_pad, next_positions, positions,
-                             returned_cache, right_pad, select_cache_rows)
+from grpoctl.padding import (cache_argument, common_prefix_length, distinct_rows, left_pad,
+                             next_positions, positions, returned_cache, right_pad,
+                             select_cache_rows)
+
+# Shorter common prefixes save less than their extra forward pass costs.
+MIN_SHARED_PREFIX = 8
 
 
 def _keep_logits(model, n: int) -> dict:
@@ -45,11 +51,28 @@ def _keep_logits(model, n: int) -> dict:
     return {}
 
 
+def _embedded(model, id_tensors: list[torch.Tensor], device) -> list[dict]:
+    """The forward inputs of several passes, embedded in one lookup: a lookup of its own
+    per pass would give the backward one more dense [vocab, hidden] embedding gradient
+    each (113 MB on SmolLM2), which cost more than the passes' matmuls on a CPU. Not
+    under FSDP: its weights are gathered by the model's own forward, not by a lookup
+    from outside it."""
+    if is_fsdp(model) or "inputs_embeds" not in inspect.signature(model.forward).parameters:
+        return [{"input_ids": t.to(device)} for t in id_tensors]
+    flat = model.get_input_embeddings()(torch.cat([t.flatten() for t in id_tensors]).to(device))
+    pieces = flat.split([t.numel() for t in id_tensors])
+    return [{"inputs_embeds": e.view(*t.shape, flat.shape[-1])}
+            for t, e in zip(id_tensors, pieces)]
+
+
 def _shared_prompt_logits(model, prompts: list[list[int]], prompt_of_row: list[int],
                           completion_ids: list[list[int]], pad_id: int, tc: int, device):
     """Logits [B, Tc, V] scoring each completion token, LEFT-aligned (column j scores
     completion token j), with each distinct prompt run once.
 
+    0. The distinct prompts' common prefix (a chat template's system prompt, often
+       half of each prompt), when it is long enough: run once, its cache copied to
+       every prompt, which continues from it.
     1. The distinct prompts, left padded: their KV cache and the logits of their last
        column (which score each completion's first token).
     2. The cache rows repeated for the rows that share a prompt (an indexing op, so the
@@ -59,21 +82,36 @@ def _shared_prompt_logits(model, prompts: list[list[int]], prompt_of_row: list[i
        The logits at completion column j score token j + 1.
     Returns None when the model's cache cannot be indexed by row (some remote code).
     """
-    ids, prompt_mask = left_pad(prompts, pad_id)
-    position_ids = positions(prompt_mask)
-    ids, prompt_mask, position_ids = ids.to(device), prompt_mask.to(device), position_ids.to(device)
-    out = model(input_ids=ids, attention_mask=prompt_mask, position_ids=position_ids,
-                use_cache=True, **_keep_logits(model, 1))
+    shared = common_prefix_length(prompts) if len(prompts) > 1 else 0
+    if shared < MIN_SHARED_PREFIX:
+        shared = 0
+    ids, suffix_mask = left_pad([p[shared:] for p in prompts], pad_id)
+    completions, completion_mask = right_pad(completion_ids, pad_id, tc)
+    prefix_input, prompt_input, completion_input = _embedded(
+        model, [torch.tensor([prompts[0][:shared]], dtype=torch.long), ids, completions], device)
+    past = {}
+    if shared:  # 0. the common prefix, its cache copied to every prompt
+        out = model(**prefix_input, position_ids=torch.arange(shared, device=device)[None],
+                    use_cache=True, **_keep_logits(model, 1))
+        past = {cache_argument(model): returned_cache(out)}
+        if not select_cache_rows(past[cache_argument(model)], torch.zeros(
+                len(prompts), dtype=torch.long, device=device)):
+            return None
+    # The mask covers the prefix too; left padding sits between it and each prompt's rest.
+    prompt_mask = torch.cat([suffix_mask.new_ones((len(prompts), shared)), suffix_mask],
+                            dim=1).to(device)
+    out = model(**prompt_input, attention_mask=prompt_mask,
+                position_ids=(shared + positions(suffix_mask)).to(device),
+                use_cache=True, **_keep_logits(model, 1), **past)
     rows = torch.tensor(prompt_of_row, device=device)
     cache = returned_cache(out)
     if not select_cache_rows(cache, rows):  # now cache[i] = the cache of row i's prompt
         return None
 
-    completions, completion_mask = right_pad(completion_ids, pad_id, tc)
-    completions, completion_mask = completions.to(device), completion_mask.to(device)
     start = next_positions(prompt_mask)[rows]  # each row's prompt length
-    out2 = model(input_ids=completions, attention_mask=torch.cat([prompt_mask[rows],
-                 completion_mask], dim=1), position_ids=start + torch.arange(tc, device=device),
+    out2 = model(**completion_input, attention_mask=torch.cat(
+                 [prompt_mask[rows], completion_mask.to(device)], dim=1),
+                 position_ids=start + torch.arange(tc, device=device),
                  use_cache=True, **{cache_argument(model): cache})
     return torch.cat([out.logits[:, -1:][rows], out2.logits[:, :-1]], dim=1)
 

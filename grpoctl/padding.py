@@ -82,6 +82,16 @@ def distinct_rows(sequences: list[list[int]]) -> tuple[list[list[int]], list[int
     return [list(s) for s in distinct], row_of
 
 
+def common_prefix_length(sequences: list[list[int]]) -> int:
+    """How many leading tokens every sequence shares (a chat template's system prompt),
+    at most the shortest length minus one: each keeps a token of its own after it."""
+    length = min(len(s) for s in sequences) - 1
+    first = sequences[0]
+    for other in sequences[1:]:
+        length = next((i for i in range(length) if other[i] != first[i]), length)
+    return max(length, 0)
+
+
 # --- the KV cache shared by the rows of one prompt ---------------------------------
 
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from grpoctl.errors import GrpoctlError
-from grpoctl.logprobs import completion_logprobs
+from grpoctl.logprobs import MIN_SHARED_PREFIX, completion_logprobs
+from grpoctl.padding import common_prefix_length
 from grpoctl.models import load_policy, make_tiny_model
 from conftest import run_cli
 from grpoctl.records import write_records
@@ -105,6 +106,46 @@ def test_shared_prompt_pass_matches_unpadded_forward_passes(which, request):
     for name, p in model.named_parameters():
         assert torch.allclose(shared_grad[name], p.grad, atol=1e-5, rtol=1e-4), name
     assert any(p.grad.abs().max() > 1e-3 for p in model.parameters())  # a real gradient
+
+
+@pytest.mark.parametrize("which", ["tiny_model", "tiny_qwen2"])
+def test_common_prefix_pass_matches_unpadded_forward_passes(which, request):
+    # Prompts that open alike (a chat template's system prompt): the common prefix runs
+    # once, then each distinct prompt's rest, then the completions: three passes per
+    # layer, and still every log-prob and the gradient of a plain forward pass.
+    model = load_policy(request.getfixturevalue(which))
+    rng = random.Random(3)
+    system = [rng.randrange(VOCAB) for _ in range(12)]
+    assert len(system) >= MIN_SHARED_PREFIX
+    distinct = [system + [rng.randrange(VOCAB) for _ in range(n)] for n in (1, 9, 4)]
+    prompts = [p for p in distinct for _ in range(2)]
+    completions = [[rng.randrange(VOCAB) for _ in range(rng.randint(1, 8))] for _ in prompts]
+    layer_calls = []
+    hook = model.model.layers[0].register_forward_hook(
+        lambda _m, args, _out: layer_calls.append(args[0].shape[:2]))
+    logprobs, _ = completion_logprobs(model, prompts, completions)
+    hook.remove()
+    longest_rest = 9
+    assert [tuple(s) for s in layer_calls] == [
+        (1, len(system)), (3, longest_rest), (6, max(len(c) for c in completions))]
+    sum(lp.sum() for lp in logprobs).backward()
+    shared_grad = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    expected_total = 0.0
+    for p, c, lp in zip(prompts, completions, logprobs):
+        expected_lp, _ = naive_logprobs(model, p, c)
+        assert torch.allclose(lp, expected_lp, atol=1e-5, rtol=0)
+        expected_total = expected_total + expected_lp.sum()
+    expected_total.backward()
+    for name, p in model.named_parameters():
+        assert torch.allclose(shared_grad[name], p.grad, atol=1e-5, rtol=1e-4), name
+
+
+def test_common_prefix_length_leaves_each_sequence_a_token_of_its_own():
+    assert common_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
+    assert common_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # not the whole of one
+    assert common_prefix_length([[5, 1], [6, 1]]) == 0
+    assert common_prefix_length([[1], [1]]) == 0
 
 
 def test_target_logprobs_values_entropy_and_gradient_match_log_softmax():
