@@ -85,7 +85,7 @@ def test_shared_prompt_pass_matches_unpadded_forward_passes(which, request):
     # and so must the gradient (summed over the copies of the shared prompt).
     model = load_policy(request.getfixturevalue(which))
     rng = random.Random(2)
-    distinct = [[rng.randrange(VOCAB) for _ in range(n)] for n in (1, 9, 4)]
+    distinct = [[rng.randrange(VOCAB) for _ in range(n)] for n in (2, 9, 4)]
     prompts = [p for p in distinct for _ in range(3)] + [[7, 8, 9]]  # and one alone
     completions = [[rng.randrange(VOCAB) for _ in range(rng.randint(0, 8))] for _ in prompts]
     completions[0] = []  # an empty completion beside non-empty ones
@@ -106,6 +106,11 @@ def test_shared_prompt_pass_matches_unpadded_forward_passes(which, request):
     for name, p in model.named_parameters():
         assert torch.allclose(shared_grad[name], p.grad, atol=1e-5, rtol=1e-4), name
     assert any(p.grad.abs().max() > 1e-3 for p in model.parameters())  # a real gradient
+    # A one-token prompt leaves the prompt pass nothing: one plain pass, same numbers.
+    with torch.no_grad():
+        logprobs, _ = completion_logprobs(model, [[5], [5]], completions[1:3])
+        for c, lp in zip(completions[1:3], logprobs):
+            assert torch.allclose(lp, naive_logprobs(model, [5], c)[0], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("which", ["tiny_model", "tiny_qwen2"])
@@ -125,9 +130,12 @@ def test_common_prefix_pass_matches_unpadded_forward_passes(which, request):
         lambda _m, args, _out: layer_calls.append(args[0].shape[:2]))
     logprobs, _ = completion_logprobs(model, prompts, completions)
     hook.remove()
-    longest_rest = 9
+    # The prompts' last tokens start the completion pass, whose logits score every
+    # completion token: the prefix pass takes what the prompts but their last token
+    # share (system[:11]: the shortest prompt is system + 1 token), the prompt pass the
+    # rest but the last token (longest: system[11] + 8), the completion pass 1 + Tc.
     assert [tuple(s) for s in layer_calls] == [
-        (1, len(system)), (3, longest_rest), (6, max(len(c) for c in completions))]
+        (1, len(system) - 1), (3, 9), (6, 1 + max(len(c) for c in completions))]
     sum(lp.sum() for lp in logprobs).backward()
     shared_grad = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
