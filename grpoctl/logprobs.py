@@ -20,7 +20,8 @@ the vocabulary projection over the prompt.
 
 A GRPO batch holds G completions of each prompt. When prompts repeat, each
 distinct prompt is run once and its KV cache is shared by its completions
-(`_shared_prompt_logits`): two passes, prompts then completions, with gradients
+(`_shared_prompt_logits`): two passes, prompts then completions (each opened by
+its prompt's last token, so all the logits come from that pass), with gradients
 flowing back through the shared cache. Same numbers up to float rounding
 (~1e-6), G times less work on the prompt tokens, which at G = 16 are most of
 the tokens. The prompts' common prefix (a chat template's system prompt) is run
