@@ -55,9 +55,8 @@ def _keep_logits(model, n: int) -> dict:
 def _embedded(model, id_tensors: list[torch.Tensor], device) -> list[dict]:
     """The forward inputs of several passes, embedded in one lookup: a lookup of its own
     per pass would give the backward one more dense [vocab, hidden] embedding gradient
-    each (113 MB on SmolLM2), which cost more than the passes' matmuls on a CPU. Not
-    under FSDP: its weights are gathered by the model's own forward, not by a lookup
-    from outside it."""
+    each (113 MB on SmolLM2, written afresh). Not under FSDP: its weights are gathered
+    by the model's own forward, not by a lookup from outside it."""
     if is_fsdp(model) or "inputs_embeds" not in inspect.signature(model.forward).parameters:
         return [{"input_ids": t.to(device)} for t in id_tensors]
     flat = model.get_input_embeddings()(torch.cat([t.flatten() for t in id_tensors]).to(device))
