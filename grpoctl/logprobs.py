@@ -40,7 +40,8 @@ from grpoctl.padding import (cache_argument, common_prefix_length, distinct_rows
                              next_positions, positions, returned_cache, right_pad,
                              select_cache_rows)
 
-# Shorter common prefixes save less than their extra forward pass costs.
+# The shortest common prefix worth a pass of its own (a guess, not measured: a chat
+# template's system prompt is far longer; the embedded model's "Q: " is not).
 MIN_SHARED_PREFIX = 8
 
 
@@ -100,10 +101,11 @@ def _shared_prompt_logits(model, prompts: list[list[int]], prompt_of_row: list[i
     if shared:  # 0. the common prefix, its cache copied to every prompt
         out = model(**prefix_input, position_ids=torch.arange(shared, device=device)[None],
                     use_cache=True, **_keep_logits(model, 1))
-        past = {cache_argument(model): returned_cache(out)}
-        if not select_cache_rows(past[cache_argument(model)], torch.zeros(
-                len(prompts), dtype=torch.long, device=device)):
+        prefix_cache = returned_cache(out)
+        if not select_cache_rows(prefix_cache, torch.zeros(len(prompts), dtype=torch.long,
+                                                           device=device)):
             return None
+        past = {cache_argument(model): prefix_cache}
     # The mask covers the prefix too; left padding sits between it and each prompt's rest.
     prompt_mask = torch.cat([rest_mask.new_ones((len(prompts), shared)), rest_mask],
                             dim=1).to(device)
