@@ -286,8 +286,10 @@ def loop(ctx: typer.Context, cfg: LoopConfig,
     """
     from grpoctl import distributed
     from grpoctl.display import make_display
+    from grpoctl.heap import keep_freed_memory
     from grpoctl.loop import run_loop
 
+    keep_freed_memory()  # step after step, the same large tensors: reuse them
     # --resume compares the settings named here with the run's; --run-dir names the run
     given = flags_given(ctx, cfg, skip=("run_dir",)) if resume else None
     try:

@@ -46,6 +46,7 @@ from grpoctl.display import NullDisplay
 from grpoctl.errors import GrpoctlError
 from grpoctl.evaluate import evaluate_records, is_correct
 from grpoctl.hacks import WARN_ABOVE as HACK_WARN_ABOVE, hack_rate
+from grpoctl.heap import release_if_grown
 from grpoctl.models import check_vocab, load_policy, load_tokenizer, load_training_policy
 from grpoctl.prompts import load_prompts, render_prompt, where_of
 from grpoctl.records import (NEEDS_ADVANTAGE, NEEDS_SCORE, NEEDS_UPDATE, atomic_open,
@@ -969,6 +970,7 @@ def _run_loop(cfg: LoopConfig, resume: bool, display, given: dict | None) -> Pat
             append_line(run / "metrics.jsonl", metrics)
         if pipeline:
             pipeline.done(step)
+        release_if_grown()  # cli.loop keeps freed memory for the next step: bounded here
         display.step_done(metrics)
 
         if eval_prompts and _eval_due(cfg, step, last):

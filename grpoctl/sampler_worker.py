@@ -351,7 +351,10 @@ def answer_pipe():
 
 
 def main() -> None:
+    from grpoctl.heap import keep_freed_memory
+
     _die_with_parent(int(sys.argv[1]))
+    keep_freed_memory()  # as the trainer (cli.loop): each request reuses the last one's memory
     answer = answer_pipe()
     try:
         _serve(answer)
@@ -368,6 +371,7 @@ def _serve(answer) -> None:
 
     from grpoctl.config import LoopConfig
     from grpoctl.display import NullDisplay
+    from grpoctl.heap import release_if_grown
     from grpoctl.loop import Loop, lora_settings
     from grpoctl.models import load_tokenizer, load_training_policy
     from grpoctl.records import write_records
@@ -418,3 +422,4 @@ def _serve(answer) -> None:
             write_records(records, str(path))
         answer.write((json.dumps(reply) + "\n").encode())
         answer.flush()
+        release_if_grown()  # main() keeps freed memory: bounded here
