@@ -7,8 +7,8 @@ step t + 1 while the trainer updates step t:
     trainer (loop.py, this process)             sampler (python -m grpoctl.sampler_worker)
     rollouts(t)   wait for step t's file  <---  writes step-t/rollouts.jsonl
     score, advantage, update t                  samples step t + 1 .. t + N (queued)
-    trained(t)    weights t -> sampler/policy-step-T.safetensors
-                  submit step t + 1 + N  --->   queued: loads exactly those weights
+    trained(t)    weights t -> sampler/policy-step-T.safetensors (written by a thread)
+                  submit step t + 1 + N  --->   queued: waits for that file, loads it
 
 What a step samples depends only on (seed, step) and the weights of step t - 1 - N,
 never on which side is faster: the same seed gives the same files, and `--resume`
@@ -39,10 +39,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from pathlib import Path
 
-from grpoctl import process
-from grpoctl.errors import GrpoctlError
+from grpoctl.errors import GrpoctlError, first_line
 
 
 def policy_of(step: int, async_steps: int) -> int:
@@ -65,34 +66,83 @@ def step_done(run: Path, step: int) -> bool:
     return (run / f"step-{step:06d}" / "done").is_file()
 
 
-def save_policy(model, path: Path) -> None:
-    """The model's weights to `path`, atomically (temporary name, fsync, rename): the
-    sampler never reads a partial file, and a kill leaves only a `.*.tmp` that --resume
-    removes. safetensors.save_model stores tied weights once."""
-    from safetensors.torch import save_model
+def policy_weights(model) -> dict:
+    """A copy of the model's weights (each tied tensor once, as safetensors.save_model
+    stores them), which the next update cannot change while a thread writes it."""
+    weights, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            weights[name] = tensor.detach().to("cpu", copy=True)
+    return weights
+
+
+def save_policy(weights: dict, path: Path) -> None:
+    """`weights` to `path`, atomically (temporary name, fsync, rename): the sampler never
+    reads a partial file, and a kill leaves only a `.*.tmp` that --resume removes."""
+    from safetensors.torch import save_file
 
     path.parent.mkdir(exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_model(model, tmp)
+        save_file(weights, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        with process.committing(path):
-            os.replace(tmp, path)
+        os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
 
 
-def keep_policy(loop, step: int) -> None:
+class PolicySave:
+    """save_policy in a thread of its own, so that the trainer goes on with its next
+    step meanwhile (SmolLM2's 540 MB took the trainer ~2 s a step beside the sampler);
+    wait() returns once the file is in place, raising what the write raised."""
+
+    def __init__(self, weights: dict, path: Path):
+        self.path, self.error = path, None
+        self.thread = threading.Thread(target=self._save, args=(weights,), daemon=True)
+        self.thread.start()
+
+    def _save(self, weights: dict) -> None:
+        # The lowest CPU priority: the write takes a core the trainer and the sampler
+        # leave idle (the sampler waits for these weights), never one of theirs.
+        with contextlib.suppress(OSError, AttributeError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        try:
+            save_policy(weights, self.path)
+        except Exception as e:  # raised by wait(), in the trainer's thread
+            self.error = e
+
+    def wait(self) -> None:
+        self.thread.join()
+        if self.error is not None:
+            raise GrpoctlError(f"{self.path}: the weights for the --async sampler were not "
+                               f"written: {first_line(self.error)}")
+
+
+def keep_policy(loop, step: int, in_background: bool = False) -> PolicySave | None:
     """After the update of `step` (or its replay on --resume): save its weights if the
-    step they sample, step + 1 + N, is not done and they are not saved already."""
+    step they sample, step + 1 + N, is not done and they are not saved already; with
+    `in_background`, by a PolicySave (returned)."""
     n, run = loop.cfg.async_steps, loop.run
-    if n and step >= 1 and not step_done(run, step + 1 + n) \
-            and not policy_path(run, step).is_file():
-        save_policy(loop.model, policy_path(run, step))
+    path = policy_path(run, step)
+    if not n or step < 1 or step_done(run, step + 1 + n) or path.is_file():
+        return None
+    if in_background:
+        return PolicySave(policy_weights(loop.model), path)
+    save_policy(policy_weights(loop.model), path)
+    return None
+
+
+def wait_for_weights(path: Path) -> None:
+    """In the sampler: a request can name weights the trainer is still writing
+    (PolicySave); they appear whole, by a rename. If the trainer dies first, so does
+    this process (_die_with_parent)."""
+    while not path.is_file():
+        time.sleep(0.01)
 
 
 def gpu_env(device: str | None) -> dict:
@@ -223,7 +273,7 @@ class SamplerWorker:
         self.pending = []
 
 
-_running: list[SamplerWorker] = []
+_running: list[AsyncRollouts] = []
 
 
 @contextlib.contextmanager
@@ -235,7 +285,7 @@ def stopped_on_exit():
         yield
     finally:
         while len(_running) > started:
-            _running.pop().close()
+            _running.pop().stop()
 
 
 class AsyncRollouts:
@@ -252,11 +302,12 @@ class AsyncRollouts:
             if step_done(self.run, int(path.stem.split("-")[-1]) + 1 + self.n):
                 path.unlink()
         self.worker: SamplerWorker | None = None  # started at the first request
+        self.saving: PolicySave | None = None  # the newest weights, being written
 
     def _worker(self) -> SamplerWorker:
         if self.worker is None:
             self.worker = SamplerWorker(self.loop.cfg, self.run, self.context_length)
-            _running.append(self.worker)
+            _running.append(self)
         return self.worker
 
     def submit(self, step: int, prompts: list[dict], attempt: int = 0) -> None:
@@ -269,7 +320,8 @@ class AsyncRollouts:
                 or (self.worker and self.worker.asked(key)):
             return
         p = policy_of(step, self.n)
-        if p and not policy_path(self.run, p).is_file():
+        being_written = self.saving is not None and self.saving.path == policy_path(self.run, p)
+        if p and not policy_path(self.run, p).is_file() and not being_written:
             raise GrpoctlError(f"{policy_path(self.run, p)}: missing: step {step} is sampled by "
                                f"the weights after step {p} (--async {self.n}), and they were "
                                "deleted; resume from an earlier checkpoint is not possible")
@@ -287,8 +339,17 @@ class AsyncRollouts:
         self.sampler_metrics.setdefault(step, {}).update(answer.get("metrics", {}))
 
     def trained(self, step: int) -> None:
-        """After the update of `step`: hand its weights over (for step + 1 + N)."""
-        keep_policy(self.loop, step)
+        """After the update of `step`: hand its weights over (for step + 1 + N), written
+        while the trainer goes on. The write of the step before is finished first: once
+        a step is done, the weights that the steps after it sample with are in place
+        (--resume may need them) or rebuilt by its replay."""
+        self.wait_for_saving()
+        self.saving = keep_policy(self.loop, step, in_background=True)
+
+    def wait_for_saving(self) -> None:
+        saving, self.saving = self.saving, None
+        if saving is not None:
+            saving.wait()
 
     def done(self, step: int) -> None:
         """After `step` is done: the weights that sampled it have done their work."""
@@ -300,9 +361,10 @@ class AsyncRollouts:
         """The evaluation after `step`, sampled by the sampler process with the weights
         after `step` (its backend, as a run without --async evaluates with its own), queued
         behind the rollouts already asked for."""
+        self.wait_for_saving()
         path, made = policy_path(self.run, step), False
         if step and not path.is_file():  # not kept for a rollout step (the run's end, a resume)
-            save_policy(self.loop.model, path)
+            save_policy(policy_weights(self.loop.model), path)
             made = True
         worker, key = self._worker(), ("evaluation", step, 0)
         worker.submit(key, step, prompts, None)  # its seed: Loop.sample_evaluation
@@ -318,11 +380,23 @@ class AsyncRollouts:
         return {"policy_step": p, "policy_lag": step - 1 - p, **self.sampler_metrics.pop(step, {})}
 
     def close(self) -> None:
-        if self.worker is None:
-            return
-        if self.worker in _running:
-            _running.remove(self.worker)
-        self.worker.close()
+        """At the run's end: the last weights in place (raising what their write raised)
+        and the sampler stopped."""
+        try:
+            self.wait_for_saving()
+        finally:
+            self.stop()
+
+    def stop(self) -> None:
+        """On every exit (stopped_on_exit): a write under way is finished, not left as a
+        temporary file; the sampler process is killed."""
+        if self.saving is not None:
+            self.saving.thread.join()
+            self.saving = None
+        if self in _running:
+            _running.remove(self)
+        if self.worker is not None:
+            self.worker.close()
 
 
 # --- the sampler process -------------------------------------------------------------
@@ -404,6 +478,7 @@ def _serve(answer) -> None:
             if p == 0:
                 initial_policy()
             else:
+                wait_for_weights(Path(request["weights"]))
                 load_model(loop.model, request["weights"], strict=True)
             if loop.engine is not None:  # pushed into the live engine, checked below
                 loop.engine.push_weights(loop.model)

@@ -39,7 +39,15 @@ from grpoctl.config import LoopConfig
 from grpoctl.errors import GrpoctlError
 
 settings = json.loads(sys.argv[1])
-resume, kill, pidfile = (settings.pop(k, None) for k in ("resume", "kill", "pidfile"))
+resume, kill, pidfile, full_at = (settings.pop(k, None)
+                                   for k in ("resume", "kill", "pidfile", "disk_full_at"))
+if full_at:  # the disk fills up while the weights of step full_at are written
+    save = sampler_worker.save_policy
+    def save_policy(weights, path):
+        if path.name == f"policy-step-{full_at:06d}.safetensors":
+            raise OSError(28, "No space left on device")
+        save(weights, path)
+    sampler_worker.save_policy = save_policy
 
 def killer(name, original, owner):
     def wrapped(*args, **kwargs):
@@ -49,7 +57,7 @@ def killer(name, original, owner):
                 while not Path(kill["after"]).exists():  # the sampler's file: it is ahead
                     time.sleep(0.01)
             if pidfile:  # the sampler's pid, for the test to see it go
-                Path(pidfile).write_text(str(sampler_worker._running[-1].proc.pid))
+                Path(pidfile).write_text(str(sampler_worker._running[-1].worker.proc.pid))
             if name == "save_policy":  # a kill inside the write: its temporary is left
                 Path(args[1]).parent.mkdir(exist_ok=True)
                 (Path(args[1]).parent / f".{Path(args[1]).name}.killed.tmp").write_bytes(b"x")
@@ -361,6 +369,22 @@ def test_a_sampler_that_dies_stops_the_loop_in_one_line(tmp_path):
     lines = err.strip().splitlines()
     assert lines[-1].startswith("error: the --async sampler process") and "SIGKILL" in lines[-1]
     assert not temporaries(run) and not children(proc.pid)
+
+
+def test_a_failed_write_of_the_weights_stops_the_loop_in_one_line(tmp_path):
+    """The weights are written while the trainer goes on (PolicySave): a write that
+    fails stops the loop at the next step's hand-over, in one line naming the file."""
+    run = tmp_path / "run"
+    result = loop(run, async_steps=1, disk_full_at=2)
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "policy-step-000002.safetensors" in last \
+        and "No space left on device" in last, last
+    # found at the hand-over after step 3's update: step 2 done, step 3 not
+    assert (run / "step-000002" / "done").is_file()
+    assert not (run / "step-000003" / "done").exists()
+    assert not temporaries(run)
+    ok(run, async_steps=1, resume=True)  # and, the disk freed, it resumes
 
 
 def test_stray_output_on_fd_1_stays_off_the_answer_pipe():
