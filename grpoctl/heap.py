@@ -2,8 +2,8 @@
 
 Every training step on a CPU allocates and frees the same large tensors (logits, the
 [vocab, hidden] gradients). glibc serves each block over 32 MB with an mmap of its own
-and unmaps it when freed, so the next step faults it in again page by page: ~300k page
-faults (1.2 GB) an update step of SmolLM2-135M, ~8% of its time alone and more when the
+and unmaps it when freed, so the next step faults it in again page by page: ~380k page
+faults (1.5 GB) an update step of SmolLM2-135M, 5% of its time alone and more when the
 `--async` sampler faults at the same moment (bench/bench_heap.py). With large blocks
 served from the heap and the heap never trimmed, a step reuses what the one before it
 freed, as torch's CUDA caching allocator does on a GPU. `loop` and its sampler process
