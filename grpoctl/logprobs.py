@@ -36,13 +36,9 @@ import torch
 
 from grpoctl.distributed import is_fsdp
 from grpoctl.models import is_gradient_checkpointing
-from grpoctl.padding import (cache_argument, common_prefix_length, distinct_rows, left_pad,
-                             next_positions, positions, returned_cache, right_pad,
-                             select_cache_rows)
-
-# The shortest common prefix worth a pass of its own (a guess, not measured: a chat
-# template's system prompt is far longer; the embedded model's "Q: " is not).
-MIN_SHARED_PREFIX = 8
+from grpoctl.padding import (MIN_SHARED_PREFIX, cache_argument, common_prefix_length,
+                             distinct_rows, left_pad, next_positions, positions, returned_cache,
+                             right_pad, select_cache_rows)
 
 
 def _keep_logits(model, n: int) -> dict:

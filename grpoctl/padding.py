@@ -82,6 +82,11 @@ def distinct_rows(sequences: list[list[int]]) -> tuple[list[list[int]], list[int
     return [list(s) for s in distinct], row_of
 
 
+# The shortest common prefix worth a pass of its own (a guess, not measured: a chat
+# template's system prompt is far longer; the embedded model's "Q: " is not).
+MIN_SHARED_PREFIX = 8
+
+
 def common_prefix_length(sequences: list[list[int]]) -> int:
     """How many leading tokens every sequence shares (a chat template's system prompt),
     at most the shortest length minus one: each keeps a token of its own after it."""

@@ -311,6 +311,34 @@ def test_samples_do_not_depend_on_batch_size(llama):
     assert max(diffs) < 1e-5
 
 
+def test_a_common_prefix_runs_once_without_changing_any_sample(llama):
+    # A chat template's system prompt opens every prompt: sample_batch runs it once as a
+    # batch of one, copies its cache to every prompt, then each prompt's rest (left padded
+    # after the prefix). The samples are those of each prompt alone, where nothing is
+    # shared, and the log-probs those of a plain forward pass.
+    from grpoctl.padding import MIN_SHARED_PREFIX
+
+    model, tok = llama
+    system = "System: answer with one number.\nUser: "
+    batch = prompts_of([system + q for q in ("2+2?", "What is 17 + 25, exactly?", "9*9?")])
+    prefix = tok(system, add_special_tokens=False)["input_ids"]
+    assert len(prefix) >= MIN_SHARED_PREFIX
+    sampling = SamplingSettings(temperature=0.8, max_new_tokens=12, seed=4)
+    layer_calls = []
+    hook = model.model.layers[0].register_forward_hook(
+        lambda _m, args, _out: layer_calls.append(tuple(args[0].shape[:2])))
+    together = generate(model, tok, batch, 2, sampling, batch_size=6, progress=False)
+    hook.remove()
+    rests = [len(r["prompt_ids"]) - len(prefix) for r in together[::2]]
+    assert layer_calls[:2] == [(1, len(prefix)), (3, max(rests))]  # prefix, then the rests
+    alone = [generate(model, tok, [p], 2, sampling, progress=False) for p in batch]
+    assert [r["completion_ids"] for r in together] == [
+        r["completion_ids"] for pair in alone for r in pair]
+    for r in together:
+        expected = naive_logprobs(model, r["prompt_ids"], r["completion_ids"], 0.8)
+        assert torch.allclose(torch.tensor(r["logprobs"]), expected, atol=1e-5, rtol=0)
+
+
 def test_finished_rows_leave_the_batch_without_changing_any_sample():
     # The embedded model ends its answers after 15-32 tokens, so in a batch of 48 rows
     # the first quarter finishes long before the last row: sample_batch drops finished

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from grpoctl.errors import GrpoctlError
-from grpoctl.logprobs import MIN_SHARED_PREFIX, completion_logprobs
-from grpoctl.padding import common_prefix_length
+from grpoctl.logprobs import completion_logprobs
 from grpoctl.models import load_policy, make_tiny_model
+from grpoctl.padding import MIN_SHARED_PREFIX, common_prefix_length
 from conftest import run_cli
 from grpoctl.records import write_records
 from grpoctl.update import (UpdateConfig, make_optimizer, run_update, split_mini_batches,

@@ -27,8 +27,9 @@ import hashlib
 
 import torch
 
-from grpoctl.padding import (cache_argument, distinct_rows, left_pad, next_positions, positions,
-                             returned_cache, select_cache_rows)
+from grpoctl.padding import (MIN_SHARED_PREFIX, cache_argument, common_prefix_length,
+                             distinct_rows, left_pad, next_positions, positions, returned_cache,
+                             select_cache_rows)
 from grpoctl.rollout.kvcache import preallocate
 
 
@@ -143,13 +144,15 @@ def rows_kept(done: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def sample_batch(model, prompt_ids: list[list[int]], seeds: list[int], max_new_tokens: int,
                  temperature: float, top_p: float, top_k: int, stop_ids: set[int],
-                 pad_id: int, drop_finished: bool = True
+                 pad_id: int, drop_finished: bool = True, share_prefix: bool = True
                  ) -> list[tuple[list[int], list[float], str]]:
     """Generate one completion per prompt; return (completion_ids, logprobs, finish_reason) each.
 
     A completion ends at its first stop token (included, finish "stop") or after
     max_new_tokens tokens ("length"). Rows with the same prompt (a group's samples)
-    share one prefill of that prompt. With drop_finished (default), finished rows
+    share one prefill of that prompt, and with share_prefix (default) the prompts' common
+    prefix, when MIN_SHARED_PREFIX tokens or longer, runs once for all of them
+    (bench/bench_hf_rollout.py). With drop_finished (default), finished rows
     leave the batch and its KV cache, so the long tail of a few long completions does
     not pay for the short ones (bench/bench_rollout_tail.py): at once where the cache is
     kvcache's in-place one (a row's copy each), else whenever they make up a quarter of
@@ -160,21 +163,39 @@ def sample_batch(model, prompt_ids: list[list[int]], seeds: list[int], max_new_t
     u = uniforms(seeds, max_new_tokens).to(device)
     distinct, row_of = distinct_rows(prompt_ids)
     rows = torch.tensor(row_of, device=device)  # row i's prompt is distinct prompt rows[i]
-    input_ids, mask = left_pad(distinct, pad_id)
-    position_ids = positions(mask)  # 0, 1, 2, ... over real tokens only
-    input_ids, mask, position_ids = input_ids.to(device), mask.to(device), position_ids.to(device)
     stop = torch.tensor(sorted(stop_ids), device=device)
-
     cache_arg = cache_argument(model)
+
+    # The distinct prompts' common prefix (a chat template's system prompt), run once and
+    # its cache copied to every prompt, which continues from it: the left padding then
+    # sits between the prefix and each prompt's rest (the update's layout, logprobs.py).
+    shared = common_prefix_length(distinct) if share_prefix and len(distinct) > 1 else 0
+    past = {}
+    if shared >= MIN_SHARED_PREFIX:
+        out = model(input_ids=torch.tensor([distinct[0][:shared]], device=device),
+                    position_ids=torch.arange(shared, device=device)[None],
+                    use_cache=True, logits_to_keep=1)
+        prefix_cache = returned_cache(out)
+        if select_cache_rows(prefix_cache, torch.zeros(len(distinct), dtype=torch.long,
+                                                       device=device)):
+            past = {cache_arg: prefix_cache}
+    shared = shared if past else 0
+    input_ids, rest_mask = left_pad([p[shared:] for p in distinct], pad_id)
+    mask = torch.cat([rest_mask.new_ones((len(distinct), shared)), rest_mask], dim=1)
+    position_ids = shared + positions(rest_mask)  # 0, 1, 2, ... over real tokens only
+    input_ids, mask, position_ids = input_ids.to(device), mask.to(device), position_ids.to(device)
+
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-                use_cache=True, logits_to_keep=1)
+                use_cache=True, logits_to_keep=1, **past)
     cache, logits = returned_cache(out), out.logits[:, -1][rows]
     if len(distinct) < len(prompt_ids) and not select_cache_rows(cache, rows):
-        out = model(input_ids=input_ids[rows], attention_mask=mask[rows],  # prefill every row
-                    position_ids=position_ids[rows], use_cache=True, logits_to_keep=1)
-        cache = returned_cache(out)
+        input_ids, mask = left_pad(prompt_ids, pad_id)  # prefill every row, whole
+        out = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
+                    position_ids=positions(mask).to(device), use_cache=True, logits_to_keep=1)
+        cache, mask = returned_cache(out), mask.to(device)
+    else:
+        mask = mask[rows]
     can_drop_rows = hasattr(cache, "batch_select_indices")
-    mask = mask[rows]
     # Rows leave an in-place cache at the cost of a row each; any other copies all it holds.
     cheap_drops = preallocate(cache, mask.shape[1] + max_new_tokens)
     next_position = next_positions(mask)  # the first completion token's position
