@@ -489,8 +489,8 @@ def _serve(answer) -> None:
             reply["records"] = loop.sample_evaluation(step, request["prompts"])
         else:
             records = loop.sample_step(request["prompts"], request["seed"], p)
-            if check:  # the engine against this process's model, on these samples (as sync)
-                reply["metrics"] = loop.engine.sync_metrics(loop.model, records)
+            if check:  # the engine's log-probs of these samples against this process's model
+                reply["metrics"] = loop.engine.sync_metrics(loop.model, records, sampled=True)
                 check = False
             path = rollouts_path(run, step, attempt)
             path.parent.mkdir(exist_ok=True)

@@ -35,11 +35,11 @@ def on_cpu() -> bool:
     return _platform().is_cpu()
 
 
-def naive_logprobs(model, prompt_ids, completion_ids):
-    """log_softmax(logits) at temperature 1 of one unpadded sequence, at its completion tokens."""
+def naive_logprobs(model, prompt_ids, completion_ids, temperature=1.0):
+    """log_softmax(logits / T) of one unpadded sequence, at its completion tokens."""
     ids = torch.tensor([prompt_ids + completion_ids], device=model.device)
     with torch.no_grad():
-        logits = model(ids).logits[0, len(prompt_ids) - 1:-1].float()
+        logits = model(ids).logits[0, len(prompt_ids) - 1:-1].float() / temperature
     return torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt_ids):, None])[:, 0].cpu()
 
 
@@ -149,6 +149,11 @@ def test_a_skipped_push_fails_the_sync_check_and_a_real_push_passes(engine, tiny
     for r in after:  # and sampling now comes from the new weights
         expected = naive_logprobs(model, r["prompt_ids"], r["completion_ids"])
         assert torch.allclose(torch.tensor(r["logprobs"]), expected, atol=1e-4, rtol=0)
+    # Samples of the pushed weights carry the engine's side of the check themselves.
+    stats = engine.check_sync(model, after, sampled=True)
+    assert stats["tokens"] > 0 and stats["mean_abs"] < 1e-4
+    with pytest.raises(GrpoctlError, match="did not sync"):  # against the weights before
+        engine.check_sync(load_policy(tiny_llama64, device=DEVICE), after, sampled=True)
 
 
 def test_lora_weights_are_pushed_merged(engine, tiny_llama64):
@@ -306,8 +311,8 @@ def test_loop_with_vllm_samples_from_the_updated_weights(tiny_llama64, tmp_path)
 
 def test_async_loop_runs_the_engine_in_the_sampler_process(tiny_llama64, tmp_path):
     """--backend vllm --async 1: the engine lives in the sampler process, the trainer's
-    weights are pushed into it without a restart (and checked), and the evaluations are
-    the engine's too."""
+    weights are pushed into it without a restart (and checked on the samples they draw,
+    at their temperature), and the evaluations are the engine's too."""
     from grpoctl.models import load_policy
 
     run = tmp_path / "run"
@@ -316,7 +321,8 @@ def test_async_loop_runs_the_engine_in_the_sampler_process(tiny_llama64, tmp_pat
                    "--device", DEVICE, "--dtype", "float32", "--gpu-memory-utilization", "0.2",
                    "--enforce-eager", "--reward", "format:[a-z]", "--lr", "1e-2",
                    "--group-size", "2", "--prompts-per-step", "8", "--steps", "4",
-                   "--max-new-tokens", "8", "--eval-prompts", "arith:test", "--eval-limit", "4",
+                   "--max-new-tokens", "8", "--temperature", "0.7",
+                   "--eval-prompts", "arith:test", "--eval-limit", "4",
                    "--eval-every", "2", "--save-every", "1", "--keep-last", "4",
                    "--run-dir", str(run), timeout=900)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
@@ -337,12 +343,10 @@ def test_async_loop_runs_the_engine_in_the_sampler_process(tiny_llama64, tmp_pat
         for r in records:
             got = torch.tensor(r["logprobs"])
             assert r["policy_step"] == policy_step
-            assert torch.allclose(got, naive_logprobs(policy, r["prompt_ids"],
-                                                      r["completion_ids"]), atol=1e-4, rtol=0)
-            stale = max(stale, (got - naive_logprobs(base, r["prompt_ids"],
-                                                     r["completion_ids"])).abs().max().item())
-            newest = max(newest, (got - naive_logprobs(newer, r["prompt_ids"],
-                                                       r["completion_ids"])).abs().max().item())
+            ids = r["prompt_ids"], r["completion_ids"]
+            assert torch.allclose(got, naive_logprobs(policy, *ids, 0.7), atol=1e-4, rtol=0)
+            stale = max(stale, (got - naive_logprobs(base, *ids, 0.7)).abs().max().item())
+            newest = max(newest, (got - naive_logprobs(newer, *ids, 0.7)).abs().max().item())
         assert stale > 1e-2 and newest > 1e-2  # neither the base model nor the newest weights
 
 

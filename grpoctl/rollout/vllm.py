@@ -719,9 +719,14 @@ class VllmEngine:
                                                      list(r["completion_ids"])))
         return result
 
-    def check_sync(self, model, records: list[dict], n: int = SYNC_SEQUENCES) -> dict:
+    def check_sync(self, model, records: list[dict], n: int = SYNC_SEQUENCES,
+                   sampled: bool = False) -> dict:
         """Score n of the records' completions with the engine and the trainer; compare.
 
+        sampled: the records were just sampled by the engine's current weights, so their
+        own log-probs (taken at their sampling temperature: logprobs_mode) are the
+        engine's side, and the engine runs no scoring pass (the --async sampler, which
+        checks each push on the step it samples: 0.8 of 1.7 s a step on SmolLM2).
         Returns {"max_abs", "mean_abs", "tokens"} (logprob_mismatch); raises
         GrpoctlError when the mean exceeds the tolerance of the two dtypes (sync_tolerance).
         """
@@ -731,17 +736,23 @@ class VllmEngine:
 
         room = self.max_model_len or float("inf")  # prompt + completion + the 1 token asked for
         chosen = [r for r in records if r.get("completion_ids") and r.get("prompt_ids")
-                  and len(r["prompt_ids"]) + len(r["completion_ids"]) < room][:n]
+                  and len(r["prompt_ids"]) + len(r["completion_ids"]) < room
+                  and (r.get("logprobs") or not sampled)][:n]
         if not chosen:
             return logprob_mismatch([], [])
-        engine = self.engine_logprobs(chosen)
+        temperature = 1.0
+        if sampled:
+            engine = [r["logprobs"] for r in chosen]
+            temperature = float(chosen[0]["sampling"]["temperature"]) or 1.0  # greedy: at 1
+        else:
+            engine = self.engine_logprobs(chosen)
         was_training = model.training
         model.eval()  # no dropout: the engine has none
         try:
             with torch.no_grad():
                 trainer, _ = completion_logprobs(model, [r["prompt_ids"] for r in chosen],
                                                  [r["completion_ids"] for r in chosen],
-                                                 temperature=1.0)
+                                                 temperature=temperature)
         finally:
             model.train(was_training)
         stats = logprob_mismatch(engine, [t.tolist() for t in trainer])
@@ -755,10 +766,10 @@ class VllmEngine:
         self.wake_up()  # the KV cache (a no-op when awake)
         self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
 
-    def sync_metrics(self, model, records: list[dict]) -> dict:
+    def sync_metrics(self, model, records: list[dict], sampled: bool = False) -> dict:
         """check_sync as the metrics loop writes: vllm_sync_max_abs_logprob_diff,
         vllm_sync_mean_abs_logprob_diff, vllm_sync_tokens."""
-        stats = self.check_sync(model, records)
+        stats = self.check_sync(model, records, sampled=sampled)
         return {"vllm_sync_max_abs_logprob_diff": stats["max_abs"],
                 "vllm_sync_mean_abs_logprob_diff": stats["mean_abs"],
                 "vllm_sync_tokens": stats["tokens"]}
