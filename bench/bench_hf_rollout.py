@@ -13,7 +13,7 @@ Rows, all in this process, same prompts and seeds, in turn for --rounds rounds:
   packed     and packed linear weights
   attention  and decode steps attend by rollout/attention.py
   grpoctl    generate as it is: and the prompts' common prefix (the chat template's
-             system prompt) runs once for all of them (rollout.hf.MIN_SHARED_PREFIX
+             system prompt) runs once for all of them (padding.MIN_SHARED_PREFIX
              raised past any prompt for the rows before)
 The ratio is each row's best seconds over the baseline's best. Each change rounds
 differently (to fp32 rounding), so a few completions differ from the baseline's.
@@ -95,6 +95,7 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    import grpoctl.padding as padding
     import grpoctl.rollout.attention as attention
     import grpoctl.rollout.hf as hf
     import grpoctl.rollout.packed as packed
@@ -114,7 +115,7 @@ def main() -> None:
     prompts = arith_prompts(tokenizer, args.prompts)
     sampling = SamplingSettings(max_new_tokens=args.max_new_tokens, seed=0)
     in_place, can_pack, switchable = hf.preallocate, packed.can_pack, attention._switchable_config
-    min_shared = hf.MIN_SHARED_PREFIX
+    min_shared = padding.MIN_SHARED_PREFIX
     variants = ("baseline", "cache", "packed", "attention", "grpoctl")
 
     def rollout(variant: str) -> tuple[float, list[dict]]:
@@ -125,7 +126,7 @@ def main() -> None:
         if variant in ("baseline", "cache", "packed"):
             attention._switchable_config = lambda model: None
         if variant != "grpoctl":
-            hf.MIN_SHARED_PREFIX = sys.maxsize
+            padding.MIN_SHARED_PREFIX = sys.maxsize
         try:
             start = time.perf_counter()
             records = generate(model, tokenizer, prompts, args.group_size, sampling,
@@ -134,7 +135,7 @@ def main() -> None:
         finally:
             hf.preallocate, packed.can_pack, attention._switchable_config = (
                 in_place, can_pack, switchable)
-            hf.MIN_SHARED_PREFIX = min_shared
+            padding.MIN_SHARED_PREFIX = min_shared
 
     generate(model, tokenizer, prompts[:2], 1, sampling, progress=False)  # warm-up
     best: dict[str, tuple[float, list[dict]]] = {}

@@ -63,6 +63,7 @@ def main() -> None:
     import torch
 
     import grpoctl.logprobs
+    import grpoctl.padding
     from grpoctl.models import load_policy, load_tokenizer, resolve_model_dir
     from grpoctl.padding import common_prefix_length
     from grpoctl.update import UpdateConfig, make_optimizer, update_step
@@ -82,12 +83,12 @@ def main() -> None:
 
     settings = {"one pass per sequence": (10**9, no_shared_pass),
                 "prompt once": (10**9, shared_pass),
-                "prefix once": (grpoctl.logprobs.MIN_SHARED_PREFIX, shared_pass)}
+                "prefix once": (grpoctl.padding.MIN_SHARED_PREFIX, shared_pass)}
     seconds: dict[str, list[float]] = {name: [] for name in settings}
     kernel: dict[str, list[float]] = {name: [] for name in settings}  # page faults, mostly
     for rep in range(args.reps + 1):
         for name, (minimum, pass_fn) in settings.items():
-            grpoctl.logprobs.MIN_SHARED_PREFIX = minimum
+            grpoctl.padding.MIN_SHARED_PREFIX = minimum
             grpoctl.logprobs._shared_prompt_logits = pass_fn
             start, system = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_stime
             update_step(model, optimizer, records, cfg)

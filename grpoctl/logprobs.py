@@ -36,9 +36,9 @@ import torch
 
 from grpoctl.distributed import is_fsdp
 from grpoctl.models import is_gradient_checkpointing
-from grpoctl.padding import (MIN_SHARED_PREFIX, cache_argument, common_prefix_length,
-                             distinct_rows, left_pad, next_positions, positions, returned_cache,
-                             right_pad, select_cache_rows)
+from grpoctl.padding import (after_prefix, cache_argument, distinct_rows, left_pad,
+                             next_positions, positions, returned_cache, right_pad,
+                             select_cache_rows, shared_prefix_length)
 
 
 def _keep_logits(model, n: int) -> dict:
@@ -84,10 +84,8 @@ def _shared_prompt_logits(model, prompts: list[list[int]], prompt_of_row: list[i
     if min(len(p) for p in prompts) < 2:
         return None
     prompts_but_last = [p[:-1] for p in prompts]
-    shared = common_prefix_length(prompts_but_last) if len(prompts) > 1 else 0
-    if shared < MIN_SHARED_PREFIX:
-        shared = 0
-    ids, rest_mask = left_pad([p[shared:] for p in prompts_but_last], pad_id)
+    shared = shared_prefix_length(prompts_but_last)
+    ids, prompt_mask, prompt_positions = after_prefix(prompts_but_last, shared, pad_id)
     completions, completion_mask = right_pad(
         [[prompts[r][-1]] + list(c) for r, c in zip(prompt_of_row, completion_ids)], pad_id,
         tc + 1)
@@ -102,11 +100,9 @@ def _shared_prompt_logits(model, prompts: list[list[int]], prompt_of_row: list[i
                                                            device=device)):
             return None
         past = {cache_argument(model): prefix_cache}
-    # The mask covers the prefix too; left padding sits between it and each prompt's rest.
-    prompt_mask = torch.cat([rest_mask.new_ones((len(prompts), shared)), rest_mask],
-                            dim=1).to(device)
+    prompt_mask = prompt_mask.to(device)  # over the prefix too, the padding after it
     out = model(**prompt_input, attention_mask=prompt_mask,
-                position_ids=(shared + positions(rest_mask)).to(device),
+                position_ids=prompt_positions.to(device),
                 use_cache=True, **_keep_logits(model, 1), **past)  # (its logits go unused)
     rows = torch.tensor(prompt_of_row, device=device)
     cache = returned_cache(out)

@@ -97,6 +97,24 @@ def common_prefix_length(sequences: list[list[int]]) -> int:
     return max(length, 0)
 
 
+def shared_prefix_length(sequences: list[list[int]]) -> int:
+    """common_prefix_length where it is worth a pass of its own (MIN_SHARED_PREFIX
+    tokens or more, and more than one sequence to share it), else 0."""
+    shared = common_prefix_length(sequences) if len(sequences) > 1 else 0
+    return shared if shared >= MIN_SHARED_PREFIX else 0
+
+
+def after_prefix(sequences: list[list[int]], shared: int, pad_id: int
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids, attention_mask and position ids of the sequences but their first
+    `shared` tokens (a common prefix already in the KV cache): the rests left padded,
+    the mask over prefix and rest [B, shared + L] (the padding sits between them), the
+    positions continuing from the prefix."""
+    input_ids, rest_mask = left_pad([s[shared:] for s in sequences], pad_id)
+    mask = torch.cat([rest_mask.new_ones((len(sequences), shared)), rest_mask], dim=1)
+    return input_ids, mask, shared + positions(rest_mask)
+
+
 # --- the KV cache shared by the rows of one prompt ---------------------------------
 
 

@@ -27,9 +27,9 @@ import hashlib
 
 import torch
 
-from grpoctl.padding import (MIN_SHARED_PREFIX, cache_argument, common_prefix_length,
-                             distinct_rows, left_pad, next_positions, positions, returned_cache,
-                             select_cache_rows)
+from grpoctl.padding import (after_prefix, cache_argument, distinct_rows, left_pad,
+                             next_positions, positions, returned_cache, select_cache_rows,
+                             shared_prefix_length)
 from grpoctl.rollout.kvcache import preallocate
 
 
@@ -151,7 +151,7 @@ def sample_batch(model, prompt_ids: list[list[int]], seeds: list[int], max_new_t
     A completion ends at its first stop token (included, finish "stop") or after
     max_new_tokens tokens ("length"). Rows with the same prompt (a group's samples)
     share one prefill of that prompt, and with share_prefix (default) the prompts' common
-    prefix, when MIN_SHARED_PREFIX tokens or longer, runs once for all of them
+    prefix, when long enough (padding.shared_prefix_length), runs once for all of them
     (bench/bench_hf_rollout.py). With drop_finished (default), finished rows
     leave the batch and its KV cache, so the long tail of a few long completions does
     not pay for the short ones (bench/bench_rollout_tail.py): at once where the cache is
@@ -169,9 +169,9 @@ def sample_batch(model, prompt_ids: list[list[int]], seeds: list[int], max_new_t
     # The distinct prompts' common prefix (a chat template's system prompt), run once and
     # its cache copied to every prompt, which continues from it: the left padding then
     # sits between the prefix and each prompt's rest (the update's layout, logprobs.py).
-    shared = common_prefix_length(distinct) if share_prefix and len(distinct) > 1 else 0
+    shared = shared_prefix_length(distinct) if share_prefix else 0
     past = {}
-    if shared >= MIN_SHARED_PREFIX:
+    if shared:
         out = model(input_ids=torch.tensor([distinct[0][:shared]], device=device),
                     position_ids=torch.arange(shared, device=device)[None],
                     use_cache=True, logits_to_keep=1)
@@ -179,10 +179,7 @@ def sample_batch(model, prompt_ids: list[list[int]], seeds: list[int], max_new_t
         if select_cache_rows(prefix_cache, torch.zeros(len(distinct), dtype=torch.long,
                                                        device=device)):
             past = {cache_arg: prefix_cache}
-    shared = shared if past else 0
-    input_ids, rest_mask = left_pad([p[shared:] for p in distinct], pad_id)
-    mask = torch.cat([rest_mask.new_ones((len(distinct), shared)), rest_mask], dim=1)
-    position_ids = shared + positions(rest_mask)  # 0, 1, 2, ... over real tokens only
+    input_ids, mask, position_ids = after_prefix(distinct, shared if past else 0, pad_id)
     input_ids, mask, position_ids = input_ids.to(device), mask.to(device), position_ids.to(device)
 
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
