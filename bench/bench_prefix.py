@@ -44,7 +44,9 @@ def make_records(tokenizer, template: str, pairs: int, seed: int) -> list[dict]:
     records = []
     for ids in prompt_ids:
         for advantage in (1.0, -1.0):
-            completion = [rng.randrange(100, 1000) for _ in range(rng.randint(8, 16))]
+            # (modulo the vocabulary: the embedded model's is smaller than 1,000)
+            completion = [rng.randrange(100, 1000) % len(tokenizer)
+                          for _ in range(rng.randint(8, 16))]
             records.append({"prompt_ids": ids, "completion_ids": completion,
                             "logprobs": [-1.0] * len(completion), "advantage": advantage})
     return records
