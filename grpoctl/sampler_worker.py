@@ -330,13 +330,17 @@ class AsyncRollouts:
     def wait_for_rollouts(self, step: int, prompts: list[dict], attempt: int = 0) -> None:
         """Return once step `step`'s rollouts.jsonl (of `attempt`) is written: asked for
         now if it was not queued before."""
+        from grpoctl.checkpoint import is_timing_key
+
         key = ("rollouts", step, attempt)
         if rollouts_path(self.run, step, attempt).is_file() and not (
                 self.worker and self.worker.asked(key)):
             return  # written before this process started (--resume)
         self.submit(step, prompts, attempt)
         answer = self.worker.result(key)
-        self.sampler_metrics.setdefault(step, {}).update(answer.get("metrics", {}))
+        kept = self.sampler_metrics.setdefault(step, {})
+        for name, value in answer.get("metrics", {}).items():  # times: summed over refills
+            kept[name] = kept.get(name, 0) + value if is_timing_key(name) else value
 
     def trained(self, step: int) -> None:
         """After the update of `step`: hand its weights over (for step + 1 + N), written
@@ -474,24 +478,33 @@ def _serve(answer) -> None:
     for line in sys.stdin:  # EOF: the trainer closed the pipe
         request = json.loads(line)
         p, step, attempt = request["policy_step"], request["step"], request["attempt"]
+        # Where the sampler's time goes (sampler_*_s in the step's metrics): the step is
+        # as slow as the slower side, and these say what the sampling side spent.
+        times, clock = {}, time.perf_counter()
         if p != loaded:  # (an evaluation can come between a step's refills: back one step)
             if p == 0:
                 initial_policy()
             else:
                 wait_for_weights(Path(request["weights"]))
+                times["sampler_wait_s"] = time.perf_counter() - clock
                 load_model(loop.model, request["weights"], strict=True)
             if loop.engine is not None:  # pushed into the live engine, checked below
                 loop.engine.push_weights(loop.model)
                 check = True
             loaded = p
+            times["sampler_load_s"] = time.perf_counter() - clock - sum(times.values())
         reply = {"kind": request["kind"], "step": step, "attempt": attempt}
         if request["kind"] == "evaluation":
             reply["records"] = loop.sample_evaluation(step, request["prompts"])
         else:
             records = loop.sample_step(request["prompts"], request["seed"], p)
+            times["sampler_sample_s"] = time.perf_counter() - clock - sum(times.values())
             if check:  # the engine's log-probs of these samples against this process's model
-                reply["metrics"] = loop.engine.sync_metrics(loop.model, records, sampled=True)
+                clock = time.perf_counter()
+                times.update(loop.engine.sync_metrics(loop.model, records, sampled=True),
+                             sampler_check_s=time.perf_counter() - clock)
                 check = False
+            reply["metrics"] = times
             path = rollouts_path(run, step, attempt)
             path.parent.mkdir(exist_ok=True)
             write_records(records, str(path))

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import run_cli
+from grpoctl.checkpoint import is_timing_key
 from grpoctl.config import LoopConfig
 from grpoctl.errors import GrpoctlError
 
@@ -35,6 +36,7 @@ DRIVER = r"""
 import json, os, signal, sys, time
 from pathlib import Path
 from grpoctl import loop as loop_module, process, sampler_worker
+from grpoctl.checkpoint import is_timing_key
 from grpoctl.config import LoopConfig
 from grpoctl.errors import GrpoctlError
 
@@ -119,9 +121,7 @@ def assert_same_run(a: Path, b: Path, step: int) -> None:
     assert stage_files(a) == stage_files(b)
     wa, wb = weights(a, step), weights(b, step)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    strip = ("step_s", "rollout_s", "score_s", "refill_s", "advantage_s", "update_s", "elapsed_s",
-             "seconds")
-    metrics = [[{k: v for k, v in json.loads(line).items() if k not in strip}
+    metrics = [[{k: v for k, v in json.loads(line).items() if not is_timing_key(k)}
                 for line in (r / "metrics.jsonl").read_text().splitlines()] for r in (a, b)]
     assert metrics[0] == metrics[1]
 
@@ -207,6 +207,10 @@ def test_async_runs_are_deterministic_and_sampled_by_older_weights(reference, tm
     assert policy_steps(reference, 4) == [{0}, {0}, {1}, {2}]
     metrics = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
     assert [(m["policy_step"], m["policy_lag"]) for m in metrics] == [(0, 0), (0, 1), (1, 1), (2, 1)]
+    # the sampler's own time: sampling every step, loading weights when they change
+    assert all(m["sampler_sample_s"] > 0 for m in metrics)
+    assert ["sampler_load_s" in m for m in metrics] == [False, False, True, True]
+    assert all(m["sampler_wait_s"] >= 0 for m in metrics[2:])
     assert any(m["zero_adv_frac"] < 1 for m in metrics[:3])  # the weights moved
     assert metrics[2]["ratio_min"] < 0.99  # π_θ against a policy one update old
     assert all("dual_clip_fraction" in m for m in metrics)  # --clip-ratio-c 3, --async's default
