@@ -331,6 +331,8 @@ def test_async_loop_runs_the_engine_in_the_sampler_process(tiny_llama64, tmp_pat
                                                                        (2, 1)]
     for m in metrics[2:]:  # steps 3, 4: sampled after a push, checked on their samples
         assert m["vllm_sync_tokens"] > 0 and m["vllm_sync_mean_abs_logprob_diff"] < 1e-4
+        assert m["sampler_load_s"] > 0 and m["sampler_check_s"] > 0  # the push, the check
+    assert "sampler_check_s" not in metrics[1] and metrics[1]["sampler_sample_s"] > 0
     assert [json.loads(line)["step"] for line in (run / "eval.jsonl").read_text().splitlines()] \
         == [0, 2, 4]
     base = load_policy(tiny_llama64, device=DEVICE)
