@@ -36,7 +36,6 @@ DRIVER = r"""
 import json, os, signal, sys, time
 from pathlib import Path
 from grpoctl import loop as loop_module, process, sampler_worker
-from grpoctl.checkpoint import is_timing_key
 from grpoctl.config import LoopConfig
 from grpoctl.errors import GrpoctlError
 
