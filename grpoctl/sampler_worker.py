@@ -480,29 +480,32 @@ def _serve(answer) -> None:
         p, step, attempt = request["policy_step"], request["step"], request["attempt"]
         # Where the sampler's time goes (sampler_*_s in the step's metrics): the step is
         # as slow as the slower side, and these say what the sampling side spent.
-        times, clock = {}, time.perf_counter()
+        times = {}
         if p != loaded:  # (an evaluation can come between a step's refills: back one step)
+            start = time.perf_counter()
             if p == 0:
                 initial_policy()
             else:
                 wait_for_weights(Path(request["weights"]))
-                times["sampler_wait_s"] = time.perf_counter() - clock
+                times["sampler_wait_s"] = time.perf_counter() - start
+                start = time.perf_counter()
                 load_model(loop.model, request["weights"], strict=True)
             if loop.engine is not None:  # pushed into the live engine, checked below
                 loop.engine.push_weights(loop.model)
                 check = True
             loaded = p
-            times["sampler_load_s"] = time.perf_counter() - clock - sum(times.values())
+            times["sampler_load_s"] = time.perf_counter() - start
         reply = {"kind": request["kind"], "step": step, "attempt": attempt}
         if request["kind"] == "evaluation":
             reply["records"] = loop.sample_evaluation(step, request["prompts"])
         else:
+            start = time.perf_counter()
             records = loop.sample_step(request["prompts"], request["seed"], p)
-            times["sampler_sample_s"] = time.perf_counter() - clock - sum(times.values())
+            times["sampler_sample_s"] = time.perf_counter() - start
             if check:  # the engine's log-probs of these samples against this process's model
-                clock = time.perf_counter()
+                start = time.perf_counter()
                 times.update(loop.engine.sync_metrics(loop.model, records, sampled=True),
-                             sampler_check_s=time.perf_counter() - clock)
+                             sampler_check_s=time.perf_counter() - start)
                 check = False
             reply["metrics"] = times
             path = rollouts_path(run, step, attempt)
